@@ -1,0 +1,111 @@
+"""Command line: `translator train | translate | evaluate`.
+
+Results go to stdout; progress bars and logs to stderr. Exit status: 0 ok, 1 runtime
+failure, 2 usage error (a bad recipe, override, dataset or model directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+
+from . import __version__
+from .checkpoint import CheckpointError
+from .config import RecipeError, apply_overrides, load_recipe, recipe_from_dict
+
+EXAMPLES = """examples:
+  translator train recipes/multi30k_de_en.yaml --set data.path=../shared/data/multi30k
+  translator translate runs/multi30k_de_en < input.de > output.en
+  translator evaluate runs/multi30k_de_en --split test --beam-size 5 --output hyps.en
+"""
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train  # the trainer is imported only by the command that trains
+
+    recipe = load_recipe(args.recipe, args.set)
+    results = train(recipe, progress=not args.quiet)
+    for name, scores in results.items():
+        print(f"test ({name}): {scores}")
+    print(f"model directory: {recipe.out_dir}")
+    return 0
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    from .api import Translator
+
+    translator = Translator.from_pretrained(args.model_dir)
+    lines = [line.rstrip("\n") for line in sys.stdin]
+    for text in translator.translate(lines, beam_size=args.beam_size, progress=not args.quiet):
+        sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .api import Translator
+    from .evaluate import evaluate
+
+    translator = Translator.from_pretrained(args.model_dir)
+    data = translator.recipe.data
+    if args.set:
+        # Overrides address the model's recipe (data.path=..., data.src_lang=...), validated the same way.
+        recipe = recipe_from_dict(apply_overrides(translator.recipe.to_dict(), args.set))
+        data = recipe.data
+        translator.recipe = replace(translator.recipe, data=data, decode=recipe.decode)
+    scores = evaluate(translator, args.split, data, args.beam_size, args.output, progress=not args.quiet)
+    print(json.dumps(scores.to_dict()) if args.json else str(scores))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="translator", description="Train and run encoder-decoder Transformer translation models.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"translator {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for usage errors (or set TRANSLATOR_DEBUG=1)")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{train,translate,evaluate}")
+    overrides = dict(action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. data.path=DIR (repeatable)")
+
+    train = verbs.add_parser("train", help="train a model from a YAML recipe",
+                             epilog="example: translator train recipes/multi30k_de_en.yaml --set data.path=../shared/data/multi30k")
+    train.add_argument("recipe", help="YAML recipe, see recipes/")
+    train.add_argument("--set", **overrides)
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=cmd_train)
+
+    translate = verbs.add_parser("translate", help="translate stdin to stdout, one sentence a line",
+                                 epilog="example: translator translate runs/multi30k_de_en < input.de > output.en")
+    translate.add_argument("model_dir")
+    translate.add_argument("--beam-size", type=int, default=None, help="1 for greedy (default: the recipe's decode.beam_size)")
+    translate.add_argument("--quiet", action="store_true", help="no progress bar")
+    translate.set_defaults(run=cmd_translate)
+
+    evaluate = verbs.add_parser("evaluate", help="BLEU and chrF on a dataset split",
+                                epilog="example: translator evaluate runs/multi30k_de_en --split test --set data.path=../shared/data/multi30k")
+    evaluate.add_argument("model_dir")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--beam-size", type=int, default=None, help="1 for greedy (default: the recipe's decode.beam_size)")
+    evaluate.add_argument("--output", default=None, help="write the hypotheses to this file")
+    evaluate.add_argument("--set", **overrides)
+    evaluate.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(run=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .data import DataError  # after parsing: `--help` should not wait for `datasets` to import
+
+    try:
+        return args.run(args)
+    except (RecipeError, DataError, CheckpointError) as e:
+        if args.debug or os.environ.get("TRANSLATOR_DEBUG"):
+            raise
+        print(f"translator {args.verb}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,235 @@
+"""The recipe: frozen, typed dataclasses read from YAML and validated once, here.
+
+Every other module receives a `Recipe` (or plain numbers) and trusts it: unknown keys,
+wrong types and out-of-range values are rejected at load time with a `RecipeError`
+that names the dotted key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe or override that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = "bentrevett/multi30k"  # anything `datasets.load_dataset` takes, or a local folder of split files
+    name: str | None = None  # the hub dataset's configuration, e.g. "de-en" for wmt14
+    src_lang: str = "de"
+    tgt_lang: str = "en"
+    train_split: str = "train"
+    valid_split: str = "validation"
+    test_split: str = "test"
+    max_len: int = 128  # training pairs with more subword tokens on either side are dropped
+
+    def validate(self) -> None:
+        _check(self.src_lang != self.tgt_lang, "data.tgt_lang", self.tgt_lang, "a language other than data.src_lang")
+        _check(self.max_len > 0, "data.max_len", self.max_len, "a positive number of tokens")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    vocab_size: int = 8000
+    model_type: Literal["unigram", "bpe"] = "unigram"
+    character_coverage: float = 1.0
+    input_sentence_size: int = 2_000_000  # sentences sampled to train SentencePiece (bounds its memory)
+
+    def validate(self) -> None:
+        _check(self.vocab_size >= 8, "tokenizer.vocab_size", self.vocab_size, "at least 8")
+        _check(0 < self.character_coverage <= 1, "tokenizer.character_coverage", self.character_coverage, "in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    d_model: int = 256
+    n_heads: int = 4
+    d_ff: int = 1024
+    encoder_layers: int = 3
+    decoder_layers: int = 3
+    dropout: float = 0.1
+    max_positions: int = 1024  # longest source or target the sinusoidal table covers
+
+    def validate(self) -> None:
+        for key in ("d_model", "n_heads", "d_ff", "encoder_layers", "decoder_layers", "max_positions"):
+            _check(getattr(self, key) > 0, f"model.{key}", getattr(self, key), "a positive integer")
+        _check(self.d_model % self.n_heads == 0, "model.d_model", self.d_model, f"a multiple of model.n_heads={self.n_heads}")
+        _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_tokens: int = 4096  # per batch: sentences x longest side, padding included
+    max_steps: int = 3000
+    lr: float = 1e-3  # peak, reached at the end of warmup
+    warmup_steps: int = 500
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.1
+    clip_norm: float = 1.0
+    precision: Literal["fp32", "bf16"] = "bf16"
+    log_every: int = 50
+    valid_every: int = 500
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default (one per core)
+
+    def validate(self) -> None:
+        for key in ("max_tokens", "max_steps", "log_every", "valid_every"):
+            _check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a positive integer")
+        _check(self.lr > 0, "train.lr", self.lr, "a positive learning rate")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "zero or more")
+        _check(all(0 <= b < 1 for b in self.betas), "train.betas", list(self.betas), "two numbers in [0, 1)")
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "in [0, 1)")
+        _check(self.clip_norm >= 0, "train.clip_norm", self.clip_norm, "zero (off) or more")
+        _check(self.threads is None or self.threads > 0, "train.threads", self.threads, "a positive integer or null")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    beam_size: int = 5
+    alpha: float = 0.6  # GNMT length penalty ((5 + len) / 6) ** alpha; 0 ranks by raw log-probability
+    max_len_a: float = 1.5  # output length limit: a * source_length + b
+    max_len_b: int = 10
+    max_tokens: int = 8192  # per inference batch: source sentences x longest source
+
+    def validate(self) -> None:
+        _check(self.beam_size >= 1, "decode.beam_size", self.beam_size, "at least 1")
+        _check(self.alpha >= 0, "decode.alpha", self.alpha, "zero or more")
+        _check(self.max_len_a >= 0 and self.max_len_b >= 1, "decode.max_len_b", self.max_len_b, "a*len+b of at least 1")
+        _check(self.max_tokens > 0, "decode.max_tokens", self.max_tokens, "a positive integer")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "run"
+    out_dir: str = "runs/run"
+    seed: int = 1234
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    """asdict keeps tuples; YAML and JSON want lists."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise RecipeError(f"{key}: got {value!r}, expected {expected}")
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against a type hint (and convert lists to tuples); raise naming the key."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: got {value!r}, expected a mapping of {hint.__name__} keys")
+        return _build(hint, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _convert(value, inner, key)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise RecipeError(f"{key}: got {value!r}, expected one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is tuple:
+        items = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise RecipeError(f"{key}: got {value!r}, expected a list of {len(items)} values")
+        return tuple(_convert(v, h, f"{key}[{i}]") for i, (v, h) in enumerate(zip(value, items)))
+    if hint is float:
+        # YAML 1.1 reads "1e-3" as a string; accept what float() accepts, but never a bool.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise RecipeError(f"{key}: got {value!r}, expected a number")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise RecipeError(f"{key}: got {value!r}, expected an integer")
+    if hint in (str, bool):
+        if isinstance(value, hint):
+            return value
+        raise RecipeError(f"{key}: got {value!r}, expected {'a string' if hint is str else 'true or false'}")
+    raise TypeError(f"unsupported type hint {hint!r} for {key}")  # a bug in this file, not in the recipe
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys: {', '.join(names)}"
+            raise RecipeError(f"unknown recipe key {prefix}{key}{hint}")
+        kwargs[key] = _convert(value, hints[key], prefix + key)
+    built = cls(**kwargs)
+    if hasattr(built, "validate"):
+        built.validate()
+    return built
+
+
+def recipe_from_dict(values: dict[str, Any]) -> Recipe:
+    return _build(Recipe, values)
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings; values are parsed as YAML (`3`, `0.1`, `null`, `[0.9, 0.98]`)."""
+    values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    for item in overrides:
+        dotted, sep, raw = item.partition("=")
+        if not sep or not dotted.strip():
+            raise RecipeError(f"override {item!r}: expected KEY=VALUE, e.g. data.path=../shared/data/multi30k")
+        *sections, key = dotted.strip().split(".")
+        target = values
+        for section in sections:
+            target = target.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise RecipeError(f"override {item!r}: {section} is not a section")
+        try:
+            target[key] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"override {item!r}: the value is not valid YAML ({e.problem})") from None
+    return values
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply dotted overrides, and validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise RecipeError(f"{path}: expected a mapping of recipe sections at the top level")
+    return recipe_from_dict(apply_overrides(values, list(overrides)))

@@ -1,0 +1,168 @@
+"""Parallel data from Hugging Face `datasets`: load a split, find the language columns,
+tokenize (cached by `datasets`), filter, and serve token-budget batches.
+
+Two layouts are understood, both common on the hub:
+  flat columns      {"de": "...", "en": "..."}                     (bentrevett/multi30k)
+  translation dict  {"translation": {"de": "...", "en": "..."}}    (wmt14, iwslt2017, opus_books)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+
+from .batching import bucketed_batches, source_tensor, target_tensors
+from .config import DataConfig
+from .tokenizer import Tokenizer
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """A dataset, split or column that cannot be used; the message names it."""
+
+
+def _local_split_files(folder: Path) -> tuple[str, dict[str, str]]:
+    """A folder of `train.jsonl`, `validation.jsonl`, ... (one format) -> (builder, {split: file})."""
+    files = {}
+    for file in sorted(folder.iterdir()):
+        if file.suffix in LOCAL_FORMATS and file.is_file():
+            files.setdefault(LOCAL_FORMATS[file.suffix], {})[file.stem] = str(file)
+    if len(files) != 1:
+        found = ", ".join(f.name for f in folder.iterdir()) or "nothing"
+        raise DataError(f"data.path {folder}: expected split files of one format ({', '.join(LOCAL_FORMATS)}), found {found}")
+    ((builder, split_files),) = files.items()
+    return builder, split_files
+
+
+def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
+    """One split as a `datasets.Dataset` with string columns `src` and `tgt`."""
+    folder = Path(cfg.path).expanduser()
+    if folder.is_dir():
+        builder, split_files = _local_split_files(folder)
+        if split not in split_files:
+            raise DataError(f"split {split!r} not found in {folder}; splits there: {', '.join(split_files)}")
+        dataset = datasets.load_dataset(builder, data_files={split: split_files[split]}, split=split)
+    else:
+        try:
+            available = datasets.load_dataset(cfg.path, cfg.name)
+        except (FileNotFoundError, ConnectionError, OSError) as e:
+            raise DataError(
+                f"could not load dataset {cfg.path!r} ({type(e).__name__}: {e}). Without internet access, "
+                "point data.path at a local folder of split files, e.g. --set data.path=../shared/data/multi30k"
+            ) from None
+        if split not in available:
+            raise DataError(f"split {split!r} not in dataset {cfg.path!r}; splits: {', '.join(available)}")
+        dataset = available[split]
+    return to_pairs(dataset, cfg.src_lang, cfg.tgt_lang)
+
+
+def to_pairs(dataset: datasets.Dataset, src_lang: str, tgt_lang: str) -> datasets.Dataset:
+    """Map either layout onto columns `src` and `tgt`."""
+    columns = dataset.column_names
+    if src_lang in columns and tgt_lang in columns:
+        dataset = dataset.select_columns([src_lang, tgt_lang])
+        return dataset.rename_columns({src_lang: "src", tgt_lang: "tgt"})
+    if "translation" in columns:
+        feature = dataset.features["translation"]  # datasets.Translation (wmt14) or a dict of Values
+        languages = set(getattr(feature, "languages", None) or feature.keys())
+        for lang in (src_lang, tgt_lang):
+            if lang not in languages:
+                raise DataError(f"language {lang!r} not in the translation column; languages there: {', '.join(sorted(languages))}")
+        return dataset.map(
+            lambda batch: {
+                "src": [pair[src_lang] for pair in batch["translation"]],
+                "tgt": [pair[tgt_lang] for pair in batch["translation"]],
+            },
+            batched=True,
+            remove_columns=columns,
+        )
+    missing = [lang for lang in (src_lang, tgt_lang) if lang not in columns]
+    raise DataError(
+        f"language column(s) {', '.join(map(repr, missing))} not found; columns: {', '.join(columns)} "
+        "(expected one column per language, or a 'translation' column of {language: text})"
+    )
+
+
+def tokenize(pairs: datasets.Dataset, tokenizer: Tokenizer) -> datasets.Dataset:
+    """Add `src_ids` and `tgt_ids` (no specials); cached on disk by `datasets` for file-backed data."""
+    fingerprint = hashlib.sha256(tokenizer.model_proto + pairs._fingerprint.encode()).hexdigest()[:32]
+    return pairs.map(
+        lambda batch: {"src_ids": tokenizer.encode(batch["src"]), "tgt_ids": tokenizer.encode(batch["tgt"])},
+        batched=True,
+        batch_size=10_000,
+        new_fingerprint=fingerprint,
+        desc="tokenizing",
+    )
+
+
+@dataclass
+class FilterReport:
+    kept: int
+    empty: int
+    too_long: int
+
+    def __str__(self) -> str:
+        return f"kept {self.kept} pairs; dropped {self.empty} with an empty side, {self.too_long} longer than data.max_len"
+
+
+def filter_pairs(tokenized: datasets.Dataset, max_len: int) -> tuple[datasets.Dataset, FilterReport]:
+    src_len, tgt_len = lengths(tokenized)
+    empty = (src_len == 0) | (tgt_len == 0)
+    too_long = ~empty & (np.maximum(src_len, tgt_len) > max_len)
+    keep = np.flatnonzero(~empty & ~too_long)
+    return tokenized.select(keep), FilterReport(len(keep), int(empty.sum()), int(too_long.sum()))
+
+
+def lengths(tokenized: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Subword counts per side, without specials."""
+    counted = tokenized.map(
+        lambda batch: {"src_len": [len(x) for x in batch["src_ids"]], "tgt_len": [len(x) for x in batch["tgt_ids"]]},
+        batched=True,
+        batch_size=10_000,
+        remove_columns=tokenized.column_names,
+        desc="counting",
+    ).with_format("numpy")
+    return counted["src_len"][:], counted["tgt_len"][:]
+
+
+@dataclass
+class Batch:
+    src: torch.Tensor  # (B, S)
+    tgt_in: torch.Tensor  # (B, T)
+    tgt_out: torch.Tensor  # (B, T)
+
+    @property
+    def n_tgt_tokens(self) -> int:
+        return int((self.tgt_out != 0).sum())
+
+
+class TrainBatches:
+    """Token-budget batches over a tokenized dataset, reshuffled each epoch from (seed, epoch)."""
+
+    def __init__(self, tokenized: datasets.Dataset, max_tokens: int, seed: int):
+        self.dataset = tokenized.select_columns(["src_ids", "tgt_ids"])
+        src_len, tgt_len = lengths(tokenized)
+        self.sizes = np.maximum(src_len, tgt_len) + 1  # + eos (source) / + bos (target input)
+        self.max_tokens, self.seed = max_tokens, seed
+
+    def epoch(self, epoch: int) -> list[np.ndarray]:
+        return bucketed_batches(self.sizes, self.max_tokens, self.seed, epoch)
+
+    def collate(self, indices: np.ndarray) -> Batch:
+        rows = self.dataset[indices]
+        return Batch(source_tensor(rows["src_ids"]), *target_tensors(rows["tgt_ids"]))
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Endless: epoch after epoch."""
+        epoch = 0
+        while True:
+            for indices in self.epoch(epoch):
+                yield self.collate(indices)
+            epoch += 1

@@ -1,0 +1,64 @@
+"""BLEU and chrF with sacreBLEU, on detokenized text: the one scoring path for validation and test."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sacrebleu.metrics import BLEU, CHRF
+
+from .api import Translator
+from .config import DataConfig
+from .data import load_split
+
+
+@dataclass(frozen=True)
+class Scores:
+    bleu: float
+    chrf: float
+    bleu_signature: str
+    chrf_signature: str
+    bleu_detail: str  # sacreBLEU's line: n-gram precisions, brevity penalty, lengths
+
+    def __str__(self) -> str:
+        return (
+            f"BLEU = {self.bleu:.2f}  chrF = {self.chrf:.2f}\n"
+            f"  {self.bleu_detail}\n  BLEU signature: {self.bleu_signature}\n  chrF signature: {self.chrf_signature}"
+        )
+
+    def to_dict(self) -> dict[str, float | str]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def score(hypotheses: list[str], references: list[str]) -> Scores:
+    """Corpus BLEU (13a tokenizer, cased) and chrF of detokenized hypotheses against one reference each."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    bleu, chrf = BLEU(), CHRF()
+    bleu_result = bleu.corpus_score(hypotheses, [references])
+    chrf_result = chrf.corpus_score(hypotheses, [references])
+    return Scores(bleu_result.score, chrf_result.score, str(bleu.get_signature()), str(chrf.get_signature()), str(bleu_result))
+
+
+def evaluate(
+    translator: Translator,
+    split: str = "test",
+    data: DataConfig | None = None,
+    beam_size: int | None = None,
+    output: str | Path | None = None,
+    progress: bool = False,
+) -> Scores:
+    """Translate a dataset split and score it.
+
+    Args:
+        translator: the model to evaluate.
+        split: the split name in the dataset.
+        data: where the data is and which languages; default the model's own recipe.
+        beam_size: 1 for greedy; default the recipe's `decode.beam_size`.
+        output: if given, write the hypotheses there, one a line.
+    """
+    pairs = load_split(data or translator.recipe.data, split)
+    hypotheses = translator.translate(list(pairs["src"]), beam_size=beam_size, progress=progress)
+    if output is not None:
+        Path(output).write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+    return score(hypotheses, list(pairs["tgt"]))

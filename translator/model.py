@@ -1,0 +1,169 @@
+"""The encoder-decoder Transformer, pre-norm, read top to bottom.
+
+    x = x + dropout(sublayer(LayerNorm(x)))      for each sublayer, then a final LayerNorm per stack
+
+Training and decoding run the same layer code: training decodes a whole target from an
+empty past; incremental decoding feeds new tokens with the `DecoderState` the previous
+call returned. Shapes: B batch, S source length, T target length, D model size, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import KV, MultiHeadAttention, causal_mask, padding_mask
+from .config import ModelConfig
+
+
+class SinusoidalPositions(nn.Module):
+    """PE(pos, 2i) = sin(pos / 10000^(2i/D)), PE(pos, 2i+1) = cos(...)  (Vaswani et al., 3.5).
+
+    Sinusoids rather than learned positions: no parameters, the same quality in the paper,
+    and a decoding step at position p needs only row p, with no table to outgrow.
+    """
+
+    def __init__(self, d_model: int, max_positions: int):
+        super().__init__()
+        position = torch.arange(max_positions, dtype=torch.float32)[:, None]
+        inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+        table = torch.zeros(max_positions, d_model)
+        table[:, 0::2] = torch.sin(position * inv_freq)
+        table[:, 1::2] = torch.cos(position * inv_freq)
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, start: int, length: int) -> Tensor:
+        if start + length > len(self.table):
+            raise ValueError(f"position {start + length - 1} is past model.max_positions={len(self.table)}")
+        return self.table[start:start + length]  # (length, D)
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, d_model: int, d_ff: int, dropout: float):
+        super().__init__(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_ff, d_model))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.self_attn_norm = nn.LayerNorm(d_model)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout)
+        self.ffn_norm = nn.LayerNorm(d_model)
+        self.ffn = FeedForward(d_model, d_ff, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, src_mask: Tensor) -> Tensor:
+        h = self.self_attn_norm(x)
+        x = x + self.drop(self.self_attn(h, self.self_attn.project_kv(h), src_mask))
+        x = x + self.drop(self.ffn(self.ffn_norm(x)))
+        return x
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.self_attn_norm = nn.LayerNorm(d_model)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout)
+        self.cross_attn_norm = nn.LayerNorm(d_model)
+        self.cross_attn = MultiHeadAttention(d_model, n_heads, dropout)
+        self.ffn_norm = nn.LayerNorm(d_model)
+        self.ffn = FeedForward(d_model, d_ff, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, past: KV | None, memory_kv: KV, src_mask: Tensor) -> tuple[Tensor, KV]:
+        """x: (B, T, D) new positions; past: their predecessors' K/V. Returns x and all K/V so far."""
+        h = self.self_attn_norm(x)
+        kv = self.self_attn.project_kv(h)
+        if past is not None:
+            kv = past.extend(kv)
+        x = x + self.drop(self.self_attn(h, kv, causal_mask(x.size(1), kv.k.size(2), x.device)))
+        x = x + self.drop(self.cross_attn(self.cross_attn_norm(x), memory_kv, src_mask))
+        x = x + self.drop(self.ffn(self.ffn_norm(x)))
+        return x, kv
+
+
+@dataclass(frozen=True)
+class DecoderState:
+    """Everything decoding carries from step to step, as a value (modules hold no cache)."""
+
+    memory_kv: tuple[KV, ...]  # cross-attention K/V per layer, projected once per source
+    src_mask: Tensor  # (B, 1, 1, S)
+    self_kv: tuple[KV, ...] = ()  # decoder self-attention K/V per layer, one position longer each step
+
+    @property
+    def position(self) -> int:
+        """How many target positions have been decoded: where the next token's position starts."""
+        return self.self_kv[0].k.size(2) if self.self_kv else 0
+
+    def select(self, index: Tensor) -> DecoderState:
+        """Reorder or shrink every tensor together: beam reordering, finished sentences leaving."""
+        return DecoderState(
+            memory_kv=tuple(kv.select(index) for kv in self.memory_kv),
+            src_mask=self.src_mask.index_select(0, index),
+            self_kv=tuple(kv.select(index) for kv in self.self_kv),
+        )
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int = 0):
+        super().__init__()
+        self.pad_id, self.d_model = pad_id, cfg.d_model
+        # One table for source, target and output: the SentencePiece vocabulary is joint.
+        self.embedding = nn.Embedding(vocab_size, cfg.d_model, padding_idx=pad_id)
+        self.positions = SinusoidalPositions(cfg.d_model, cfg.max_positions)
+        self.drop = nn.Dropout(cfg.dropout)
+        layer_args = (cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(cfg.encoder_layers))
+        self.encoder_norm = nn.LayerNorm(cfg.d_model)
+        self.decoder = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(cfg.decoder_layers))
+        self.decoder_norm = nn.LayerNorm(cfg.d_model)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        # N(0, D^-1/2) and a sqrt(D) scale on lookup: unit-size inputs, O(1) logits through the tied output.
+        nn.init.normal_(self.embedding.weight, std=self.d_model**-0.5)
+        with torch.no_grad():
+            self.embedding.weight[self.pad_id].zero_()
+
+    def _embed(self, ids: Tensor, start: int) -> Tensor:
+        x = self.embedding(ids) * math.sqrt(self.d_model) + self.positions(start, ids.size(1))  # (B, L, D)
+        return self.drop(x)
+
+    def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        """src (B, S) -> memory (B, S, D) and src_mask (B, 1, 1, S)."""
+        src_mask = padding_mask(src, self.pad_id)
+        x = self._embed(src, start=0)
+        for layer in self.encoder:
+            x = layer(x, src_mask)
+        return self.encoder_norm(x), src_mask
+
+    def start(self, memory: Tensor, src_mask: Tensor) -> DecoderState:
+        return DecoderState(tuple(layer.cross_attn.project_kv(memory) for layer in self.decoder), src_mask)
+
+    def decode(self, tgt_in: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
+        """New target tokens (B, T) after `state` -> their next-token logits (B, T, V) and the extended state."""
+        x = self._embed(tgt_in, start=state.position)
+        self_kv = []
+        for i, layer in enumerate(self.decoder):
+            past = state.self_kv[i] if state.self_kv else None
+            x, kv = layer(x, past, state.memory_kv[i], state.src_mask)
+            self_kv.append(kv)
+        logits = F.linear(self.decoder_norm(x), self.embedding.weight)  # tied output projection
+        return logits, replace(state, self_kv=tuple(self_kv))
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher forcing: (B, S), (B, T) -> logits (B, T, V)."""
+        memory, src_mask = self.encode(src)
+        logits, _ = self.decode(tgt_in, self.start(memory, src_mask))
+        return logits
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,131 @@
+"""Greedy and beam search over `encode / start / decode / select`, batched over sentences.
+
+Both decode incrementally: each step feeds only the newest token and the `DecoderState`
+carries the K/V of everything before it. A sentence that is done leaves the batch at
+once (`state.select`), so no compute is spent on it.
+Shapes: B sentences still decoding, K beam size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .model import Transformer
+from .tokenizer import BOS_ID, EOS_ID
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    tokens: list[int]  # without bos and eos
+    score: float  # log-probability, divided by the length penalty in beam search
+
+
+def max_output_lengths(src: Tensor, pad_id: int, a: float, b: int, limit: int) -> list[int]:
+    """Per sentence: a * source_length + b tokens (eos included), capped by the position table."""
+    src_len = (src != pad_id).sum(dim=1).tolist()
+    return [max(1, min(int(a * n + b), limit)) for n in src_len]
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    """GNMT (Wu et al., 2016, eq. 14): ((5 + |Y|) / 6) ** alpha."""
+    return ((5 + length) / 6) ** alpha
+
+
+@torch.inference_mode()
+def greedy_search(model: Transformer, src: Tensor, max_lens: list[int]) -> list[Hypothesis]:
+    memory, src_mask = model.encode(src)
+    state = model.start(memory, src_mask)
+    alive = list(range(src.size(0)))  # original index of each row still decoding
+    tokens: list[list[int]] = [[] for _ in alive]
+    scores = [0.0 for _ in alive]
+    last = torch.full((len(alive), 1), BOS_ID, dtype=torch.long, device=src.device)
+    while alive:
+        logits, state = model.decode(last, state)
+        logp = F.log_softmax(logits[:, -1].float(), dim=-1)  # (B, V)
+        best_logp, best = logp.max(dim=-1)
+        keep = []
+        for row, (i, token, token_logp) in enumerate(zip(alive, best.tolist(), best_logp.tolist())):
+            scores[i] += token_logp
+            if token == EOS_ID:
+                continue
+            tokens[i].append(token)
+            if len(tokens[i]) + 1 < max_lens[i]:  # room for this token and an eos
+                keep.append(row)
+        if len(keep) < len(alive):
+            index = torch.tensor(keep, dtype=torch.long, device=src.device)
+            state, best = state.select(index), best.index_select(0, index)
+            alive = [alive[row] for row in keep]
+        last = best[:, None]
+    return [Hypothesis(t, s) for t, s in zip(tokens, scores)]
+
+
+@torch.inference_mode()
+def beam_search(model: Transformer, src: Tensor, max_lens: list[int], beam_size: int, alpha: float, n_best: int = 1) -> list[list[Hypothesis]]:
+    """Returns per sentence the n_best finished hypotheses, best first.
+
+    A sentence is done when it holds `beam_size` finished hypotheses that no open one can
+    beat (an open hypothesis only loses log-probability, so its best possible normalised
+    score is its current score over the largest length penalty it can still reach), or
+    when its length limit is reached. Only eos among the top K candidates finishes a
+    hypothesis, so beam_size=1 with alpha=0 is exactly greedy search.
+    """
+    K, device = beam_size, src.device
+    memory, src_mask = model.encode(src)
+    n = src.size(0)
+    state = model.start(memory, src_mask).select(torch.arange(n, device=device).repeat_interleave(K))
+    alive = list(range(n))
+    finished: list[list[Hypothesis]] = [[] for _ in alive]
+    prefixes = torch.zeros((n * K, 0), dtype=torch.long, device=device)  # (B*K, t) tokens so far
+    scores = torch.full((n, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all K beams start as the same empty prefix: let only one of them expand
+    last = torch.full((n * K, 1), BOS_ID, dtype=torch.long, device=device)
+    step = 0
+    while alive:
+        step += 1
+        logits, state = model.decode(last, state)
+        logp = F.log_softmax(logits[:, -1].float(), dim=-1)  # (B*K, V)
+        V = logp.size(-1)
+        candidates = (scores.view(-1, 1) + logp).view(len(alive), K * V)
+        cand_scores, cand_index = candidates.topk(2 * K, dim=1)  # (B, 2K): at least K do not end in eos
+        cand_beam, cand_token = cand_index // V, cand_index % V
+        cand_is_eos = cand_token == EOS_ID
+
+        # Continue with the best K candidates that do not end in eos.
+        open_scores, pick = cand_scores.masked_fill(cand_is_eos, float("-inf")).topk(K, dim=1)  # (B, K)
+        rows = (torch.arange(len(alive), device=device)[:, None] * K + cand_beam.gather(1, pick)).view(-1)
+        next_tokens = cand_token.gather(1, pick).view(-1, 1)
+
+        keep = []
+        ended = (cand_is_eos[:, :K]).nonzero().tolist()
+        prefix_rows = (torch.arange(len(alive), device=device)[:, None] * K + cand_beam).tolist()
+        cand_scores_list = cand_scores.tolist()
+        for b, j in ended:
+            i = alive[b]
+            tokens = prefixes[prefix_rows[b][j]].tolist()
+            finished[i].append(Hypothesis(tokens, cand_scores_list[b][j] / length_penalty(step, alpha)))
+        best_open = open_scores[:, 0].tolist()
+        for b, i in enumerate(alive):
+            if step + 1 >= max_lens[i]:  # no room for another token: the open beams end as they are (as in greedy)
+                open_tokens = torch.cat([prefixes[rows[b * K:(b + 1) * K]], next_tokens[b * K:(b + 1) * K]], dim=1).tolist()
+                for tokens, score in zip(open_tokens, open_scores[b].tolist()):
+                    finished[i].append(Hypothesis(tokens, score / length_penalty(step, alpha)))
+                continue
+            if len(finished[i]) >= K:
+                kth_best = sorted(h.score for h in finished[i])[-K]
+                if kth_best >= best_open[b] / length_penalty(max_lens[i], alpha):
+                    continue
+            keep.append(b)
+
+        prefixes = torch.cat([prefixes.index_select(0, rows), next_tokens], dim=1)
+        state, scores, last = state.select(rows), open_scores, next_tokens
+        if len(keep) < len(alive):
+            keep_t = torch.tensor(keep, dtype=torch.long, device=device)
+            keep_rows = (keep_t[:, None] * K + torch.arange(K, device=device)).view(-1)
+            state, prefixes, last = state.select(keep_rows), prefixes.index_select(0, keep_rows), last.index_select(0, keep_rows)
+            scores = scores.index_select(0, keep_t)
+            alive = [alive[b] for b in keep]
+    return [sorted(hyps, key=lambda h: -h.score)[:n_best] for hyps in finished]

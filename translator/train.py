@@ -1,0 +1,167 @@
+"""The training loop: recipe in, model directory out.
+
+    load splits -> train SentencePiece -> tokenize and filter -> token-budget batches
+    -> AdamW + warmup/inverse-sqrt -> validate (loss, greedy BLEU) -> keep the best -> test
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .api import Translator
+from .checkpoint import WEIGHTS, save_model_dir, save_weights
+from .config import Recipe
+from .data import TrainBatches, filter_pairs, load_split, tokenize
+from .evaluate import Scores, evaluate, score
+from .model import Transformer
+from .tokenizer import PAD_ID, Tokenizer, interleave
+
+
+def log(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def inverse_sqrt_schedule(warmup_steps: int):
+    """Linear warmup to the peak, then decay with 1/sqrt(step) (Vaswani et al., 5.3), as a multiplier of lr."""
+    def multiplier(step: int) -> float:
+        step = max(step, 1)
+        if warmup_steps == 0:
+            return 1.0
+        return min(step / warmup_steps, math.sqrt(warmup_steps / step))
+    return multiplier
+
+
+def loss_fn(model: Transformer, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Mean cross-entropy per real target token (padding ignored)."""
+    logits = model(src, tgt_in)  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=PAD_ID, label_smoothing=label_smoothing)
+
+
+def sentences(pairs: datasets.Dataset) -> Iterator[str]:
+    """Source and target text, streamed in chunks (never the whole corpus as a list)."""
+    for chunk in pairs.iter(batch_size=10_000):
+        yield from interleave(chunk["src"], chunk["tgt"])
+
+
+def resolved(recipe: Recipe) -> Recipe:
+    """The recipe as the model directory stores it: a local data folder becomes an absolute path."""
+    path = Path(recipe.data.path).expanduser()
+    return replace(recipe, data=replace(recipe.data, path=str(path.resolve()))) if path.is_dir() else recipe
+
+
+@torch.no_grad()
+def validation_loss(model: Transformer, batches: TrainBatches, autocast) -> float:
+    total, tokens = 0.0, 0
+    for indices in batches.epoch(0):
+        batch = batches.collate(indices)
+        with autocast():
+            loss = loss_fn(model, batch.src, batch.tgt_in, batch.tgt_out, 0.0)
+        n = batch.n_tgt_tokens
+        total, tokens = total + loss.item() * n, tokens + n
+    return total / max(tokens, 1)
+
+
+def train(recipe: Recipe, progress: bool = True) -> dict[str, Scores]:
+    """Train from a recipe; write the model directory to `recipe.out_dir`; return test scores."""
+    recipe = resolved(recipe)
+    cfg, out = recipe.train, Path(recipe.out_dir)
+    seed_everything(recipe.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    train_pairs = load_split(recipe.data, recipe.data.train_split)
+    valid_pairs = load_split(recipe.data, recipe.data.valid_split)
+    log(f"data: {len(train_pairs)} training pairs, {len(valid_pairs)} validation pairs from {recipe.data.path}")
+    tok = recipe.tokenizer
+    tokenizer = Tokenizer.train(sentences(train_pairs), tok.vocab_size, tok.model_type, tok.character_coverage, tok.input_sentence_size)
+    log(f"tokenizer: SentencePiece {tok.model_type}, {tokenizer.vocab_size} pieces")
+    train_tokens, report = filter_pairs(tokenize(train_pairs, tokenizer), recipe.data.max_len)
+    log(f"filter: {report}")
+    train_batches = TrainBatches(train_tokens, cfg.max_tokens, recipe.seed)
+    valid_batches = TrainBatches(tokenize(valid_pairs, tokenizer), cfg.max_tokens, recipe.seed)
+
+    model = Transformer(recipe.model, tokenizer.vocab_size)
+    log(f"{model.num_parameters() / 1e6:.2f} M parameters")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt_schedule(cfg.warmup_steps))
+    bf16 = cfg.precision == "bf16"
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
+    translator = Translator(model, tokenizer, recipe)
+    save_model_dir(out, model, recipe, tokenizer)  # config and tokenizer now; weights are replaced by each better one
+    metrics = (out / "metrics.jsonl").open("w", encoding="utf-8")
+
+    def record(entry: dict) -> None:
+        metrics.write(json.dumps(entry) + "\n")
+        metrics.flush()
+
+    best_bleu = -1.0
+    bar = tqdm(total=cfg.max_steps, desc="training", unit="step", disable=not progress, file=sys.stderr)
+    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    train_start = time.perf_counter()
+    model.train()
+    batches = iter(train_batches)
+    for step in range(1, cfg.max_steps + 1):
+        batch = next(batches)
+        with autocast():
+            loss = loss_fn(model, batch.src, batch.tgt_in, batch.tgt_out, cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}; the last good weights are in {out / WEIGHTS}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        optimizer.step()
+        scheduler.step()
+
+        n_tokens = batch.n_tgt_tokens
+        window_loss, window_tokens = window_loss + loss.item() * n_tokens, window_tokens + n_tokens
+        bar.update()
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            elapsed = time.perf_counter() - window_start
+            entry = {"step": step, "loss": window_loss / window_tokens, "lr": scheduler.get_last_lr()[0],
+                     "tgt_tokens_per_s": window_tokens / elapsed, "elapsed_s": time.perf_counter() - train_start}
+            record(entry)
+            bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tgt_tokens_per_s']:.0f}")
+            window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+        if step % cfg.valid_every == 0 or step == cfg.max_steps:
+            model.eval()
+            valid_loss = validation_loss(model, valid_batches, autocast)
+            hypotheses = translator.translate(list(valid_pairs["src"]), beam_size=1)
+            valid = score(hypotheses, list(valid_pairs["tgt"]))
+            model.train()
+            improved = valid.bleu > best_bleu
+            if improved:
+                best_bleu = valid.bleu
+                save_weights(model, out / WEIGHTS)
+            record({"step": step, "valid_loss": valid_loss, "valid_bleu": valid.bleu, "valid_chrf": valid.chrf, "best": improved})
+            log(f"step {step}: valid loss {valid_loss:.3f}, greedy BLEU {valid.bleu:.2f}, chrF {valid.chrf:.2f}{' (best)' if improved else ''}")
+    bar.close()
+    log(f"trained {cfg.max_steps} steps in {time.perf_counter() - train_start:.0f} s; best validation BLEU {best_bleu:.2f}")
+
+    best = Translator.from_pretrained(out)
+    results = {"greedy": evaluate(best, recipe.data.test_split, beam_size=1)}
+    if recipe.decode.beam_size > 1:
+        results[f"beam{recipe.decode.beam_size}"] = evaluate(best, recipe.data.test_split)
+    record({"test": {name: s.to_dict() for name, s in results.items()}})
+    metrics.close()
+    return results
