@@ -87,7 +87,7 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
     recipe = load_recipe_json(directory)
     try:
         tokenizer = Tokenizer.load(directory / SPM)
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{directory / SPM}: cannot load the SentencePiece model ({e})") from None
     model = Transformer(recipe.model, tokenizer.vocab_size)
     try:

@@ -104,7 +104,8 @@ class DecodeConfig:
     def validate(self) -> None:
         _check(self.beam_size >= 1, "decode.beam_size", self.beam_size, "at least 1")
         _check(self.alpha >= 0, "decode.alpha", self.alpha, "zero or more")
-        _check(self.max_len_a >= 0 and self.max_len_b >= 1, "decode.max_len_b", self.max_len_b, "a*len+b of at least 1")
+        _check(self.max_len_a >= 0, "decode.max_len_a", self.max_len_a, "zero or more")
+        _check(self.max_len_b >= 1, "decode.max_len_b", self.max_len_b, "at least 1")
         _check(self.max_tokens > 0, "decode.max_tokens", self.max_tokens, "a positive integer")
 
 
@@ -118,6 +119,9 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def validate(self) -> None:
+        _check(self.seed >= 0, "seed", self.seed, "zero or more")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -198,6 +202,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
 
 
 def recipe_from_dict(values: dict[str, Any]) -> Recipe:
+    if not isinstance(values, dict):
+        raise RecipeError(f"expected a mapping of recipe sections, got {type(values).__name__}")
     return _build(Recipe, values)
 
 
@@ -215,9 +221,11 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             if not isinstance(target, dict):
                 raise RecipeError(f"override {item!r}: {section} is not a section")
         try:
-            target[key] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
             raise RecipeError(f"override {item!r}: the value is not valid YAML ({e.problem})") from None
+        # YAML 1.1 reads no/yes/on/off as booleans: data.tgt_lang=no means Norwegian.
+        target[key] = raw.strip() if isinstance(value, bool) and raw.strip().lower() not in ("true", "false") else value
     return values
 
 

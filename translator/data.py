@@ -48,7 +48,8 @@ def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
         builder, split_files = _local_split_files(folder)
         if split not in split_files:
             raise DataError(f"split {split!r} not found in {folder}; splits there: {', '.join(split_files)}")
-        dataset = datasets.load_dataset(builder, data_files={split: split_files[split]}, split=split)
+        # Loaded as "train": datasets' split names must be identifiers, file names need not be (test-2016.jsonl).
+        dataset = datasets.load_dataset(builder, data_files=split_files[split], split="train")
     else:
         try:
             available = datasets.load_dataset(cfg.path, cfg.name)
@@ -94,7 +95,8 @@ def tokenize(pairs: datasets.Dataset, tokenizer: Tokenizer) -> datasets.Dataset:
     """Add `src_ids` and `tgt_ids` (no specials); cached on disk by `datasets` for file-backed data."""
     fingerprint = hashlib.sha256(tokenizer.model_proto + pairs._fingerprint.encode()).hexdigest()[:32]
     return pairs.map(
-        lambda batch: {"src_ids": tokenizer.encode(batch["src"]), "tgt_ids": tokenizer.encode(batch["tgt"])},
+        # A missing cell (JSON null, empty CSV field) is an empty sentence, which filter_pairs then drops.
+        lambda batch: {side + "_ids": tokenizer.encode([text or "" for text in batch[side]]) for side in ("src", "tgt")},
         batched=True,
         batch_size=10_000,
         new_fingerprint=fingerprint,

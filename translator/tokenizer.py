@@ -19,7 +19,9 @@ class Tokenizer:
     def __init__(self, model_proto: bytes):
         self.model_proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
-        assert (self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id()) == (PAD_ID, UNK_ID, BOS_ID, EOS_ID)
+        specials = (self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id())
+        if specials != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+            raise ValueError(f"SentencePiece model has special ids (pad, unk, bos, eos) = {specials}, expected (0, 1, 2, 3)")
 
     @classmethod
     def train(

@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny synthetic parallel corpus the tests build themselves, and a tiny trained model."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from translator import Translator, load_recipe, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RECIPE = ROOT / "recipes" / "tiny.yaml"
+MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
+
+# A word-for-word "German -> English" toy language: learnable in a minute, real enough for BLEU.
+LEXICON = {
+    "ein": "a", "der": "the", "mann": "man", "frau": "woman", "hund": "dog", "kind": "child",
+    "rote": "red", "kleine": "small", "alte": "old", "fährt": "rides", "sieht": "sees", "trägt": "carries",
+    "ball": "ball", "fahrrad": "bicycle", "hut": "hat", "und": "and",
+}
+SUBJECTS, ADJECTIVES, VERBS, OBJECTS = ["mann", "frau", "hund", "kind"], ["rote", "kleine", "alte"], ["fährt", "sieht", "trägt"], ["ball", "fahrrad", "hut"]
+
+
+def toy_pair(rng: random.Random) -> dict[str, str]:
+    words = [rng.choice(["ein", "der"])]
+    if rng.random() < 0.5:
+        words.append(rng.choice(ADJECTIVES))
+    words += [rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(["ein", "der"]), rng.choice(OBJECTS)]
+    if rng.random() < 0.3:
+        words += ["und", rng.choice(["ein", "der"]), rng.choice(OBJECTS)]
+    de = " ".join(words)
+    en = " ".join(LEXICON[w] for w in words)
+    return {"de": de.capitalize() + ".", "en": en.capitalize() + "."}
+
+
+def write_toy_corpus(folder: Path, sizes=(("train", 1200), ("validation", 60), ("test", 60)), seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in sizes:
+        with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for _ in range(n):
+                f.write(json.dumps(toy_pair(rng), ensure_ascii=False) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def toy_corpus(tmp_path_factory) -> Path:
+    return write_toy_corpus(tmp_path_factory.mktemp("toy_corpus"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, toy_corpus) -> Path:
+    """The tiny recipe trained on the toy corpus (once per test session)."""
+    out = tmp_path_factory.mktemp("tiny_model")
+    recipe = load_recipe(TINY_RECIPE, [f"data.path={toy_corpus}", f"out_dir={out}", "train.max_steps=150", "train.valid_every=150"])
+    train(recipe, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_translator(tiny_model_dir) -> Translator:
+    return Translator.from_pretrained(tiny_model_dir)

@@ -1,0 +1,387 @@
+"""Data: both dataset layouts, local split files, errors that name what exists, filtering, and batches."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import random
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import MULTI30K, toy_pair
+from translator.batching import bucketed_batches, chunk_by_budget, pad, source_tensor, target_tensors
+from translator.config import DataConfig
+from translator.data import DataError, FilterReport, TrainBatches, filter_pairs, load_split, lengths, to_pairs, tokenize
+from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+DE = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen, \"draußen\" im Schnee.", "Die Straße ist nass."]
+EN = ["A man rides a bicycle.", "Two dogs play, \"outside\" in the snow.", "The street is wet."]
+FR = ["Un homme fait du vélo.", "Deux chiens jouent dehors dans la neige.", "La rue est mouillée."]
+
+
+def rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    return [toy_pair(rng) for _ in range(n)]
+
+
+# --- layouts -----------------------------------------------------------------------------------
+
+
+def test_to_pairs_flat_columns():
+    ds = datasets.Dataset.from_dict({"en": EN, "de": DE, "fr": FR})
+    pairs = to_pairs(ds, "de", "en")
+    assert pairs.column_names == ["src", "tgt"]
+    assert pairs["src"] == DE and pairs["tgt"] == EN
+    reverse = to_pairs(ds, "fr", "de")
+    assert reverse["src"] == FR and reverse["tgt"] == DE
+
+
+def test_to_pairs_translation_column_of_dicts():
+    ds = datasets.Dataset.from_dict({"id": ["0", "1", "2"], "translation": [{"de": d, "en": e, "fr": f} for d, e, f in zip(DE, EN, FR)]})
+    pairs = to_pairs(ds, "de", "en")
+    assert sorted(pairs.column_names) == ["src", "tgt"]
+    assert pairs["src"] == DE and pairs["tgt"] == EN
+    assert to_pairs(ds, "en", "fr")["tgt"] == FR
+
+
+def test_to_pairs_translation_feature():
+    # The hub's datasets.Translation feature (wmt14, iwslt2017) exposes `languages` rather than keys.
+    features = datasets.Features({"translation": datasets.Translation(languages=["de", "en"])})
+    ds = datasets.Dataset.from_dict({"translation": [{"de": d, "en": e} for d, e in zip(DE, EN)]}, features=features)
+    pairs = to_pairs(ds, "en", "de")
+    assert pairs["src"] == EN and pairs["tgt"] == DE
+    with pytest.raises(DataError, match=r"'fr'.*languages there: de, en"):
+        to_pairs(ds, "de", "fr")
+
+
+def test_to_pairs_missing_language_column_names_columns_found():
+    ds = datasets.Dataset.from_dict({"de": DE, "en": EN, "fr": FR})
+    with pytest.raises(DataError, match=r"'cs' not found; columns: de, en, fr"):
+        to_pairs(ds, "de", "cs")
+    with pytest.raises(DataError) as info:
+        to_pairs(ds, "it", "cs")
+    assert "'it'" in str(info.value) and "'cs'" in str(info.value)
+
+
+def test_to_pairs_missing_language_in_translation_column_names_languages():
+    ds = datasets.Dataset.from_dict({"translation": [{"de": d, "en": e} for d, e in zip(DE, EN)]})
+    with pytest.raises(DataError, match=r"language 'fr' not in the translation column; languages there: de, en"):
+        to_pairs(ds, "fr", "en")
+    with pytest.raises(DataError, match=r"language 'cs'.*languages there: de, en"):
+        to_pairs(ds, "de", "cs")
+
+
+# --- local folders -----------------------------------------------------------------------------
+
+
+def write_split(folder: Path, split: str, fmt: str, data: list[dict[str, str]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{split}.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data), encoding="utf-8")
+    elif fmt == "csv":
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(data[0]))
+            writer.writeheader()
+            writer.writerows(data)
+    elif fmt == "parquet":
+        datasets.Dataset.from_list(data).to_parquet(str(path))
+    else:
+        raise AssertionError(fmt)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_load_split_local_folder(tmp_path, fmt):
+    train = [{"de": d, "en": e, "fr": f} for d, e, f in zip(DE, EN, FR)] + [{**r, "fr": f"fr {i}"} for i, r in enumerate(rows(20))]
+    valid = [{"de": r["de"], "en": r["en"], "fr": "x"} for r in rows(5, seed=1)]
+    write_split(tmp_path, "train", fmt, train)
+    write_split(tmp_path, "validation", fmt, valid)
+    cfg = DataConfig(path=str(tmp_path), src_lang="de", tgt_lang="en")
+
+    pairs = load_split(cfg, "train")
+    assert sorted(pairs.column_names) == ["src", "tgt"]
+    assert pairs["src"] == [r["de"] for r in train]
+    assert pairs["tgt"] == [r["en"] for r in train]
+    assert load_split(cfg, "validation")["tgt"] == [r["en"] for r in valid]
+    reverse = load_split(DataConfig(path=str(tmp_path), src_lang="en", tgt_lang="fr"), "train")
+    assert reverse["src"] == [r["en"] for r in train] and reverse["tgt"] == [r["fr"] for r in train]
+
+
+def test_load_split_toy_corpus(toy_corpus):
+    cfg = DataConfig(path=str(toy_corpus), src_lang="de", tgt_lang="en")
+    expected = [json.loads(line) for line in (toy_corpus / "test.jsonl").read_text(encoding="utf-8").splitlines()]
+    pairs = load_split(cfg, "test")
+    assert len(pairs) == 60
+    assert pairs["src"] == [r["de"] for r in expected]
+    assert pairs["tgt"] == [r["en"] for r in expected]
+
+
+def test_missing_split_names_the_splits_that_exist(tmp_path):
+    write_split(tmp_path, "train", "jsonl", rows(3))
+    write_split(tmp_path, "validation", "jsonl", rows(3))
+    cfg = DataConfig(path=str(tmp_path))
+    with pytest.raises(DataError, match=r"split 'test' not found.*splits there: train, validation"):
+        load_split(cfg, "test")
+
+
+def test_missing_language_column_in_local_file(tmp_path):
+    write_split(tmp_path, "train", "jsonl", rows(3))
+    with pytest.raises(DataError, match=r"'fr' not found; columns: de, en"):
+        load_split(DataConfig(path=str(tmp_path), src_lang="de", tgt_lang="fr"), "train")
+
+
+def test_local_translation_column(tmp_path):
+    data = [{"translation": {"de": d, "en": e}} for d, e in zip(DE, EN)]
+    write_split(tmp_path, "train", "jsonl", data)
+    pairs = load_split(DataConfig(path=str(tmp_path)), "train")
+    assert pairs["src"] == DE and pairs["tgt"] == EN
+    with pytest.raises(DataError, match=r"languages there: de, en"):
+        load_split(DataConfig(path=str(tmp_path), src_lang="fr"), "train")
+
+
+def test_mixed_formats_are_an_error(tmp_path):
+    write_split(tmp_path, "train", "jsonl", rows(3))
+    write_split(tmp_path, "test", "csv", rows(3))
+    with pytest.raises(DataError, match=r"one format.*found"):
+        load_split(DataConfig(path=str(tmp_path)), "train")
+
+
+def test_folder_without_split_files_is_an_error(tmp_path):
+    (tmp_path / "README.md").write_text("nothing here\n")
+    with pytest.raises(DataError, match=r"README\.md"):
+        load_split(DataConfig(path=str(tmp_path)), "train")
+
+
+def test_split_file_name_with_a_hyphen(tmp_path):
+    write_split(tmp_path, "test-2016", "jsonl", rows(4))
+    pairs = load_split(DataConfig(path=str(tmp_path)), "test-2016")
+    assert len(pairs) == 4
+
+
+def test_empty_csv_cell_is_dropped_as_an_empty_side(tmp_path):
+    write_split(tmp_path, "train", "csv", [{"de": "Ein Hund.", "en": "A dog."}, {"de": "Eine Katze.", "en": ""}])
+    pairs = load_split(DataConfig(path=str(tmp_path)), "train")
+    tokenizer = Tokenizer.train(["Ein Hund.", "A dog.", "Eine Katze."] * 10, vocab_size=40)
+    kept, report = filter_pairs(tokenize(pairs, tokenizer), max_len=10)
+    assert (report.kept, report.empty) == (1, 1)
+
+
+@pytest.mark.skipif(not MULTI30K.exists(), reason=f"Multi30k not found at {MULTI30K}")
+def test_multi30k_local_copy():
+    cfg = DataConfig(path=str(MULTI30K), src_lang="de", tgt_lang="en")
+    train = load_split(cfg, "train")
+    assert len(train) == 29000
+    first = json.loads((MULTI30K / "train.jsonl").open(encoding="utf-8").readline())
+    assert (train[0]["src"], train[0]["tgt"]) == (first["de"], first["en"])
+    src, tgt = train["src"][:500], train["tgt"][:500]
+    # German source, English target: umlauts and German function words on one side only.
+    assert sum(any(c in s for c in "äöüßÄÖÜ") for s in src) > 50
+    assert sum(any(c in t for c in "äöüß") for t in tgt) < 5
+    assert sum(" der " in s or " die " in s for s in src) > sum(" der " in t or " die " in t for t in tgt) + 50
+    assert sum(" the " in t.lower() for t in tgt) > sum(" the " in s.lower() for s in src) + 50
+
+
+# --- tokenize and filter -----------------------------------------------------------------------
+
+
+def ids_dataset(src: list[list[int]], tgt: list[list[int]]) -> datasets.Dataset:
+    features = datasets.Features({"src_ids": datasets.Sequence(datasets.Value("int64")), "tgt_ids": datasets.Sequence(datasets.Value("int64"))})
+    return datasets.Dataset.from_dict({"src_ids": src, "tgt_ids": tgt}, features=features)
+
+
+def test_tokenize_adds_ids_without_specials():
+    data = rows(40)
+    pairs = to_pairs(datasets.Dataset.from_list(data), "de", "en")
+    tokenizer = Tokenizer.train([r[k] for r in data for k in ("de", "en")], vocab_size=60)
+    tokenized = tokenize(pairs, tokenizer)
+    assert tokenized["src_ids"] == tokenizer.encode(list(pairs["src"]))
+    assert tokenized["tgt_ids"] == tokenizer.encode(list(pairs["tgt"]))
+    assert tokenized["src"] == pairs["src"]
+    src_len, tgt_len = lengths(tokenized)
+    assert src_len.tolist() == [len(x) for x in tokenized["src_ids"]]
+    assert tgt_len.tolist() == [len(x) for x in tokenized["tgt_ids"]]
+
+
+def test_filter_pairs_drops_empty_and_too_long():
+    src = [[], [5], [], [5, 6, 7], [5, 6, 7, 8], [5], [5], [9, 9]]
+    tgt = [[5], [], [], [8], [9], [6, 7, 8, 9], [6], [9, 9, 9]]
+    # index:  0 empty, 1 empty, 2 empty, 3 kept (== max_len), 4 too long, 5 too long, 6 kept, 7 kept
+    kept, report = filter_pairs(ids_dataset(src, tgt), max_len=3)
+    assert report == FilterReport(kept=3, empty=3, too_long=2)
+    assert kept["src_ids"] == [src[3], src[6], src[7]]
+    assert kept["tgt_ids"] == [tgt[3], tgt[6], tgt[7]]
+    text = str(report)
+    assert "kept 3" in text and "3 with an empty side" in text and "2 longer" in text
+
+
+def test_filter_pairs_empty_and_long_is_counted_once():
+    kept, report = filter_pairs(ids_dataset([[], [1] * 10], [[1] * 10, [1]]), max_len=3)
+    assert report == FilterReport(kept=0, empty=1, too_long=1)
+    assert len(kept) == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lens=st.lists(st.tuples(st.integers(0, 8), st.integers(0, 8)), min_size=1, max_size=30),
+    max_len=st.integers(1, 8),
+)
+def test_filter_pairs_property(lens, max_len):
+    src = [[4 + i] * a for i, (a, _) in enumerate(lens)]
+    tgt = [[4 + i] * b for i, (_, b) in enumerate(lens)]
+    kept, report = filter_pairs(ids_dataset(src, tgt), max_len)
+    expected = [i for i, (a, b) in enumerate(lens) if 0 < a <= max_len and 0 < b <= max_len]
+    assert kept["src_ids"] == [src[i] for i in expected]
+    assert report.kept == len(expected) == len(kept)
+    assert report.empty == sum(a == 0 or b == 0 for a, b in lens)
+    assert report.kept + report.empty + report.too_long == len(lens)
+
+
+# --- batching ----------------------------------------------------------------------------------
+
+
+def check_partition(batches: list[np.ndarray], n: int) -> None:
+    assert all(len(b) > 0 for b in batches)
+    everything = np.concatenate(batches) if batches else np.array([], dtype=np.int64)
+    assert len(everything) == n
+    assert sorted(everything.tolist()) == list(range(n))
+
+
+def check_budget(batches: list[np.ndarray], sizes: np.ndarray, max_tokens: int) -> None:
+    for b in batches:
+        if len(b) >= 2:
+            assert len(b) * int(sizes[b].max()) <= max_tokens
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 80), max_size=120),
+    max_tokens=st.integers(1, 400),
+    sort=st.booleans(),
+)
+def test_chunk_by_budget_properties(sizes, max_tokens, sort):
+    sizes = np.array(sizes, dtype=np.int64)
+    order = np.argsort(sizes, kind="stable") if sort else np.random.default_rng(0).permutation(len(sizes))
+    batches = chunk_by_budget(order, sizes, max_tokens)
+    check_partition(batches, len(sizes))
+    check_budget(batches, sizes, max_tokens)
+    # Consecutive runs of `order`, in order.
+    assert np.array_equal(np.concatenate(batches) if batches else order, order)
+    # Greedy: a batch is cut only when the next example would break the budget.
+    for b, nxt in zip(batches, batches[1:]):
+        assert (len(b) + 1) * max(int(sizes[b].max()), int(sizes[nxt[0]])) > max_tokens
+
+
+def test_chunk_by_budget_fills_batches_exactly_to_the_budget():
+    batches = chunk_by_budget(np.arange(9), np.full(9, 10), max_tokens=40)
+    assert [b.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]
+    assert chunk_by_budget(np.arange(0), np.zeros(0, dtype=np.int64), max_tokens=40) == []
+
+
+def test_chunk_by_budget_oversized_example_gets_its_own_batch():
+    sizes = np.array([5, 100, 5, 6])
+    batches = chunk_by_budget(np.array([0, 2, 3, 1]), sizes, max_tokens=50)
+    assert [b.tolist() for b in batches] == [[0, 2, 3], [1]]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 60), max_size=150),
+    max_tokens=st.integers(1, 300),
+    seed=st.integers(0, 2**31),
+    epoch=st.integers(0, 50),
+    pool_size=st.sampled_from([1, 7, 32, 100_000]),
+)
+def test_bucketed_batches_properties(sizes, max_tokens, seed, epoch, pool_size):
+    sizes = np.array(sizes, dtype=np.int64)
+    batches = bucketed_batches(sizes, max_tokens, seed, epoch, pool_size=pool_size)
+    check_partition(batches, len(sizes))
+    check_budget(batches, sizes, max_tokens)
+    again = bucketed_batches(sizes, max_tokens, seed, epoch, pool_size=pool_size)
+    assert len(again) == len(batches)
+    assert all(np.array_equal(a, b) for a, b in zip(again, batches))
+
+
+def test_bucketed_batches_differ_across_epochs_and_seeds():
+    sizes = np.random.default_rng(0).integers(1, 40, size=500)
+
+    def flat(seed, epoch):
+        return np.concatenate(bucketed_batches(sizes, 200, seed, epoch)).tolist()
+
+    orders = [flat(1234, e) for e in range(5)]
+    assert all(a != b for a, b in itertools.combinations(orders, 2))
+    assert flat(1234, 0) != flat(4321, 0)
+    assert flat(1234, 3) == flat(1234, 3)
+
+
+def test_bucketed_batches_group_similar_lengths():
+    # Sorting inside the pool keeps padding low: far less than with random batches of the same count.
+    sizes = np.random.default_rng(1).integers(1, 60, size=2000)
+    batches = bucketed_batches(sizes, 600, seed=0, epoch=0)
+    padded = sum(len(b) * sizes[b].max() for b in batches)
+    assert padded < 1.2 * sizes.sum()
+
+
+def test_pad_and_specials():
+    t = pad([[7, 8], [9]], prefix=[BOS_ID], suffix=[EOS_ID])
+    assert t.dtype == torch.int64
+    assert t.tolist() == [[BOS_ID, 7, 8, EOS_ID], [BOS_ID, 9, EOS_ID, PAD_ID]]
+    assert source_tensor([[7], [8, 9]]).tolist() == [[7, EOS_ID, PAD_ID], [8, 9, EOS_ID]]
+    tgt_in, tgt_out = target_tensors([[7, 8], [9]])
+    assert tgt_in.tolist() == [[BOS_ID, 7, 8], [BOS_ID, 9, EOS_ID]]
+    assert tgt_out.tolist() == [[7, 8, EOS_ID], [9, EOS_ID, PAD_ID]]
+
+
+@pytest.fixture(scope="module")
+def train_batches() -> tuple[TrainBatches, list[list[int]], list[list[int]]]:
+    rng = random.Random(3)
+    src = [[rng.randrange(4, 100) for _ in range(rng.randrange(1, 20))] for _ in range(300)]
+    tgt = [[rng.randrange(4, 100) for _ in range(rng.randrange(1, 20))] for _ in range(300)]
+    return TrainBatches(ids_dataset(src, tgt), max_tokens=64, seed=5), src, tgt
+
+
+def test_train_batches_collate(train_batches):
+    batches, src, tgt = train_batches
+    for indices in batches.epoch(0)[:20]:
+        batch = batches.collate(indices)
+        B = len(indices)
+        assert batch.src.shape[0] == batch.tgt_in.shape[0] == batch.tgt_out.shape[0] == B
+        assert batch.tgt_in.shape == batch.tgt_out.shape
+        assert batch.src.shape[1] == max(len(src[i]) for i in indices) + 1
+        assert batch.tgt_in.shape[1] == max(len(tgt[i]) for i in indices) + 1
+        # Shifted by one: the decoder reads position t and predicts position t + 1.
+        assert torch.equal(batch.tgt_out[:, :-1], batch.tgt_in[:, 1:])
+        for row, i in enumerate(indices):
+            s, t = src[i], tgt[i]
+            assert batch.src[row].tolist() == s + [EOS_ID] + [PAD_ID] * (batch.src.shape[1] - len(s) - 1)
+            assert batch.tgt_in[row, 0] == BOS_ID
+            assert batch.tgt_in[row, 1 : len(t) + 1].tolist() == t
+            assert batch.tgt_out[row].tolist() == t + [EOS_ID] + [PAD_ID] * (batch.tgt_out.shape[1] - len(t) - 1)
+        assert batch.n_tgt_tokens == sum(len(tgt[i]) + 1 for i in indices)
+
+
+def test_train_batches_respect_the_budget_in_tensors(train_batches):
+    batches, src, tgt = train_batches
+    for epoch in (0, 1):
+        indices_per_batch = batches.epoch(epoch)
+        check_partition(indices_per_batch, len(src))
+        for indices in indices_per_batch:
+            batch = batches.collate(indices)
+            if len(indices) >= 2:
+                assert batch.src.numel() <= batches.max_tokens
+                assert batch.tgt_in.numel() <= batches.max_tokens
+
+
+def test_train_batches_iterate_epoch_after_epoch(train_batches):
+    batches, _, _ = train_batches
+    epoch0, epoch1 = batches.epoch(0), batches.epoch(1)
+    stream = list(itertools.islice(iter(batches), len(epoch0) + 2))
+    for indices, batch in zip(epoch0 + epoch1[:2], stream):
+        expected = batches.collate(indices)
+        assert torch.equal(batch.src, expected.src) and torch.equal(batch.tgt_out, expected.tgt_out)

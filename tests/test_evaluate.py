@@ -1,0 +1,115 @@
+"""Scoring is sacreBLEU's, with its signatures; evaluate() translates a split with the recipe's settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import sacrebleu
+import torch
+
+from translator.config import DataConfig
+from translator.evaluate import Scores, evaluate, score
+
+HYPS = [
+    "A man in an orange hat starring at something.",
+    "A Boston Terrier is running on lush green grass in front of a white fence.",
+    "A girl in karate uniform breaking a stick with a front kick.",
+    "Five people wearing winter jackets and helmets stand in the snow, with snowmobiles in the background.",
+    "People are fixing the roof of a house.",
+    "a man in light colored clothing photographs a group of men.",
+]
+REFS = [
+    "A man with an orange hat staring at something.",
+    "A Boston Terrier is running on lush green grass in front of a white fence.",
+    "A girl in a karate uniform breaking a board with a kick.",
+    "Five people in winter jackets and helmets stand in the snow with snowmobiles behind them.",
+    "Several men fix the roof of a house.",
+    "A man in light-colored clothes photographs a group of men wearing dark suits.",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny tensors gain nothing from threads, and on a busy CPU OpenMP's waiting makes decoding ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_score_matches_sacrebleu():
+    scores = score(HYPS, REFS)
+    assert isinstance(scores, Scores)
+    assert scores.bleu == pytest.approx(sacrebleu.corpus_bleu(HYPS, [REFS]).score, abs=1e-9)
+    assert scores.chrf == pytest.approx(sacrebleu.corpus_chrf(HYPS, [REFS]).score, abs=1e-9)
+    assert 0 < scores.bleu < 100 and 0 < scores.chrf < 100
+    assert scores.bleu_detail == str(sacrebleu.corpus_bleu(HYPS, [REFS]))
+
+
+def test_score_is_corpus_level_not_averaged():
+    # Corpus BLEU pools n-gram counts; averaging sentence scores gives a different number.
+    sentence_mean = sum(sacrebleu.sentence_bleu(h, [r]).score for h, r in zip(HYPS, REFS)) / len(HYPS)
+    assert score(HYPS, REFS).bleu != pytest.approx(sentence_mean, abs=1e-6)
+
+
+def test_score_is_cased_and_on_detokenized_text():
+    exact = score(REFS, REFS)
+    assert exact.bleu == pytest.approx(100.0) and exact.chrf == pytest.approx(100.0)
+    lowered = score([r.lower() for r in REFS], REFS)
+    assert lowered.bleu < 100 and lowered.chrf < 100  # case:mixed
+    # 13a tokenisation splits punctuation off, so a detokenized hypothesis is not penalised for it.
+    spaced = score([r[:-1] + " ." for r in REFS], REFS)
+    assert spaced.bleu == pytest.approx(100.0)
+
+
+def test_signatures():
+    scores = score(HYPS, REFS)
+    assert "tok:13a" in scores.bleu_signature
+    assert "case:mixed" in scores.bleu_signature
+    assert "nrefs:1" in scores.bleu_signature
+    assert "case:mixed" in scores.chrf_signature
+    assert f"version:{sacrebleu.__version__}" in scores.bleu_signature
+    assert scores.bleu_detail.startswith("BLEU = ")
+    text = str(scores)
+    assert scores.bleu_signature in text and scores.chrf_signature in text
+    assert set(scores.to_dict()) == {"bleu", "chrf", "bleu_signature", "chrf_signature", "bleu_detail"}
+    json.dumps(scores.to_dict())  # plain values, for metrics.jsonl
+
+
+@pytest.mark.parametrize("n_hyps, n_refs", [(2, 3), (3, 2), (0, 1)])
+def test_length_mismatch_raises(n_hyps, n_refs):
+    with pytest.raises(ValueError, match=rf"{n_hyps} hypotheses for {n_refs} references"):
+        score(HYPS[:n_hyps], REFS[:n_refs])
+
+
+def read_split(folder, split):
+    return [json.loads(line) for line in (folder / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def test_evaluate_tiny_translator(tiny_translator, toy_corpus, tmp_path):
+    test = read_split(toy_corpus, "test")
+    assert len(test) == 60
+    sources, references = [r["de"] for r in test], [r["en"] for r in test]
+    output = tmp_path / "out" / "hyps.txt"
+    output.parent.mkdir()
+
+    scores = evaluate(tiny_translator, "test", output=output)
+
+    assert 0 <= scores.bleu <= 100 and 0 <= scores.chrf <= 100
+    expected = tiny_translator.translate(sources, beam_size=tiny_translator.recipe.decode.beam_size)
+    text = output.read_text(encoding="utf-8")
+    assert text.count("\n") == 60
+    assert text == "".join(h + "\n" for h in expected)
+    assert text.split("\n")[:-1] == expected
+    # The scores are those of the written hypotheses against the split's references.
+    again = score(expected, references)
+    assert (scores.bleu, scores.chrf) == (again.bleu, again.chrf)
+
+
+def test_evaluate_with_explicit_data_and_greedy(tiny_translator, toy_corpus):
+    validation = read_split(toy_corpus, "validation")
+    data = DataConfig(path=str(toy_corpus), src_lang="de", tgt_lang="en")
+    scores = evaluate(tiny_translator, "validation", data=data, beam_size=1)
+    greedy = tiny_translator.translate([r["de"] for r in validation], beam_size=1)
+    assert scores.bleu == score(greedy, [r["en"] for r in validation]).bleu

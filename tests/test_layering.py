@@ -1,0 +1,55 @@
+"""Imports flow one way (DESIGN.md): leaf modules never import the layers above them."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "translator"
+
+# module -> modules it must never import (directly)
+FORBIDDEN = {
+    "attention": {"model", "search", "data", "train", "api", "checkpoint", "evaluate", "cli", "config"},
+    "model": {"data", "search", "train", "api", "checkpoint", "evaluate", "cli"},
+    "search": {"data", "train", "api", "checkpoint", "evaluate", "cli"},
+    "config": {"model", "data", "train", "api", "checkpoint", "evaluate", "cli", "tokenizer"},
+    "tokenizer": {"model", "data", "train", "api", "checkpoint", "evaluate", "cli"},
+    "checkpoint": {"data", "train", "api", "evaluate", "cli", "search"},
+    "api": {"train", "evaluate", "cli", "data"},
+    "evaluate": {"train", "cli"},
+    "train": {"cli"},
+}
+
+
+def local_imports(module: str) -> set[str]:
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("translator."):
+            found.add(node.module.split(".")[1])
+    return found
+
+
+def test_imports_flow_one_way():
+    for module, forbidden in FORBIDDEN.items():
+        bad = local_imports(module) & forbidden
+        assert not bad, f"translator/{module}.py imports {sorted(bad)}"
+
+
+def test_no_import_cycles():
+    modules = [p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__")]
+    graph = {m: local_imports(m) & set(modules) for m in modules}
+    visiting, done = set(), set()
+
+    def visit(m, path):
+        assert m not in visiting, f"import cycle: {' -> '.join(path + [m])}"
+        if m in done:
+            return
+        visiting.add(m)
+        for n in graph[m]:
+            visit(n, path + [m])
+        visiting.discard(m)
+        done.add(m)
+
+    for m in modules:
+        visit(m, [])
