@@ -1,8 +1,10 @@
 """Greedy and beam search: exact against slow references, and batching never changes a translation."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from translator import Sampling
 from translator.batching import source_tensor
 from translator.search import Hypothesis, beam_search, greedy_search, length_penalty, max_output_lengths
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -122,3 +124,49 @@ def test_output_length_limit(tiny_translator):
         assert len(hyp.tokens) <= limit - 1  # room is kept for eos
     for (hyp,), limit in zip(beam_search(tiny_translator.model, src, limits, 3, 0.6), limits):
         assert len(hyp.tokens) <= limit - 1
+
+
+def test_n_best_is_sorted_and_its_first_is_the_one_best(tiny_translator):
+    for sentence in SENTENCES:
+        n_best = tiny_translator.translate(sentence, beam_size=4, n_best=4)
+        assert len(n_best) == 4
+        scores = [t.score for t in n_best]
+        assert scores == sorted(scores, reverse=True)
+        assert n_best[0].text == tiny_translator.translate(sentence, beam_size=4)
+    batch = tiny_translator.translate(SENTENCES, beam_size=3, n_best=2)
+    assert [b[0].text for b in batch] == tiny_translator.translate(SENTENCES, beam_size=3)
+    with pytest.raises(ValueError, match="n_best"):
+        tiny_translator.translate("Ein hund.", beam_size=2, n_best=3)
+
+
+def test_sampling_is_reproducible_with_a_seed_and_varies_without_one(tiny_translator):
+    hot = Sampling(temperature=1.5, seed=7)
+    first = tiny_translator.translate(SENTENCES, sampling=hot, n_best=3)
+    assert first == tiny_translator.translate(SENTENCES, sampling=hot, n_best=3)
+    texts = {t.text for samples in first for t in samples}
+    assert len(texts) > len(SENTENCES)  # hot samples differ from each other
+    other_seed = tiny_translator.translate(SENTENCES, sampling=Sampling(temperature=1.5, seed=8), n_best=3)
+    assert other_seed != first
+    for samples in first:
+        assert [t.score for t in samples] == sorted((t.score for t in samples), reverse=True)
+
+
+def test_top_k_one_sampling_is_greedy(tiny_translator):
+    assert tiny_translator.translate(SENTENCES, sampling=Sampling(top_k=1, seed=0)) == tiny_translator.translate(SENTENCES, beam_size=1)
+    assert tiny_translator.translate(SENTENCES, sampling=Sampling(top_p=1e-6, seed=0)) == tiny_translator.translate(SENTENCES, beam_size=1)
+
+
+def test_sampling_settings_are_validated():
+    for bad in (dict(temperature=0), dict(top_k=-1), dict(top_p=0), dict(top_p=1.5)):
+        with pytest.raises(ValueError, match="Sampling"):
+            Sampling(**bad)
+
+
+def test_overlong_source_is_truncated_with_a_warning_or_refused(tiny_translator):
+    limit = tiny_translator.recipe.model.max_positions
+    long_sentence = " ".join(["ein hund"] * limit)
+    with pytest.warns(UserWarning, match="max_positions"):
+        out = tiny_translator.translate(["Ein hund.", long_sentence], beam_size=2)
+    assert len(out) == 2 and out[0] == tiny_translator.translate("Ein hund.", beam_size=2)
+    with pytest.raises(ValueError, match="max_positions"):
+        tiny_translator.translate(long_sentence, truncate=False)

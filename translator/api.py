@@ -3,12 +3,14 @@
     t = Translator.from_pretrained("runs/multi30k_de_en")
     t.translate("Ein Mann fährt Fahrrad.")                    # -> str
     t.translate(["Zwei Hunde.", "Ein Kind lacht."], beam_size=5)  # -> list[str], input order
+    t.translate("Ein Hund.", beam_size=5, n_best=3)          # -> list[Translation], best first
+    t.translate("Ein Hund.", sampling=Sampling(top_p=0.9, seed=1), n_best=4)  # 4 samples
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,14 @@ from .batching import chunk_by_budget, source_tensor
 from .checkpoint import load_model_dir, save_model_dir
 from .config import DecodeConfig, Recipe
 from .model import Transformer
-from .search import beam_search, greedy_search, max_output_lengths
+from .search import Hypothesis, Sampling, beam_search, greedy_search, max_output_lengths, sample
 from .tokenizer import PAD_ID, Tokenizer
+
+
+@dataclass(frozen=True)
+class Translation:
+    text: str
+    score: float  # log-probability (beam search: divided by the length penalty)
 
 
 class Translator:
@@ -44,15 +52,27 @@ class Translator:
         beam_size: int | None = None,
         alpha: float | None = None,
         max_tokens: int | None = None,
+        n_best: int | None = None,
+        sampling: Sampling | None = None,
+        truncate: bool = True,
         progress: bool = False,
-    ) -> str | list[str]:
+    ):
         """Translate one sentence (-> str) or a list (-> list[str], same order).
 
         Args:
             beam_size: 1 is greedy search; default from the recipe's `decode` section.
             alpha: GNMT length penalty for beam search; default from the recipe.
             max_tokens: source tokens per batch (sentences are sorted by length into batches).
+            n_best: if given, return for each sentence a list of `n_best` `Translation`s
+                (text and score), best first, instead of the text alone.
+            sampling: draw tokens at random (temperature, top-k, top-p, seed) instead of
+                searching; with n_best, that many samples per sentence.
+            truncate: cut sources longer than the model's positions (with a warning);
+                False raises a ValueError instead.
             progress: show a progress bar on stderr.
+
+        Returns:
+            str, list[str], list[Translation] or list[list[Translation]].
         """
         single = isinstance(sentences, str)
         batch = [sentences] if single else list(sentences)
@@ -60,7 +80,14 @@ class Translator:
             if not isinstance(s, str):
                 raise TypeError(f"translate() takes a str or a list of str; item {i} is {type(s).__name__}: {s!r}")
         decode = self._decode_config(beam_size, alpha, max_tokens)
-        outputs = self._translate(batch, decode, progress)
+        k = 1 if n_best is None else n_best
+        if k < 1 or (sampling is None and k > decode.beam_size):
+            raise ValueError(f"n_best={n_best}: expected 1 to beam_size={decode.beam_size} (or any number of samples with sampling)")
+        hypotheses = self._translate(batch, decode, k, sampling, truncate, progress)
+        if n_best is None:
+            outputs = [hyps[0].text for hyps in hypotheses]
+        else:
+            outputs = hypotheses
         return outputs[0] if single else outputs
 
     def _decode_config(self, beam_size: int | None, alpha: float | None, max_tokens: int | None) -> DecodeConfig:
@@ -69,14 +96,19 @@ class Translator:
         decode.validate()
         return decode
 
-    def _translate(self, sentences: list[str], decode: DecodeConfig, progress: bool) -> list[str]:
+    def _translate(
+        self, sentences: list[str], decode: DecodeConfig, n_best: int, sampling: Sampling | None, truncate: bool, progress: bool
+    ) -> list[list[Translation]]:
         limit = self.recipe.model.max_positions
         src_ids = self.tokenizer.encode(sentences)
         too_long = [i for i, ids in enumerate(src_ids) if len(ids) + 1 > limit]
         if too_long:
-            warnings.warn(f"{len(too_long)} sentence(s) longer than model.max_positions={limit} tokens were truncated (first: #{too_long[0]})")
+            message = f"{len(too_long)} sentence(s) longer than model.max_positions={limit} tokens (first: #{too_long[0]}, {len(src_ids[too_long[0]])} tokens)"
+            if not truncate:
+                raise ValueError(message)
+            warnings.warn(message + ": truncated")
             src_ids = [ids[: limit - 1] for ids in src_ids]
-        outputs = [""] * len(sentences)
+        outputs = [[Translation("", 0.0)] * n_best for _ in sentences]
         # Blank input has nothing to translate: it maps to "" rather than to whatever the model invents.
         todo = np.array([i for i, s in enumerate(sentences) if s.strip()], dtype=np.int64)
         sizes = np.array([len(ids) + 1 for ids in src_ids], dtype=np.int64)
@@ -85,10 +117,16 @@ class Translator:
         for indices in tqdm(batches, desc="translating", unit="batch", disable=not progress):
             src = source_tensor([src_ids[i] for i in indices]).to(self.device)
             max_lens = max_output_lengths(src, PAD_ID, decode.max_len_a, decode.max_len_b, limit)
-            if decode.beam_size == 1:
-                best = [h.tokens for h in greedy_search(self.model, src, max_lens)]
-            else:
-                best = [hyps[0].tokens for hyps in beam_search(self.model, src, max_lens, decode.beam_size, decode.alpha)]
-            for i, text in zip(indices, self.tokenizer.decode(best)):
-                outputs[i] = text
+            for i, hyps in zip(indices, self._search(src, max_lens, decode, n_best, sampling)):
+                texts = self.tokenizer.decode([h.tokens for h in hyps])
+                outputs[i] = [Translation(text, h.score) for text, h in zip(texts, hyps)]
         return outputs
+
+    def _search(self, src, max_lens: list[int], decode: DecodeConfig, n_best: int, sampling: Sampling | None) -> list[list[Hypothesis]]:
+        if sampling is not None:
+            rows = torch.arange(src.size(0), device=src.device).repeat_interleave(n_best)  # n_best draws per sentence
+            drawn = sample(self.model, src[rows], [max_lens[r] for r in rows.tolist()], sampling)
+            return [sorted(drawn[i * n_best:(i + 1) * n_best], key=lambda h: -h.score) for i in range(src.size(0))]
+        if decode.beam_size == 1:
+            return [[h] for h in greedy_search(self.model, src, max_lens)]
+        return beam_search(self.model, src, max_lens, decode.beam_size, decode.alpha, n_best)

@@ -7,6 +7,7 @@ failure, 2 usage error (a bad recipe, override, dataset or model directory).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -35,13 +36,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from .api import Translator
 
     translator = Translator.from_pretrained(args.model_dir)
-    lines = [line.rstrip("\n") for line in sys.stdin]
-    for text in translator.translate(lines, beam_size=args.beam_size, progress=not args.quiet):
-        sys.stdout.write(text + "\n")
-    sys.stdout.flush()
+    # Stream: read a chunk of lines, translate it (sorted into batches inside), write it in order, flush.
+    # Memory stays bounded and the output flows through a pipe of any length.
+    with tqdm(desc="translating", unit=" lines", disable=args.quiet, file=sys.stderr) as bar:
+        while chunk := [line.rstrip("\r\n") for line in itertools.islice(sys.stdin, args.chunk_lines)]:
+            for text in translator.translate(chunk, beam_size=args.beam_size, truncate=not args.no_truncate):
+                sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+            bar.update(len(chunk))
     return 0
 
 
@@ -82,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog="example: translator translate runs/multi30k_de_en < input.de > output.en")
     translate.add_argument("model_dir")
     translate.add_argument("--beam-size", type=int, default=None, help="1 for greedy (default: the recipe's decode.beam_size)")
+    translate.add_argument("--chunk-lines", type=int, default=2000, help="lines read, translated and written at a time")
+    translate.add_argument("--no-truncate", action="store_true", help="fail on a sentence longer than the model's positions instead of truncating it")
     translate.add_argument("--quiet", action="store_true", help="no progress bar")
     translate.set_defaults(run=cmd_translate)
 

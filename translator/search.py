@@ -1,6 +1,6 @@
-"""Greedy and beam search over `encode / start / decode / select`, batched over sentences.
+"""Greedy search, sampling and beam search over `encode / start / decode / select`, batched over sentences.
 
-Both decode incrementally: each step feeds only the newest token and the `DecoderState`
+All decode incrementally: each step feeds only the newest token and the `DecoderState`
 carries the K/V of everything before it. A sentence that is done leaves the batch at
 once (`state.select`), so no compute is spent on it.
 Shapes: B sentences still decoding, K beam size, V vocabulary.
@@ -35,8 +35,49 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5 + length) / 6) ** alpha
 
 
-@torch.inference_mode()
+@dataclass(frozen=True)
+class Sampling:
+    """Draw each token from the model's distribution instead of taking the best one."""
+
+    temperature: float = 1.0  # < 1 sharpens, > 1 flattens
+    top_k: int = 0  # draw only among the k likeliest tokens (0: all)
+    top_p: float = 1.0  # draw only among the likeliest tokens whose probabilities add up to p (nucleus)
+    seed: int | None = None  # the same seed and input give the same samples
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"Sampling.temperature: got {self.temperature}, expected > 0")
+        if self.top_k < 0:
+            raise ValueError(f"Sampling.top_k: got {self.top_k}, expected 0 (off) or more")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"Sampling.top_p: got {self.top_p}, expected in (0, 1]")
+
+    def draw(self, logp: Tensor, generator: torch.Generator | None) -> Tensor:
+        """(B, V) log-probabilities -> (B,) sampled token ids."""
+        logits = logp / self.temperature
+        if self.top_k:
+            kth = logits.topk(min(self.top_k, logits.size(-1)), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(dim=-1)
+            outside = probs.cumsum(dim=-1) - probs >= self.top_p  # the mass before this token already reached p
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
 def greedy_search(model: Transformer, src: Tensor, max_lens: list[int]) -> list[Hypothesis]:
+    return _token_by_token(model, src, max_lens, lambda logp: logp.argmax(dim=-1))
+
+
+def sample(model: Transformer, src: Tensor, max_lens: list[int], sampling: Sampling) -> list[Hypothesis]:
+    generator = torch.Generator(src.device).manual_seed(sampling.seed) if sampling.seed is not None else None
+    return _token_by_token(model, src, max_lens, lambda logp: sampling.draw(logp, generator))
+
+
+@torch.inference_mode()
+def _token_by_token(model: Transformer, src: Tensor, max_lens: list[int], choose) -> list[Hypothesis]:
+    """One hypothesis per sentence, extended by `choose(logp (B, V)) -> (B,)` until eos or the length limit."""
     memory, src_mask = model.encode(src)
     state = model.start(memory, src_mask)
     alive = list(range(src.size(0)))  # original index of each row still decoding
@@ -46,9 +87,10 @@ def greedy_search(model: Transformer, src: Tensor, max_lens: list[int]) -> list[
     while alive:
         logits, state = model.decode(last, state)
         logp = F.log_softmax(logits[:, -1].float(), dim=-1)  # (B, V)
-        best_logp, best = logp.max(dim=-1)
+        chosen = choose(logp)
+        chosen_logp = logp.gather(1, chosen[:, None]).squeeze(1)
         keep = []
-        for row, (i, token, token_logp) in enumerate(zip(alive, best.tolist(), best_logp.tolist())):
+        for row, (i, token, token_logp) in enumerate(zip(alive, chosen.tolist(), chosen_logp.tolist())):
             scores[i] += token_logp
             if token == EOS_ID:
                 continue
@@ -57,9 +99,9 @@ def greedy_search(model: Transformer, src: Tensor, max_lens: list[int]) -> list[
                 keep.append(row)
         if len(keep) < len(alive):
             index = torch.tensor(keep, dtype=torch.long, device=src.device)
-            state, best = state.select(index), best.index_select(0, index)
+            state, chosen = state.select(index), chosen.index_select(0, index)
             alive = [alive[row] for row in keep]
-        last = best[:, None]
+        last = chosen[:, None]
     return [Hypothesis(t, s) for t, s in zip(tokens, scores)]
 
 
