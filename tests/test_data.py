@@ -169,7 +169,7 @@ def test_empty_csv_cell_is_dropped_as_an_empty_side(tmp_path):
     write_split(tmp_path, "train", "csv", [{"de": "Ein Hund.", "en": "A dog."}, {"de": "Eine Katze.", "en": ""}])
     pairs = load_split(DataConfig(path=str(tmp_path)), "train")
     tokenizer = Tokenizer.train(["Ein Hund.", "A dog.", "Eine Katze."] * 10, vocab_size=40)
-    kept, report = filter_pairs(tokenize(pairs, tokenizer), max_len=10)
+    kept, report = filter_pairs(tokenize(pairs, tokenizer), max_len=10, max_ratio=0)
     assert (report.kept, report.empty) == (1, 1)
 
 
@@ -213,17 +213,17 @@ def test_filter_pairs_drops_empty_and_too_long():
     src = [[], [5], [], [5, 6, 7], [5, 6, 7, 8], [5], [5], [9, 9]]
     tgt = [[5], [], [], [8], [9], [6, 7, 8, 9], [6], [9, 9, 9]]
     # index:  0 empty, 1 empty, 2 empty, 3 kept (== max_len), 4 too long, 5 too long, 6 kept, 7 kept
-    kept, report = filter_pairs(ids_dataset(src, tgt), max_len=3)
-    assert report == FilterReport(kept=3, empty=3, too_long=2)
+    kept, report = filter_pairs(ids_dataset(src, tgt), max_len=3, max_ratio=0)
+    assert report == FilterReport(kept=3, empty=3, too_long=2, bad_ratio=0)
     assert kept["src_ids"] == [src[3], src[6], src[7]]
     assert kept["tgt_ids"] == [tgt[3], tgt[6], tgt[7]]
     text = str(report)
-    assert "kept 3" in text and "3 with an empty side" in text and "2 longer" in text
+    assert "kept 3" in text and "3 with an empty or blank side" in text and "2 longer" in text
 
 
 def test_filter_pairs_empty_and_long_is_counted_once():
-    kept, report = filter_pairs(ids_dataset([[], [1] * 10], [[1] * 10, [1]]), max_len=3)
-    assert report == FilterReport(kept=0, empty=1, too_long=1)
+    kept, report = filter_pairs(ids_dataset([[], [1] * 10], [[1] * 10, [1]]), max_len=3, max_ratio=2)
+    assert report == FilterReport(kept=0, empty=1, too_long=1, bad_ratio=0)
     assert len(kept) == 0
 
 
@@ -231,16 +231,24 @@ def test_filter_pairs_empty_and_long_is_counted_once():
 @given(
     lens=st.lists(st.tuples(st.integers(0, 8), st.integers(0, 8)), min_size=1, max_size=30),
     max_len=st.integers(1, 8),
+    max_ratio=st.sampled_from([0, 1, 1.5, 3]),
 )
-def test_filter_pairs_property(lens, max_len):
+def test_filter_pairs_property(lens, max_len, max_ratio):
     src = [[4 + i] * a for i, (a, _) in enumerate(lens)]
     tgt = [[4 + i] * b for i, (_, b) in enumerate(lens)]
-    kept, report = filter_pairs(ids_dataset(src, tgt), max_len)
-    expected = [i for i, (a, b) in enumerate(lens) if 0 < a <= max_len and 0 < b <= max_len]
+    kept, report = filter_pairs(ids_dataset(src, tgt), max_len, max_ratio)
+    ratio_ok = lambda a, b: max_ratio == 0 or max(a, b) <= max_ratio * min(a, b)  # noqa: E731
+    expected = [i for i, (a, b) in enumerate(lens) if 0 < a <= max_len and 0 < b <= max_len and ratio_ok(a, b)]
     assert kept["src_ids"] == [src[i] for i in expected]
     assert report.kept == len(expected) == len(kept)
     assert report.empty == sum(a == 0 or b == 0 for a, b in lens)
-    assert report.kept + report.empty + report.too_long == len(lens)
+    assert report.kept + report.empty + report.too_long + report.bad_ratio == len(lens)
+
+
+def test_filter_pairs_drops_extreme_length_ratios():
+    kept, report = filter_pairs(ids_dataset([[5] * 10, [5] * 3, [5]], [[6], [6, 6], [6] * 9]), max_len=20, max_ratio=9)
+    assert report == FilterReport(kept=2, empty=0, too_long=0, bad_ratio=1)
+    assert kept["tgt_ids"] == [[6, 6], [6] * 9]
 
 
 # --- batching ----------------------------------------------------------------------------------

@@ -72,6 +72,8 @@ def load_recipe_json(directory: Path) -> Recipe:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read the model config ({e})") from None
     version = config.get("format_version") if isinstance(config, dict) else None
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version} was written by a newer translator (this one reads {FORMAT_VERSION}); upgrade translator")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {version!r} is not one this translator reads ({FORMAT_VERSION})")
     try:

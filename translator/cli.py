@@ -111,10 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .data import DataError  # after parsing: `--help` should not wait for `datasets` to import
 
+    debug = args.debug or bool(os.environ.get("TRANSLATOR_DEBUG"))
     try:
         return args.run(args)
-    except (RecipeError, DataError, CheckpointError) as e:
-        if args.debug or os.environ.get("TRANSLATOR_DEBUG"):
+    except (RecipeError, DataError, CheckpointError) as e:  # the user's input: say what to fix
+        if debug:
             raise
         print(f"translator {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"translator {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a runtime failure: one line, the traceback with --debug
+        if debug:
+            raise
+        print(f"translator {args.verb}: failed: {type(e).__name__}: {e} (--debug shows the traceback)", file=sys.stderr)
+        return 1

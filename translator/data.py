@@ -41,6 +41,27 @@ def _local_split_files(folder: Path) -> tuple[str, dict[str, str]]:
     return builder, split_files
 
 
+def _first_invalid_utf8_line(file: str) -> str | None:
+    with open(file, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"{file}, line {number}: not valid UTF-8 ({e.reason} at byte {e.start}: {line[max(0, e.start - 10):e.start + 10]!r})"
+    return None
+
+
+def _load_local(builder: str, file: str) -> datasets.Dataset:
+    try:
+        # Loaded as "train": datasets' split names must be identifiers, file names need not be (test-2016.jsonl).
+        return datasets.load_dataset(builder, data_files=file, split="train")
+    except (UnicodeDecodeError, datasets.exceptions.DatasetGenerationError) as e:
+        problem = _first_invalid_utf8_line(file)
+        if problem is None:
+            raise DataError(f"{file}: cannot be read as {builder} ({e.__cause__ or e})") from e
+        raise DataError(problem) from None
+
+
 def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
     """One split as a `datasets.Dataset` with string columns `src` and `tgt`."""
     folder = Path(cfg.path).expanduser()
@@ -48,8 +69,9 @@ def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
         builder, split_files = _local_split_files(folder)
         if split not in split_files:
             raise DataError(f"split {split!r} not found in {folder}; splits there: {', '.join(split_files)}")
-        # Loaded as "train": datasets' split names must be identifiers, file names need not be (test-2016.jsonl).
-        dataset = datasets.load_dataset(builder, data_files=split_files[split], split="train")
+        dataset = _load_local(builder, split_files[split])
+    elif cfg.path.startswith(("/", "./", "../", "~")) or folder.exists():
+        raise DataError(f"data.path: {cfg.path} is not a folder of split files (no such directory)")
     else:
         try:
             available = datasets.load_dataset(cfg.path, cfg.name)
@@ -109,17 +131,22 @@ class FilterReport:
     kept: int
     empty: int
     too_long: int
+    bad_ratio: int
 
     def __str__(self) -> str:
-        return f"kept {self.kept} pairs; dropped {self.empty} with an empty side, {self.too_long} longer than data.max_len"
+        return (f"kept {self.kept} pairs; dropped {self.empty} with an empty or blank side, "
+                f"{self.too_long} longer than data.max_len, {self.bad_ratio} past data.max_ratio")
 
 
-def filter_pairs(tokenized: datasets.Dataset, max_len: int) -> tuple[datasets.Dataset, FilterReport]:
+def filter_pairs(tokenized: datasets.Dataset, max_len: int, max_ratio: float) -> tuple[datasets.Dataset, FilterReport]:
+    """Drop pairs by rule, each pair counted under the first rule it breaks."""
     src_len, tgt_len = lengths(tokenized)
-    empty = (src_len == 0) | (tgt_len == 0)
-    too_long = ~empty & (np.maximum(src_len, tgt_len) > max_len)
-    keep = np.flatnonzero(~empty & ~too_long)
-    return tokenized.select(keep), FilterReport(len(keep), int(empty.sum()), int(too_long.sum()))
+    shorter, longer = np.minimum(src_len, tgt_len), np.maximum(src_len, tgt_len)
+    empty = shorter == 0  # blank lines encode to no pieces at all
+    too_long = ~empty & (longer > max_len)
+    bad_ratio = ~empty & ~too_long & (max_ratio > 0) & (longer > max_ratio * shorter)
+    keep = np.flatnonzero(~(empty | too_long | bad_ratio))
+    return tokenized.select(keep), FilterReport(len(keep), int(empty.sum()), int(too_long.sum()), int(bad_ratio.sum()))
 
 
 def lengths(tokenized: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:

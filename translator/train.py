@@ -95,7 +95,7 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Scores]:
     tok = recipe.tokenizer
     tokenizer = Tokenizer.train(sentences(train_pairs), tok.vocab_size, tok.model_type, tok.character_coverage, tok.input_sentence_size)
     log(f"tokenizer: SentencePiece {tok.model_type}, {tokenizer.vocab_size} pieces")
-    train_tokens, report = filter_pairs(tokenize(train_pairs, tokenizer), recipe.data.max_len)
+    train_tokens, report = filter_pairs(tokenize(train_pairs, tokenizer), recipe.data.max_len, recipe.data.max_ratio)
     log(f"filter: {report}")
     train_batches = TrainBatches(train_tokens, cfg.max_tokens, recipe.seed)
     valid_batches = TrainBatches(tokenize(valid_pairs, tokenizer), cfg.max_tokens, recipe.seed)

@@ -1,0 +1,159 @@
+"""Decoding speed on the Multi30k test set, side by side with Joey NMT, printed as a table.
+
+    python bench/decode.py --model runs/multi30k_de_en              # a trained model
+    python bench/decode.py                                          # random weights, output length forced to the source's
+    python bench/decode.py --model runs/multi30k_de_en --peer       # also run Joey NMT's decode.sh now, same machine
+
+Rows: greedy and beam 5 over the 1,000 test sentences (sentences/s, target tokens/s, counted
+as subword pieces + 1 eos per sentence, as the peer script counts them); incremental
+(K/V cache) against recomputing the whole prefix every step; per-token step time at output
+lengths 16, 64 and 256. With --peer, `../shared/bench-peers/decode.sh` runs first (it needs
+install.sh, prepare.sh and train.sh to have run, see its README), and the ratios to Joey NMT
+are measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from translator import Translator
+from translator.batching import source_tensor
+from translator.config import DataConfig, DecodeConfig, Recipe
+from translator.data import load_split
+from translator.model import Transformer
+from translator.tokenizer import BOS_ID, EOS_ID, Tokenizer, interleave
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = ROOT.parent / "shared" / "bench-peers"
+
+
+def random_translator(data: DataConfig) -> Translator:
+    """The Multi30k recipe's model with random weights; eos can never win, so outputs run to the length limit."""
+    recipe = Recipe(data=data)
+    train = load_split(data, "train")
+    tokenizer = Tokenizer.train(interleave(train["src"], train["tgt"]), recipe.tokenizer.vocab_size)
+    torch.manual_seed(0)
+    model = Transformer(recipe.model, tokenizer.vocab_size).eval()
+    with torch.no_grad():
+        model.embedding.weight[EOS_ID].zero_()  # eos's logit is then 0, which never beats the best of 8k random ones
+    decode = DecodeConfig(beam_size=5, alpha=0.6, max_len_a=1.0, max_len_b=1)  # output length = source length
+    return Translator(model, tokenizer, Recipe(data=data, decode=decode))
+
+
+def count_tokens(tokenizer: Tokenizer, texts: list[str]) -> int:
+    return sum(len(ids) for ids in tokenizer.encode(texts)) + len(texts)
+
+
+def timed_translate(translator: Translator, sentences: list[str], beam_size: int) -> tuple[float, list[str]]:
+    start = time.perf_counter()
+    out = translator.translate(sentences, beam_size=beam_size)
+    return time.perf_counter() - start, out
+
+
+@torch.inference_mode()
+def greedy_without_cache(model: Transformer, src: torch.Tensor, steps: int) -> None:
+    """The slow way (Joey NMT's): re-feed the whole prefix through the decoder at every step."""
+    memory, src_mask = model.encode(src)
+    prefix = torch.full((src.size(0), 1), BOS_ID, dtype=torch.long)
+    for _ in range(steps):
+        logits, _ = model.decode(prefix, model.start(memory, src_mask))
+        prefix = torch.cat([prefix, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+
+
+@torch.inference_mode()
+def greedy_with_cache(model: Transformer, src: torch.Tensor, steps: int, step_times: list[float] | None = None) -> None:
+    memory, src_mask = model.encode(src)
+    state = model.start(memory, src_mask)
+    last = torch.full((src.size(0), 1), BOS_ID, dtype=torch.long)
+    for _ in range(steps):
+        start = time.perf_counter()
+        logits, state = model.decode(last, state)
+        last = F.log_softmax(logits[:, -1].float(), -1).argmax(-1, keepdim=True)
+        if step_times is not None:
+            step_times.append(time.perf_counter() - start)
+
+
+def per_token_ms(model: Transformer, src: torch.Tensor, length: int) -> float:
+    """Mean time of the decoding steps that produce tokens length-7 .. length (forced, eos ignored)."""
+    times: list[float] = []
+    greedy_with_cache(model, src, length, times)
+    return 1000 * sum(times[-8:]) / 8
+
+
+def run_peer() -> dict[int, dict]:
+    env = dict(os.environ, WORK=os.environ.get("WORK", str(Path.home() / "peers")))
+    subprocess.run(["bash", str(PEERS / "decode.sh")], check=True, env=env, stdout=sys.stderr)
+    lines = (Path(env["WORK"]) / "results" / "joey_decode.jsonl").read_text().splitlines()
+    results = {}
+    for line in lines[-2:]:  # the two runs decode.sh just appended: beam 5 and greedy
+        entry = json.loads(line)
+        results[entry["beam"]] = entry
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a trained model directory (default: random weights, forced output length)")
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "multi30k"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--peer", action="store_true", help="run Joey NMT's decode.sh in this run and print ratios")
+    parser.add_argument("--cache-sentences", type=int, default=200, help="sentences for the cache vs no-cache row")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    peer = run_peer() if args.peer else {}
+    data = DataConfig(path=args.data, src_lang="de", tgt_lang="en")
+    translator = Translator.from_pretrained(args.model) if args.model else random_translator(data)
+    sentences = list(load_split(data, "test")["src"])
+    model, tokenizer = translator.model, translator.tokenizer
+    translator.translate(sentences[:64], beam_size=1)  # warm up
+
+    rows = []
+    for name, beam in (("greedy", 1), ("beam 5", 5)):
+        seconds, out = timed_translate(translator, sentences, beam)
+        tokens = count_tokens(tokenizer, out)
+        row = {"what": f"{name}, {len(sentences)} test sentences", "seconds": seconds,
+               "sent/s": len(sentences) / seconds, "tok/s": tokens / seconds}
+        if beam in peer:
+            joey_s = peer[beam]["generation_s"]
+            row["Joey NMT s"] = joey_s
+            row["x Joey"] = joey_s / seconds
+        rows.append(row)
+
+    src = source_tensor(tokenizer.encode(sentences[: args.cache_sentences]))
+    steps = 32
+    start = time.perf_counter()
+    greedy_with_cache(model, src, steps)
+    cached = time.perf_counter() - start
+    start = time.perf_counter()
+    greedy_without_cache(model, src, steps)
+    uncached = time.perf_counter() - start
+    rows.append({"what": f"{steps} greedy steps x {len(src)} sentences: cache", "seconds": cached})
+    rows.append({"what": f"{steps} greedy steps x {len(src)} sentences: no cache", "seconds": uncached, "x cache": uncached / cached})
+
+    batch = source_tensor(tokenizer.encode(sentences[:32]))
+    per_token = {n: per_token_ms(model, batch, n) for n in (16, 64, 256)}
+    for n, ms in per_token.items():
+        rows.append({"what": f"per-token step, 32 sentences, output length {n}", "ms": ms, "x length 16": ms / per_token[16]})
+
+    print(f"# translator decode benchmark: {'trained ' + args.model if args.model else 'random weights'}, "
+          f"{args.threads} threads, torch {torch.__version__}, {model.num_parameters() / 1e6:.2f} M parameters")
+    columns = ["what", "seconds", "sent/s", "tok/s", "Joey NMT s", "x Joey", "x cache", "ms", "x length 16"]
+    used = [c for c in columns if any(c in r for r in rows)]
+    print("| " + " | ".join(used) + " |")
+    print("|" + "---|" * len(used))
+    for r in rows:
+        print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in used) + " |")
+
+
+if __name__ == "__main__":
+    main()
