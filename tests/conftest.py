@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from translator import Translator, load_recipe, train
 
@@ -43,6 +44,15 @@ def write_toy_corpus(folder: Path, sizes=(("train", 1200), ("validation", 60), (
             for _ in range(n):
                 f.write(json.dumps(toy_pair(rng), ensure_ascii=False) + "\n")
     return folder
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy CPU OpenMP's waiting makes them ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

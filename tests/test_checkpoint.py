@@ -29,15 +29,6 @@ class TouchOnUnpickle:
         return (pathlib.Path.touch, (self.marker,))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors gain nothing from threads, and on a busy CPU OpenMP's waiting makes decoding ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def toy_sentences(n: int = 16, seed: int = 99) -> list[str]:
     rng = random.Random(seed)
     return [toy_pair(rng)["de"] for _ in range(n)]

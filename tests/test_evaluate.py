@@ -6,7 +6,6 @@ import json
 
 import pytest
 import sacrebleu
-import torch
 
 from translator.config import DataConfig
 from translator.evaluate import Scores, evaluate, score
@@ -27,15 +26,6 @@ REFS = [
     "Several men fix the roof of a house.",
     "A man in light-colored clothes photographs a group of men wearing dark suits.",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors gain nothing from threads, and on a busy CPU OpenMP's waiting makes decoding ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_score_matches_sacrebleu():

@@ -74,6 +74,8 @@ class Translator:
         Returns:
             str, list[str], list[Translation] or list[list[Translation]].
         """
+        if not isinstance(sentences, (str, list, tuple)):
+            raise TypeError(f"translate() takes a str or a list of str, got {type(sentences).__name__}: {sentences!r:.80}")
         single = isinstance(sentences, str)
         batch = [sentences] if single else list(sentences)
         for i, s in enumerate(batch):

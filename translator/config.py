@@ -239,7 +239,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(values, dict):
         raise RecipeError(f"{path}: expected a mapping of recipe sections at the top level")
     return recipe_from_dict(apply_overrides(values, list(overrides)))

@@ -8,6 +8,7 @@ Two layouts are understood, both common on the hub:
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +43,16 @@ def _local_split_files(folder: Path) -> tuple[str, dict[str, str]]:
 
 
 def _first_invalid_utf8_line(file: str) -> str | None:
+    """None if the whole file is UTF-8, else where it is not (file, line, bytes)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(file, "rb") as f:
+        try:
+            while block := f.read(1 << 24):  # fast path: whole blocks
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+            return None
+        except UnicodeDecodeError:
+            pass
     with open(file, "rb") as f:
         for number, line in enumerate(f, start=1):
             try:
@@ -52,14 +63,14 @@ def _first_invalid_utf8_line(file: str) -> str | None:
 
 
 def _load_local(builder: str, file: str) -> datasets.Dataset:
+    # pyarrow's JSON reader accepts invalid UTF-8 and fails later, far from the cause: check first.
+    if builder in ("json", "csv") and (problem := _first_invalid_utf8_line(file)):
+        raise DataError(problem)
     try:
         # Loaded as "train": datasets' split names must be identifiers, file names need not be (test-2016.jsonl).
         return datasets.load_dataset(builder, data_files=file, split="train")
-    except (UnicodeDecodeError, datasets.exceptions.DatasetGenerationError) as e:
-        problem = _first_invalid_utf8_line(file)
-        if problem is None:
-            raise DataError(f"{file}: cannot be read as {builder} ({e.__cause__ or e})") from e
-        raise DataError(problem) from None
+    except datasets.exceptions.DatasetGenerationError as e:
+        raise DataError(f"{file}: cannot be read as {builder} ({e.__cause__ or e})") from e
 
 
 def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:

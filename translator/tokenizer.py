@@ -43,6 +43,7 @@ class Tokenizer:
             shuffle_input_sentence=True,
             hard_vocab_limit=False,  # small corpora get a smaller vocabulary instead of an error
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            unk_surface="\u2047",  # the default " \u2047 " adds spaces at each decode/encode round trip
             num_threads=2,
             minloglevel=2,
         )

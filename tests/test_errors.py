@@ -1,0 +1,489 @@
+"""Every bad input gets a clear answer: the message names the key, file, column or split, and the
+command line exits with the right status (0 ok, 1 runtime failure, 2 usage error) without a traceback.
+
+Complements test_config.py, test_data.py, test_checkpoint.py and test_cli.py, which cover the
+API-level recipe errors, the layouts and most broken model directories.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import datasets
+import pytest
+import yaml
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+import translator
+from conftest import TINY_RECIPE, toy_pair, write_toy_corpus
+from translator.checkpoint import CONFIG, WEIGHTS, CheckpointError
+from translator.config import DataConfig
+from translator.data import DataError, FilterReport, filter_pairs, load_split, tokenize
+from translator.tokenizer import Tokenizer
+
+
+def cli(*args, stdin: str | bytes = b"", env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m translator ARGS`; stdout and stderr as str (decoded without newline translation)."""
+    environment = {k: v for k, v in os.environ.items() if k != "TRANSLATOR_DEBUG"}
+    environment.update(OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8", **(env or {}))
+    data = stdin.encode("utf-8") if isinstance(stdin, str) else stdin
+    result = subprocess.run(
+        [sys.executable, "-m", "translator", *map(str, args)], input=data, capture_output=True, env=environment, timeout=600
+    )
+    return subprocess.CompletedProcess(result.args, result.returncode, result.stdout.decode("utf-8"), result.stderr.decode("utf-8"))
+
+
+def assert_usage_error(result: subprocess.CompletedProcess, verb: str, *named: str) -> str:
+    """Exit status 2, one line on stderr naming everything in `named`, no traceback, nothing on stdout."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"translator {verb}: error: "), lines[0]
+    for name in named:
+        assert name in lines[0], (name, lines[0])
+    assert result.stdout == ""
+    return lines[0]
+
+
+def write_recipe(folder: Path, **changes) -> Path:
+    """The tiny recipe with `section.key` changes (dotted names as `section__key`)."""
+    values = yaml.safe_load(TINY_RECIPE.read_text(encoding="utf-8"))
+    for dotted, value in changes.items():
+        *sections, key = dotted.split("__")
+        target = values
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[key] = value
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    return path
+
+
+TOY_SENTENCES = ["Ein mann sieht der hut.", "Der alte hund trägt ein ball.", "Eine frau fährt ein fahrrad.", "Ein kind sieht der rote ball."]
+
+
+# --- command line: usage errors ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"model__d_modle": 64}, "model.d_modle"),
+        ({"model__n_heads": "four"}, "model.n_heads"),
+        ({"model__dropout": 1.5}, "model.dropout"),
+        ({"train__precision": "fp16"}, "train.precision"),
+    ],
+    ids=["unknown-key", "wrong-type", "out-of-range", "not-a-choice"],
+)
+def test_cli_bad_recipe_file_exits_2_naming_the_key(tmp_path, changes, key):
+    recipe = write_recipe(tmp_path, **changes)
+    assert_usage_error(cli("train", recipe, "--quiet"), "train", key)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("model.d_modle=64", "model.d_modle"), ("model.n_heads=four", "model.n_heads"), ("model.dropout=1.5", "model.dropout")],
+    ids=["unknown-key", "wrong-type", "out-of-range"],
+)
+def test_cli_bad_override_value_exits_2_naming_the_key(override, key):
+    assert_usage_error(cli("train", TINY_RECIPE, "--set", override, "--quiet"), "train", key)
+
+
+def test_cli_override_without_equals_exits_2_naming_it():
+    line = assert_usage_error(cli("train", TINY_RECIPE, "--set", "model.d_model", "--quiet"), "train", "model.d_model")
+    assert "KEY=VALUE" in line
+
+
+def test_cli_missing_recipe_file_exits_2_naming_the_file(tmp_path):
+    missing = tmp_path / "no_such_recipe.yaml"
+    assert_usage_error(cli("train", missing, "--quiet"), "train", str(missing))
+
+
+def test_cli_invalid_yaml_recipe_exits_2_naming_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model: [1, 2\n", encoding="utf-8")
+    assert_usage_error(cli("train", path, "--quiet"), "train", str(path))
+
+
+def test_cli_debug_flag_shows_the_traceback():
+    result = cli("--debug", "train", TINY_RECIPE, "--set", "model.d_modle=64", "--quiet")
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "RecipeError" in result.stderr and "model.d_modle" in result.stderr
+
+
+def test_cli_debug_environment_variable_shows_the_traceback():
+    result = cli("train", TINY_RECIPE, "--set", "model.d_modle=64", "--quiet", env={"TRANSLATOR_DEBUG": "1"})
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "RecipeError" in result.stderr and "model.d_modle" in result.stderr
+
+
+# --- command line: help, version, stdout ------------------------------------------------------
+
+
+@pytest.mark.parametrize("verb", [None, "train", "translate", "evaluate"])
+def test_cli_help_exits_0_with_an_example(verb):
+    result = cli(*([verb] if verb else []), "--help")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^examples?:", result.stdout, re.MULTILINE), result.stdout
+    assert "usage: translator" in result.stdout
+    assert result.stderr == ""
+
+
+def test_cli_version():
+    result = cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"translator {translator.__version__}"
+
+
+def test_cli_translate_writes_results_alone_on_stdout_and_progress_on_stderr(tiny_model_dir, tiny_translator):
+    lines = [*TOY_SENTENCES[:2], "", "   ", *TOY_SENTENCES[2:]]
+    result = cli("translate", tiny_model_dir, stdin="\n".join(lines) + "\n")  # no --quiet: a progress bar
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("\n")
+    assert result.stdout.split("\n")[:-1] == tiny_translator.translate(lines)
+    assert "translating" in result.stderr and "translating" not in result.stdout
+
+
+def test_cli_translate_last_line_without_newline(tiny_model_dir, tiny_translator):
+    result = cli("translate", tiny_model_dir, "--quiet", stdin="\n".join(TOY_SENTENCES))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:-1] == tiny_translator.translate(TOY_SENTENCES)
+    assert result.stderr == ""
+
+
+def test_cli_translate_one_output_line_per_newline_even_with_a_stray_carriage_return(tiny_model_dir):
+    # Windows line ends (\r\n) are one line end; a lone \r inside a line is not, as for `wc -l`, paste and sacrebleu.
+    stdin = "Ein mann\rsieht der hut.\nDer alte hund.\r\nEin kind.\n"
+    result = cli("translate", tiny_model_dir, "--quiet", stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split("\n")[:-1]) == 3
+
+
+# --- command line: model directories, splits, columns ------------------------------------------
+
+
+@pytest.mark.parametrize("verb", ["translate", "evaluate"])
+def test_cli_missing_model_directory_exits_2_naming_the_path(tmp_path, verb):
+    missing = tmp_path / "no_such_model"
+    assert_usage_error(cli(verb, missing, "--quiet", stdin="Ein hund.\n"), verb, str(missing))
+
+
+def test_cli_evaluate_data_path_without_the_split_names_it_and_the_splits_there(tiny_model_dir, tmp_path):
+    data = write_toy_corpus(tmp_path / "data", sizes=(("train", 5), ("validation", 5)))
+    line = assert_usage_error(cli("evaluate", tiny_model_dir, "--set", f"data.path={data}", "--quiet"), "evaluate", "'test'", str(data))
+    assert "splits there: train, validation" in line
+
+
+def test_cli_evaluate_unknown_split_names_it_and_the_splits_there(tiny_model_dir):
+    line = assert_usage_error(cli("evaluate", tiny_model_dir, "--split", "nope", "--quiet"), "evaluate", "'nope'")
+    assert "splits there: test, train, validation" in line
+
+
+def test_cli_evaluate_missing_language_column_names_the_columns_found(tiny_model_dir):
+    line = assert_usage_error(cli("evaluate", tiny_model_dir, "--set", "data.src_lang=fr", "--quiet"), "evaluate", "'fr'")
+    assert "columns: de, en" in line
+
+
+def test_cli_evaluate_bad_override_exits_2_naming_the_key(tiny_model_dir):
+    assert_usage_error(cli("evaluate", tiny_model_dir, "--set", "decode.beam_sise=2", "--quiet"), "evaluate", "decode.beam_sise", "decode.beam_size")
+
+
+def test_cli_evaluate_missing_data_path_exits_2_naming_it(tiny_model_dir, tmp_path):
+    missing = tmp_path / "no_such_data"
+    assert_usage_error(cli("evaluate", tiny_model_dir, "--set", f"data.path={missing}", "--quiet"), "evaluate", str(missing))
+
+
+def test_cli_translate_no_truncate_on_an_overlong_line_fails_with_one_line(tiny_model_dir):
+    stdin = "Ein kind sieht der hut.\n" + "Ein mann sieht der hut. " * 200 + "\n"
+    result = cli("translate", tiny_model_dir, "--no-truncate", "--quiet", stdin=stdin)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("translator translate: failed: ") and "max_positions" in lines[0]
+
+
+def test_cli_translate_overlong_line_is_truncated_by_default_with_a_warning(tiny_model_dir):
+    stdin = "Ein kind sieht der hut.\n" + "Ein mann sieht der hut. " * 200 + "\n"
+    result = cli("translate", tiny_model_dir, "--quiet", stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split("\n")[:-1]) == 2
+    assert "truncated" in result.stderr
+
+
+# --- datasets ----------------------------------------------------------------------------------
+
+
+def test_relative_data_path_that_does_not_exist_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"data\.path.*\./nope"):
+        load_split(DataConfig(path="./nope"), "train")
+
+
+def test_absolute_data_path_that_does_not_exist_is_named(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(DataError, match=re.escape(str(missing))):
+        load_split(DataConfig(path=str(missing)), "train")
+
+
+def test_neither_layout_recognised_names_the_columns(tmp_path):
+    rows = [{"source": "Ein Hund.", "target": "A dog."}, {"source": "Eine Katze.", "target": "A cat."}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_split(DataConfig(path=str(tmp_path)), "train")
+    message = str(info.value)
+    assert "'de'" in message and "'en'" in message and "columns: source, target" in message
+    assert "translation" in message  # says which layouts it understands
+
+
+INVALID_UTF8_LINES = {
+    # line 3 holds the byte 0xff (for CSV, line 1 is the header)
+    "jsonl": [
+        b'{"de": "Ein Hund.", "en": "A dog."}',
+        b'{"de": "Eine Katze.", "en": "A cat."}',
+        b'{"de": "Ein \xff Hut.", "en": "A hat."}',
+        b'{"de": "Ein Ball.", "en": "A ball."}',
+    ],
+    "csv": [b"de,en", b"Ein Hund.,A dog.", b"Ein \xff Hut.,A hat.", b"Ein Ball.,A ball."],
+}
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        "jsonl",
+        "csv",
+    ],
+)
+def test_invalid_utf8_names_the_file_and_line(tmp_path, fmt):
+    path = tmp_path / f"train.{fmt}"
+    path.write_bytes(b"\n".join(INVALID_UTF8_LINES[fmt]) + b"\n")
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}, line 3: not valid UTF-8"):
+        pairs = load_split(DataConfig(path=str(tmp_path)), "train")
+        pairs["src"][:]  # what the trainer does next: here a jsonl file fails with a bare UnicodeDecodeError
+
+
+def test_unreachable_hub_dataset_says_to_use_a_local_folder(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'x/y' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError) as info:
+        load_split(DataConfig(path="x/y"), "train")
+    message = str(info.value)
+    assert "'x/y'" in message and "data.path" in message and "local folder" in message
+
+
+@pytest.fixture(scope="module")
+def toy_tokenizer() -> Tokenizer:
+    rng = random.Random(0)
+    return Tokenizer.train([text for _ in range(300) for text in toy_pair(rng).values()], vocab_size=60)
+
+
+def test_filter_counts_each_rule(tmp_path, toy_tokenizer):
+    rng = random.Random(1)
+    normal = [toy_pair(rng) for _ in range(20)]
+    bad = [
+        {"de": "", "en": "A dog."},  # empty
+        {"de": "Ein hund.", "en": "   \t "},  # whitespace only: counts as empty
+        {"de": "Ein mann sieht der hut. " * 20, "en": "A man sees the hat. " * 20},  # past max_len
+        {"de": "Ein alte mann sieht der rote hut und ein kleine kind trägt der ball.", "en": "A."},  # extreme ratio
+    ]
+    rows = normal[:7] + bad[:2] + normal[7:13] + bad[2:] + normal[13:]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    max_len, max_ratio = 64, 9.0
+    # The premises: the long pair is past max_len, the ratio pair within it but past max_ratio.
+    long_src, long_tgt = toy_tokenizer.encode([bad[2]["de"], bad[2]["en"]])
+    assert max(len(long_src), len(long_tgt)) > max_len
+    ratio_src, ratio_tgt = toy_tokenizer.encode([bad[3]["de"], bad[3]["en"]])
+    assert len(ratio_src) <= max_len and len(ratio_src) > max_ratio * len(ratio_tgt) > 0
+
+    tokenized = tokenize(load_split(DataConfig(path=str(tmp_path)), "train"), toy_tokenizer)
+    kept, report = filter_pairs(tokenized, max_len, max_ratio)
+    assert report == FilterReport(kept=20, empty=2, too_long=1, bad_ratio=1)
+    assert kept["src"] == [r["de"] for r in normal]
+    assert "dropped 2 with an empty or blank side" in str(report)
+
+
+@pytest.mark.parametrize("blank", ["", " ", "   \t ", "\t\t", " \n ", "\u3000", "\u00a0"], ids=repr)
+def test_whitespace_only_side_counts_as_empty(tmp_path, toy_tokenizer, blank):
+    rows = [{"de": "Ein hund.", "en": "A dog."}, {"de": blank, "en": "A dog."}, {"de": "Ein hund.", "en": blank}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tokenized = tokenize(load_split(DataConfig(path=str(tmp_path)), "train"), toy_tokenizer)
+    _, report = filter_pairs(tokenized, max_len=64, max_ratio=9.0)
+    assert report == FilterReport(kept=1, empty=2, too_long=0, bad_ratio=0)
+
+
+# --- sentences ---------------------------------------------------------------------------------
+
+LONG = "Ein mann sieht der hut. " * 300  # ~7200 characters, far past max_positions=256 tokens
+
+UNUSUAL = {
+    "control": "Ein\x00 mann\x07 sieht\x1b der\x7f hut.\x0c",
+    "zero-width": "Ein\u200b mann\u200d sieht der\u200b hut.",
+    "zero-width-only": "\u200b\u200d",
+    "bidi": "\u202eEin mann sieht\u200f der hut.\u202c",
+    "emoji": "Ein 🐶 sieht 👨\u200d👩\u200d👧 der 🚲.",
+    "cyrillic": "Ein мужчина sieht der шляпа.",
+    "cjk": "一个男人 sieht der 帽子.",
+    "arabic": "رجل fährt ein fahrrad.",
+    "newlines": "Ein mann\nsieht\r\nder hut.\u2028",
+    "combining": "Ein ma\u0301nn\u0308 sieht der hu\u0303t.",
+    "long": LONG,
+}
+
+
+def translate_quietly(t: translator.Translator, sentences, **kwargs):
+    """Translate, allowing only the truncation warning (and requiring it for LONG)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = t.translate(sentences, **kwargs)
+    messages = [str(w.message) for w in caught]
+    assert all("max_positions" in m and "truncated" in m for m in messages), messages
+    return result, messages
+
+
+@pytest.mark.parametrize("blank", ["", "   \t ", "\n", " \r\n "], ids=repr)
+def test_blank_input_translates_to_empty(tiny_translator, blank):
+    assert tiny_translator.translate(blank) == ""
+    assert tiny_translator.translate([blank, blank]) == ["", ""]
+
+
+@pytest.mark.parametrize("name", list(UNUSUAL))
+def test_unusual_input_translates_without_raising(tiny_translator, name):
+    text = UNUSUAL[name]
+    single, warned = translate_quietly(tiny_translator, text)
+    assert isinstance(single, str)
+    assert bool(warned) == (name == "long")
+    batch, _ = translate_quietly(tiny_translator, [text])
+    assert batch == [single]
+
+
+def test_overlong_input_warns_about_truncation(tiny_translator):
+    with pytest.warns(UserWarning, match=r"1 sentence\(s\) longer than model\.max_positions=256.*truncated"):
+        tiny_translator.translate(LONG, beam_size=1)
+
+
+def test_overlong_input_without_truncation_raises_naming_the_limit(tiny_translator):
+    with pytest.raises(ValueError, match=r"model\.max_positions=256"):
+        tiny_translator.translate(["Ein hund.", LONG], truncate=False)
+
+
+@pytest.mark.parametrize("name", list(UNUSUAL))
+def test_unusual_input_does_not_change_the_other_sentences_in_its_batch(tiny_translator, name):
+    alone = tiny_translator.translate(TOY_SENTENCES, beam_size=1)
+    mixed, _ = translate_quietly(tiny_translator, TOY_SENTENCES[:2] + [UNUSUAL[name]] + TOY_SENTENCES[2:], beam_size=1)
+    assert len(mixed) == len(TOY_SENTENCES) + 1
+    assert mixed[:2] + mixed[3:] == alone
+
+
+@pytest.mark.parametrize(
+    "value, type_name",
+    [
+        (None, "NoneType"),
+        (3, "int"),
+        pytest.param(b"bytes", "bytes"),
+    ],
+    ids=["None", "int", "bytes"],
+)
+def test_non_str_argument_raises_type_error_naming_its_type(tiny_translator, value, type_name):
+    with pytest.raises(TypeError) as info:
+        tiny_translator.translate(value)
+    assert re.search(rf"\b{type_name}\b", str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        3,
+        pytest.param(b"bytes"),
+    ],
+    ids=["None", "int", "bytes"],
+)
+def test_non_str_argument_message_says_what_translate_takes(tiny_translator, value):
+    with pytest.raises(TypeError) as info:
+        tiny_translator.translate(value)
+    message = str(info.value)
+    assert "translate() takes a str or a list of str" in message and type(value).__name__ in message, message
+
+
+@pytest.mark.parametrize("value, type_name", [(None, "NoneType"), (3, "int"), (b"bytes", "bytes")], ids=["None", "int", "bytes"])
+def test_non_str_list_item_raises_type_error_naming_its_type_and_index(tiny_translator, value, type_name):
+    with pytest.raises(TypeError, match=rf"item 1 is {type_name}\b"):
+        tiny_translator.translate(["Ein hund.", value, "Ein kind."])
+
+
+# --- model directories -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+
+
+def edit_config(directory: Path, edit) -> None:
+    config = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
+    edit(config)
+    (directory / CONFIG).write_text(json.dumps(config), encoding="utf-8")
+
+
+def test_weights_that_do_not_match_d_ff_name_the_weights_file(model_copy):
+    edit_config(model_copy, lambda c: c["recipe"]["model"].update(d_ff=c["recipe"]["model"]["d_ff"] * 2))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(model_copy / WEIGHTS))}: weights do not match config\.json"):
+        translator.Translator.from_pretrained(model_copy)
+
+
+def test_weights_with_fewer_layers_than_the_config_name_the_weights_file(model_copy):
+    edit_config(model_copy, lambda c: c["recipe"]["model"].update(encoder_layers=2))
+    with pytest.raises(CheckpointError, match=rf"{WEIGHTS}: weights do not match"):
+        translator.Translator.from_pretrained(model_copy)
+
+
+def test_newer_format_version_says_newer(model_copy):
+    edit_config(model_copy, lambda c: c.update(format_version=2))
+    with pytest.raises(CheckpointError, match=rf"{CONFIG}: format_version 2 was written by a newer translator.*upgrade"):
+        translator.Translator.from_pretrained(model_copy)
+
+
+def test_cli_newer_format_version_exits_2(model_copy):
+    edit_config(model_copy, lambda c: c.update(format_version=2))
+    assert_usage_error(cli("translate", model_copy, "--quiet", stdin="Ein hund.\n"), "translate", str(model_copy / CONFIG), "newer")
+
+
+# --- properties --------------------------------------------------------------------------------
+
+TEXT = st.text(alphabet=st.characters(exclude_categories=("Cs",)))  # a str with lone surrogates cannot be encoded
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=TEXT)
+@example(text="Ein 0 hund")  # '0' is not in the toy vocabulary: decode gives "Ein ⁇ hund", with spaces around the unk surface
+def test_tokenizer_round_trip_is_idempotent(tiny_translator, text):
+    tokenizer = tiny_translator.tokenizer
+    (ids,) = tokenizer.encode([text])
+    assert all(0 <= i < tokenizer.vocab_size for i in ids)
+    (once,) = tokenizer.decode([ids])
+    (twice,) = tokenizer.decode(tokenizer.encode([once]))
+    assert twice == once
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(TEXT, min_size=1, max_size=4))
+def test_translate_arbitrary_text_is_one_output_per_input_in_order(tiny_translator, texts):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*max_positions.*truncated")
+        outputs = tiny_translator.translate(texts)
+        assert isinstance(outputs, list) and len(outputs) == len(texts)
+        assert all(isinstance(o, str) for o in outputs)
+        assert outputs == [tiny_translator.translate(text) for text in texts]
