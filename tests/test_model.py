@@ -47,7 +47,7 @@ def test_state_select_reorders_every_tensor_together():
     memory, src_mask = model.encode(src)
     _, state = model.decode(tgt[:, :3], model.start(memory, src_mask))
     order = torch.tensor([2, 0])
-    picked, _ = model.decode(tgt[order, 3:], state.select(order))
+    picked, _ = model.decode(tgt[order, 3:], state.select(order, order))
     assert torch.allclose(picked, model(src[order], tgt[order])[:, 3:], atol=1e-5)
 
 
@@ -74,3 +74,20 @@ def test_sinusoidal_positions_follow_the_formula():
     assert torch.isclose(table[pos, 2 * i], torch.sin(torch.tensor(pos / 10000 ** (2 * i / 8))))
     assert torch.isclose(table[pos, 2 * i + 1], torch.cos(torch.tensor(pos / 10000 ** (2 * i / 8))))
     assert torch.equal(SinusoidalPositions(8, 20)(5, 3), table[5:8])
+
+
+def test_hypotheses_sharing_a_source_equal_copies_of_it():
+    """Beam search decodes G rows per source without copying the memory: same logits as G copies."""
+    model = make_model().eval()
+    src, G = torch.randint(4, 50, (2, 6)), 3
+    src[1, 4:] = PAD
+    tgt = torch.randint(4, 50, (2 * G, 5))
+    memory, src_mask = model.encode(src)
+    shared, state = model.decode(tgt, model.start(memory, src_mask))
+    copies = src.repeat_interleave(G, dim=0)
+    assert torch.allclose(shared, model(copies, tgt), atol=1e-5)
+    order = torch.tensor([2, 0, 1, 5, 5, 3])  # reorder within each source's block, as beam search does
+    nxt = torch.randint(4, 50, (2 * G, 1))
+    step, _ = model.decode(nxt, state.select(order))
+    full = model(copies, torch.cat([tgt[order], nxt], dim=1))[:, -1:]
+    assert torch.allclose(step, full, atol=1e-5)

@@ -78,12 +78,21 @@ class MultiHeadAttention(nn.Module):
         return KV(self._split_heads(k), self._split_heads(v))
 
     def forward(self, x: Tensor, kv: KV, mask: Tensor | None) -> Tensor:
-        """Queries from x (B, T, D) attend over kv under mask (broadcastable to (B, H, T, L)); -> (B, T, D)."""
-        q = self._split_heads(self.q_proj(x))  # (B, H, T, Dh)
+        """Queries from x (B*G, T, D) attend over kv of B rows under mask (broadcastable to (B, H, G*T, L)) -> (B*G, T, D).
+
+        G is 1 but in beam search, where the G hypotheses of a sentence (consecutive rows)
+        share its memory: their queries attend together, as G*T queries of one row, so the
+        memory is never copied per hypothesis. The mask then must not depend on the query
+        (a padding mask, as cross-attention's is).
+        """
+        q = self._split_heads(self.q_proj(x))  # (B*G, H, T, Dh)
+        rows, H, T, Dh = q.shape
+        G = rows // kv.k.size(0)
+        q = q.view(-1, G, H, T, Dh).transpose(1, 2).reshape(-1, H, G * T, Dh)  # (B, H, G*T, Dh)
         y = F.scaled_dot_product_attention(
             q, kv.k, kv.v, attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
             scale=1.0 / math.sqrt(self.head_size),
-        )  # (B, H, T, Dh)
-        B, H, T, Dh = y.shape
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, H * Dh))  # heads side by side: (B, T, D)
+        )  # (B, H, G*T, Dh)
+        y = y.view(-1, H, G, T, Dh).permute(0, 2, 3, 1, 4).reshape(rows, T, H * Dh)  # heads side by side: (B*G, T, D)
+        return self.out_proj(y)

@@ -90,21 +90,23 @@ class DecoderLayer(nn.Module):
 class DecoderState:
     """Everything decoding carries from step to step, as a value (modules hold no cache)."""
 
-    memory_kv: tuple[KV, ...]  # cross-attention K/V per layer, projected once per source
+    memory_kv: tuple[KV, ...]  # cross-attention K/V per layer, projected once per source: B rows
     src_mask: Tensor  # (B, 1, 1, S)
-    self_kv: tuple[KV, ...] = ()  # decoder self-attention K/V per layer, one position longer each step
+    self_kv: tuple[KV, ...] = ()  # decoder self-attention K/V per layer, one position longer each step:
+    # one row per hypothesis, G consecutive rows per source (G = 1, or the beam size)
 
     @property
     def position(self) -> int:
         """How many target positions have been decoded: where the next token's position starts."""
         return self.self_kv[0].k.size(2) if self.self_kv else 0
 
-    def select(self, index: Tensor) -> DecoderState:
-        """Reorder or shrink every tensor together: beam reordering, finished sentences leaving."""
+    def select(self, rows: Tensor, sources: Tensor | None = None) -> DecoderState:
+        """Pick hypothesis rows (beam reordering, rows leaving) and, if given, the sources
+        they now belong to (sentences leaving the batch); everything else stays shared."""
         return DecoderState(
-            memory_kv=tuple(kv.select(index) for kv in self.memory_kv),
-            src_mask=self.src_mask.index_select(0, index),
-            self_kv=tuple(kv.select(index) for kv in self.self_kv),
+            memory_kv=self.memory_kv if sources is None else tuple(kv.select(sources) for kv in self.memory_kv),
+            src_mask=self.src_mask if sources is None else self.src_mask.index_select(0, sources),
+            self_kv=tuple(kv.select(rows) for kv in self.self_kv),
         )
 
 

@@ -99,7 +99,7 @@ def _token_by_token(model: Transformer, src: Tensor, max_lens: list[int], choose
                 keep.append(row)
         if len(keep) < len(alive):
             index = torch.tensor(keep, dtype=torch.long, device=src.device)
-            state, chosen = state.select(index), chosen.index_select(0, index)
+            state, chosen = state.select(index, index), chosen.index_select(0, index)
             alive = [alive[row] for row in keep]
         last = chosen[:, None]
     return [Hypothesis(t, s) for t, s in zip(tokens, scores)]
@@ -118,7 +118,7 @@ def beam_search(model: Transformer, src: Tensor, max_lens: list[int], beam_size:
     K, device = beam_size, src.device
     memory, src_mask = model.encode(src)
     n = src.size(0)
-    state = model.start(memory, src_mask).select(torch.arange(n, device=device).repeat_interleave(K))
+    state = model.start(memory, src_mask)  # K hypotheses per sentence share its memory (see MultiHeadAttention)
     alive = list(range(n))
     finished: list[list[Hypothesis]] = [[] for _ in alive]
     prefixes = torch.zeros((n * K, 0), dtype=torch.long, device=device)  # (B*K, t) tokens so far
@@ -167,7 +167,7 @@ def beam_search(model: Transformer, src: Tensor, max_lens: list[int], beam_size:
         if len(keep) < len(alive):
             keep_t = torch.tensor(keep, dtype=torch.long, device=device)
             keep_rows = (keep_t[:, None] * K + torch.arange(K, device=device)).view(-1)
-            state, prefixes, last = state.select(keep_rows), prefixes.index_select(0, keep_rows), last.index_select(0, keep_rows)
+            state, prefixes, last = state.select(keep_rows, keep_t), prefixes.index_select(0, keep_rows), last.index_select(0, keep_rows)
             scores = scores.index_select(0, keep_t)
             alive = [alive[b] for b in keep]
     return [sorted(hyps, key=lambda h: -h.score)[:n_best] for hyps in finished]
