@@ -170,3 +170,15 @@ def test_overlong_source_is_truncated_with_a_warning_or_refused(tiny_translator)
     assert len(out) == 2 and out[0] == tiny_translator.translate("Ein hund.", beam_size=2)
     with pytest.raises(ValueError, match="max_positions"):
         tiny_translator.translate(long_sentence, truncate=False)
+
+
+def test_bf16_decoding_runs_and_agrees_with_fp32_on_most_sentences(tiny_translator):
+    sentences = SENTENCES * 2
+    fp32 = tiny_translator.translate(sentences, beam_size=3)
+    bf16 = tiny_translator.translate(sentences, beam_size=3, precision="bf16")
+    assert len(bf16) == len(sentences) and all(isinstance(t, str) for t in bf16)
+    assert sum(a == b for a, b in zip(fp32, bf16)) >= len(sentences) // 2
+    with pytest.raises(ValueError, match="decode.precision"):
+        tiny_translator.translate("Ein hund.", precision="fp16")
+    with pytest.raises(ValueError, match="decode.beam_size"):
+        tiny_translator.translate("Ein hund.", beam_size=0)

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .batching import chunk_by_budget, source_tensor
 from .checkpoint import load_model_dir, save_model_dir
-from .config import DecodeConfig, Recipe
+from .config import DecodeConfig, Recipe, recipe_from_dict
 from .model import Transformer
 from .search import Hypothesis, Sampling, beam_search, greedy_search, max_output_lengths, sample
 from .tokenizer import PAD_ID, Tokenizer
@@ -52,6 +52,7 @@ class Translator:
         beam_size: int | None = None,
         alpha: float | None = None,
         max_tokens: int | None = None,
+        precision: str | None = None,
         n_best: int | None = None,
         sampling: Sampling | None = None,
         truncate: bool = True,
@@ -63,6 +64,7 @@ class Translator:
             beam_size: 1 is greedy search; default from the recipe's `decode` section.
             alpha: GNMT length penalty for beam search; default from the recipe.
             max_tokens: source tokens per batch (sentences are sorted by length into batches).
+            precision: "fp32" or "bf16" (matmuls in bfloat16: faster, may change a few words).
             n_best: if given, return for each sentence a list of `n_best` `Translation`s
                 (text and score), best first, instead of the text alone.
             sampling: draw tokens at random (temperature, top-k, top-p, seed) instead of
@@ -81,7 +83,7 @@ class Translator:
         for i, s in enumerate(batch):
             if not isinstance(s, str):
                 raise TypeError(f"translate() takes a str or a list of str; item {i} is {type(s).__name__}: {s!r}")
-        decode = self._decode_config(beam_size, alpha, max_tokens)
+        decode = self._decode_config(beam_size=beam_size, alpha=alpha, max_tokens=max_tokens, precision=precision)
         k = 1 if n_best is None else n_best
         if k < 1 or (sampling is None and k > decode.beam_size):
             raise ValueError(f"n_best={n_best}: expected 1 to beam_size={decode.beam_size} (or any number of samples with sampling)")
@@ -92,11 +94,10 @@ class Translator:
             outputs = hypotheses
         return outputs[0] if single else outputs
 
-    def _decode_config(self, beam_size: int | None, alpha: float | None, max_tokens: int | None) -> DecodeConfig:
-        overrides = {k: v for k, v in dict(beam_size=beam_size, alpha=alpha, max_tokens=max_tokens).items() if v is not None}
-        decode = replace(self.recipe.decode, **overrides)
-        decode.validate()
-        return decode
+    def _decode_config(self, **overrides) -> DecodeConfig:
+        """The recipe's decode section with the caller's non-None arguments, validated like the recipe."""
+        values = asdict(self.recipe.decode) | {k: v for k, v in overrides.items() if v is not None}
+        return recipe_from_dict({"decode": values}).decode
 
     def _translate(
         self, sentences: list[str], decode: DecodeConfig, n_best: int, sampling: Sampling | None, truncate: bool, progress: bool
@@ -116,10 +117,13 @@ class Translator:
         sizes = np.array([len(ids) + 1 for ids in src_ids], dtype=np.int64)
         order = todo[np.argsort(sizes[todo], kind="stable")]
         batches = chunk_by_budget(order, sizes, decode.max_tokens)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=decode.precision == "bf16")
         for indices in tqdm(batches, desc="translating", unit="batch", disable=not progress):
             src = source_tensor([src_ids[i] for i in indices]).to(self.device)
             max_lens = max_output_lengths(src, PAD_ID, decode.max_len_a, decode.max_len_b, limit)
-            for i, hyps in zip(indices, self._search(src, max_lens, decode, n_best, sampling)):
+            with autocast:
+                hypotheses = self._search(src, max_lens, decode, n_best, sampling)
+            for i, hyps in zip(indices, hypotheses):
                 texts = self.tokenizer.decode([h.tokens for h in hyps])
                 outputs[i] = [Translation(text, h.score) for text, h in zip(texts, hyps)]
         return outputs

@@ -11,7 +11,6 @@ import itertools
 import json
 import os
 import sys
-from dataclasses import replace
 
 from . import __version__
 from .checkpoint import CheckpointError
@@ -19,7 +18,7 @@ from .config import RecipeError, apply_overrides, load_recipe, recipe_from_dict
 
 EXAMPLES = """examples:
   translator train recipes/multi30k_de_en.yaml --set data.path=../shared/data/multi30k
-  translator translate runs/multi30k_de_en < input.de > output.en
+  translator translate runs/multi30k_de_en --set decode.precision=bf16 < input.de > output.en
   translator evaluate runs/multi30k_de_en --split test --beam-size 5 --output hyps.en
 """
 
@@ -35,12 +34,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_translate(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
+def load_translator(args: argparse.Namespace):
+    """The model directory, with `--set` overrides applied to its recipe (data.*, decode.*), validated the same way."""
     from .api import Translator
 
     translator = Translator.from_pretrained(args.model_dir)
+    if args.set:
+        recipe = recipe_from_dict(apply_overrides(translator.recipe.to_dict(), args.set))
+        if recipe.model != translator.recipe.model or recipe.tokenizer != translator.recipe.tokenizer:
+            raise RecipeError("--set can change data.* and decode.* of a trained model, not its model.* or tokenizer.*")
+        translator.recipe = recipe
+    return translator
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    translator = load_translator(args)
     # Stream: read a chunk of lines, translate it (sorted into batches inside), write it in order, flush.
     # Memory stays bounded and the output flows through a pipe of any length.
     with tqdm(desc="translating", unit=" lines", disable=args.quiet, file=sys.stderr) as bar:
@@ -53,17 +63,10 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .api import Translator
     from .evaluate import evaluate
 
-    translator = Translator.from_pretrained(args.model_dir)
-    data = translator.recipe.data
-    if args.set:
-        # Overrides address the model's recipe (data.path=..., data.src_lang=...), validated the same way.
-        recipe = recipe_from_dict(apply_overrides(translator.recipe.to_dict(), args.set))
-        data = recipe.data
-        translator.recipe = replace(translator.recipe, data=data, decode=recipe.decode)
-    scores = evaluate(translator, args.split, data, args.beam_size, args.output, progress=not args.quiet)
+    translator = load_translator(args)
+    scores = evaluate(translator, args.split, translator.recipe.data, args.beam_size, args.output, progress=not args.quiet)
     print(json.dumps(scores.to_dict()) if args.json else str(scores))
     return 0
 
@@ -89,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog="example: translator translate runs/multi30k_de_en < input.de > output.en")
     translate.add_argument("model_dir")
     translate.add_argument("--beam-size", type=int, default=None, help="1 for greedy (default: the recipe's decode.beam_size)")
+    translate.add_argument("--set", **overrides)
     translate.add_argument("--chunk-lines", type=int, default=2000, help="lines read, translated and written at a time")
     translate.add_argument("--no-truncate", action="store_true", help="fail on a sentence longer than the model's positions instead of truncating it")
     translate.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -102,6 +102,7 @@ class DecodeConfig:
     max_len_a: float = 1.5  # output length limit: a * source_length + b
     max_len_b: int = 10
     max_tokens: int = 8192  # per inference batch: source sentences x longest source
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: matmuls in bfloat16 (autocast), about 2x faster on CPUs with avx512_bf16
 
     def validate(self) -> None:
         _check(self.beam_size >= 1, "decode.beam_size", self.beam_size, "at least 1")
