@@ -15,6 +15,7 @@ are measured in the same run.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -53,9 +54,9 @@ def count_tokens(tokenizer: Tokenizer, texts: list[str]) -> int:
     return sum(len(ids) for ids in tokenizer.encode(texts)) + len(texts)
 
 
-def timed_translate(translator: Translator, sentences: list[str], beam_size: int) -> tuple[float, list[str]]:
+def timed_translate(translator: Translator, sentences: list[str], beam_size: int, precision: str) -> tuple[float, list[str]]:
     start = time.perf_counter()
-    out = translator.translate(sentences, beam_size=beam_size)
+    out = translator.translate(sentences, beam_size=beam_size, precision=precision)
     return time.perf_counter() - start, out
 
 
@@ -116,12 +117,13 @@ def main() -> None:
     sentences = list(load_split(data, "test")["src"])
     model, tokenizer = translator.model, translator.tokenizer
     translator.translate(sentences[:64], beam_size=1)  # warm up
+    translator.translate(sentences[:64], beam_size=1, precision="bf16")
 
     rows = []
-    for name, beam in (("greedy", 1), ("beam 5", 5)):
-        seconds, out = timed_translate(translator, sentences, beam)
+    for (name, beam), precision in itertools.product((("greedy", 1), ("beam 5", 5)), ("fp32", "bf16")):
+        seconds, out = timed_translate(translator, sentences, beam, precision)
         tokens = count_tokens(tokenizer, out)
-        row = {"what": f"{name}, {len(sentences)} test sentences", "seconds": seconds,
+        row = {"what": f"{name}, {precision}, {len(sentences)} test sentences", "seconds": seconds,
                "sent/s": len(sentences) / seconds, "tok/s": tokens / seconds}
         if beam in peer:
             joey_s = peer[beam]["generation_s"]

@@ -53,7 +53,7 @@ class Sampling:
             raise ValueError(f"Sampling.top_p: got {self.top_p}, expected in (0, 1]")
 
     def draw(self, logp: Tensor, generator: torch.Generator | None) -> Tensor:
-        """(B, V) log-probabilities -> (B,) sampled token ids."""
+        """(B, V) next-token log-probabilities -> (B,) sampled token ids."""
         logits = logp / self.temperature
         if self.top_k:
             kth = logits.topk(min(self.top_k, logits.size(-1)), dim=-1).values[:, -1:]
@@ -130,10 +130,11 @@ def beam_search(model: Transformer, src: Tensor, max_lens: list[int], beam_size:
         step += 1
         logits, state = model.decode(last, state)
         logp = F.log_softmax(logits[:, -1].float(), dim=-1)  # (B*K, V)
-        V = logp.size(-1)
-        candidates = (scores.view(-1, 1) + logp).view(len(alive), K * V)
+        # A sentence's best 2K continuations are among the best 2K of each of its beams: rank those alone.
+        top_logp, top_tokens = logp.topk(2 * K, dim=-1)  # (B*K, 2K)
+        candidates = (scores.view(-1, 1) + top_logp).view(len(alive), K * 2 * K)
         cand_scores, cand_index = candidates.topk(2 * K, dim=1)  # (B, 2K): at least K do not end in eos
-        cand_beam, cand_token = cand_index // V, cand_index % V
+        cand_beam, cand_token = cand_index // (2 * K), top_tokens.view(len(alive), -1).gather(1, cand_index)
         cand_is_eos = cand_token == EOS_ID
 
         # Continue with the best K candidates that do not end in eos.
