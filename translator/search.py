@@ -163,12 +163,13 @@ def beam_search(model: Transformer, src: Tensor, max_lens: list[int], beam_size:
                     continue
             keep.append(b)
 
-        prefixes = torch.cat([prefixes.index_select(0, rows), next_tokens], dim=1)
-        state, scores, last = state.select(rows), open_scores, next_tokens
-        if len(keep) < len(alive):
-            keep_t = torch.tensor(keep, dtype=torch.long, device=device)
-            keep_rows = (keep_t[:, None] * K + torch.arange(K, device=device)).view(-1)
-            state, prefixes, last = state.select(keep_rows, keep_t), prefixes.index_select(0, keep_rows), last.index_select(0, keep_rows)
-            scores = scores.index_select(0, keep_t)
+        sources = None  # the same sentences go on: their memory stays as it is
+        if len(keep) < len(alive):  # finished sentences leave: pick the rest's rows and memory in the same step
+            sources = torch.tensor(keep, dtype=torch.long, device=device)
+            rows = rows.view(-1, K).index_select(0, sources).view(-1)
+            next_tokens = next_tokens.view(-1, K).index_select(0, sources).view(-1, 1)
+            open_scores = open_scores.index_select(0, sources)
             alive = [alive[b] for b in keep]
+        prefixes = torch.cat([prefixes.index_select(0, rows), next_tokens], dim=1)
+        state, scores, last = state.select(rows, sources), open_scores, next_tokens
     return [sorted(hyps, key=lambda h: -h.score)[:n_best] for hyps in finished]
