@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import TINY_RECIPE
 
@@ -53,3 +54,25 @@ def test_usage_errors_exit_2_and_name_the_key(tmp_path):
     assert "Traceback" not in result.stderr
     result = run("evaluate", str(tmp_path / "nope"))
     assert result.returncode == 2 and "nope" in result.stderr
+
+
+@pytest.mark.slow
+def test_training_is_reproducible_from_the_seed(tmp_path, toy_corpus):
+    """Same recipe, same seed, same thread count: identical tokenizer and bitwise identical weights."""
+    from safetensors.torch import load_file
+
+    from translator import load_recipe, train
+
+    def run_once(name, seed):
+        out = tmp_path / name
+        overrides = [f"data.path={toy_corpus}", f"out_dir={out}", "train.max_steps=20", "train.valid_every=20", f"seed={seed}", "train.threads=1"]
+        train(load_recipe(TINY_RECIPE, overrides), progress=False)
+        return (out / "sentencepiece.model").read_bytes(), load_file(out / "model.safetensors")
+
+    spm_a, weights_a = run_once("a", 7)
+    spm_b, weights_b = run_once("b", 7)
+    _, weights_c = run_once("c", 8)
+    assert spm_a == spm_b
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert not all(torch.equal(weights_a[k], weights_c[k]) for k in weights_a)  # the seed matters

@@ -31,7 +31,9 @@ class Tokenizer:
         model_type: str = "unigram",
         character_coverage: float = 1.0,
         input_sentence_size: int = 2_000_000,
+        seed: int = 0,
     ) -> Tokenizer:
+        spm.set_random_generator_seed(seed)  # the sample of input sentences, and their shuffle
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences),

@@ -93,7 +93,9 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Scores]:
     valid_pairs = load_split(recipe.data, recipe.data.valid_split)
     log(f"data: {len(train_pairs)} training pairs, {len(valid_pairs)} validation pairs from {recipe.data.path}")
     tok = recipe.tokenizer
-    tokenizer = Tokenizer.train(sentences(train_pairs), tok.vocab_size, tok.model_type, tok.character_coverage, tok.input_sentence_size)
+    tokenizer = Tokenizer.train(
+        sentences(train_pairs), tok.vocab_size, tok.model_type, tok.character_coverage, tok.input_sentence_size, recipe.seed
+    )
     log(f"tokenizer: SentencePiece {tok.model_type}, {tokenizer.vocab_size} pieces")
     train_tokens, report = filter_pairs(tokenize(train_pairs, tokenizer), recipe.data.max_len, recipe.data.max_ratio)
     log(f"filter: {report}")
