@@ -20,6 +20,8 @@ EXAMPLES = """examples:
   translator train recipes/multi30k_de_en.yaml --set data.path=../shared/data/multi30k
   translator translate runs/multi30k_de_en --set decode.precision=bf16 < input.de > output.en
   translator evaluate runs/multi30k_de_en --split test --beam-size 5 --output hyps.en
+
+exit status: 0 ok, 1 runtime failure, 2 usage error (recipe, override, dataset or model directory)
 """
 
 
