@@ -389,7 +389,17 @@ def test_train_batches_respect_the_budget_in_tensors(train_batches):
 def test_train_batches_iterate_epoch_after_epoch(train_batches):
     batches, _, _ = train_batches
     epoch0, epoch1 = batches.epoch(0), batches.epoch(1)
-    stream = list(itertools.islice(iter(batches), len(epoch0) + 2))
-    for indices, batch in zip(epoch0 + epoch1[:2], stream):
+    stream = list(itertools.islice(batches.from_position(0, 0), len(epoch0) + 2))
+    positions = [(0, i) for i in range(len(epoch0))] + [(1, 0), (1, 1)]
+    for indices, position, (epoch, index, batch) in zip(epoch0 + epoch1[:2], positions, stream):
+        assert (epoch, index) == position
         expected = batches.collate(indices)
         assert torch.equal(batch.src, expected.src) and torch.equal(batch.tgt_out, expected.tgt_out)
+
+
+def test_train_batches_resume_mid_epoch(train_batches):
+    batches, _, _ = train_batches
+    epoch1 = batches.epoch(1)
+    epoch, index, batch = next(batches.from_position(1, 2))  # as after a checkpoint taken when 2 batches of epoch 1 were done
+    assert (epoch, index) == (1, 2)
+    assert torch.equal(batch.src, batches.collate(epoch1[2]).src)

@@ -3,15 +3,18 @@
     config.json          {"format_version": 1, "recipe": {...}}   the resolved recipe
     model.safetensors    the weights
     sentencepiece.model  the joint subword model
+    checkpoints/step_N/  training state to resume from: model.safetensors,
+                         optimizer.safetensors (Adam moments, torch RNG), state.json (the rest)
 
-Every file is written atomically (temporary file in the same directory, fsync, rename), so
-a crash mid-write leaves the previous file intact.
+Every file is written atomically (temporary file in the same directory, fsync, rename), a
+training checkpoint as a whole directory, so a crash mid-write leaves the previous one intact.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -26,10 +29,19 @@ from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 CONFIG, WEIGHTS, SPM = "config.json", "model.safetensors", "sentencepiece.model"
+CHECKPOINTS, OPTIMIZER, STATE = "checkpoints", "optimizer.safetensors", "state.json"
 
 
 class CheckpointError(ValueError):
     """A model directory that cannot be loaded; the message names the file."""
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -39,17 +51,12 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        _fsync(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    _fsync(path.parent)  # make the rename itself durable
 
 
 def save_weights(model: Transformer, path: Path) -> None:
@@ -101,3 +108,53 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
     except RuntimeError as e:
         raise CheckpointError(f"{directory / WEIGHTS}: weights do not match config.json ({e})") from None
     return recipe, model.to(device).eval(), tokenizer
+
+
+def training_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete training checkpoints, oldest first (half-written ones are hidden temporary directories)."""
+    root = run_dir / CHECKPOINTS
+    return sorted(root.glob("step_*")) if root.is_dir() else []
+
+
+def save_training_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer, state: dict, keep: int) -> Path:
+    """Write checkpoints/step_N as a whole (temporary directory, fsync, rename), then keep the newest `keep`."""
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHTS)
+        optim = optimizer.state_dict()
+        tensors = {f"{i}.{name}": value for i, slots in optim["state"].items() for name, value in slots.items()}
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, tmp / OPTIMIZER)
+        (tmp / STATE).write_text(json.dumps({**state, "optimizer_groups": optim["param_groups"]}), encoding="utf-8")
+        for file in (WEIGHTS, OPTIMIZER, STATE):
+            _fsync(tmp / file)
+        if final.exists():
+            shutil.rmtree(final)  # the same step saved again (an interrupted save, then a resume)
+        os.rename(tmp, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in training_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_training_checkpoint(path: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore weights, optimizer and torch RNG in place; return the rest of the state (step, data position, ...)."""
+    try:
+        model.load_state_dict(load_file(path / WEIGHTS))
+        tensors = load_file(path / OPTIMIZER)
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, SafetensorError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot load the training checkpoint ({e})") from None
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    slots: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        slots.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": state.pop("optimizer_groups")})
+    return state

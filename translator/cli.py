@@ -29,7 +29,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train  # the trainer is imported only by the command that trains
 
     recipe = load_recipe(args.recipe, args.set)
-    results = train(recipe, progress=not args.quiet)
+    results = train(recipe, progress=not args.quiet, resume=args.resume)
     for name, scores in results.items():
         print(f"test ({name}): {scores}")
     print(f"model directory: {recipe.out_dir}")
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                              epilog="example: translator train recipes/multi30k_de_en.yaml --set data.path=../shared/data/multi30k")
     train.add_argument("recipe", help="YAML recipe, see recipes/")
     train.add_argument("--set", **overrides)
+    train.add_argument("--resume", action="store_true", help="continue the run in out_dir from its newest checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=cmd_train)
 

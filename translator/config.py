@@ -82,10 +82,12 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "bf16"
     log_every: int = 50
     valid_every: int = 500
+    checkpoint_every: int = 500  # steps between training checkpoints (resumable; also written at the end and on SIGINT/SIGTERM)
+    keep_checkpoints: int = 2  # the newest this many are kept
     threads: int | None = None  # torch intra-op threads; None keeps torch's default (one per core)
 
     def validate(self) -> None:
-        for key in ("max_tokens", "max_steps", "log_every", "valid_every"):
+        for key in ("max_tokens", "max_steps", "log_every", "valid_every", "checkpoint_every", "keep_checkpoints"):
             _check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a positive integer")
         _check(self.lr > 0, "train.lr", self.lr, "a positive learning rate")
         _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "zero or more")

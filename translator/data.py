@@ -199,10 +199,10 @@ class TrainBatches:
         rows = self.dataset[indices]
         return Batch(source_tensor(rows["src_ids"]), *target_tensors(rows["tgt_ids"]))
 
-    def __iter__(self) -> Iterator[Batch]:
-        """Endless: epoch after epoch."""
-        epoch = 0
+    def from_position(self, epoch: int, start: int) -> Iterator[tuple[int, int, Batch]]:
+        """Endless, epoch after epoch, from batch `start` of `epoch`: (epoch, index in epoch, batch)."""
         while True:
-            for indices in self.epoch(epoch):
-                yield self.collate(indices)
-            epoch += 1
+            for index, indices in enumerate(self.epoch(epoch)):
+                if index >= start:
+                    yield epoch, index, self.collate(indices)
+            epoch, start = epoch + 1, 0

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,8 +25,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .api import Translator
-from .checkpoint import WEIGHTS, save_model_dir, save_weights
-from .config import Recipe
+from .checkpoint import (
+    SPM, WEIGHTS, load_training_checkpoint, save_model_dir, save_training_checkpoint, save_weights, training_checkpoints,
+)
+from .config import Recipe, RecipeError
 from .data import TrainBatches, filter_pairs, load_split, tokenize
 from .evaluate import Scores, evaluate, score
 from .model import Transformer
@@ -81,10 +85,16 @@ def validation_loss(model: Transformer, batches: TrainBatches, autocast) -> floa
     return total / max(tokens, 1)
 
 
-def train(recipe: Recipe, progress: bool = True) -> dict[str, Scores]:
-    """Train from a recipe; write the model directory to `recipe.out_dir`; return test scores."""
+def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[str, Scores]:
+    """Train from a recipe; write the model directory to `recipe.out_dir`; return test scores.
+
+    With `resume`, continue from the newest checkpoint in `out_dir/checkpoints` (the result is
+    bitwise the same as a run that was never interrupted); without it, refuse an `out_dir`
+    that already holds a run. SIGINT and SIGTERM save a checkpoint, then raise KeyboardInterrupt.
+    """
     recipe = resolved(recipe)
     cfg, out = recipe.train, Path(recipe.out_dir)
+    checkpoint = _checkpoint_to_resume(out, resume)
     seed_everything(recipe.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -93,9 +103,12 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Scores]:
     valid_pairs = load_split(recipe.data, recipe.data.valid_split)
     log(f"data: {len(train_pairs)} training pairs, {len(valid_pairs)} validation pairs from {recipe.data.path}")
     tok = recipe.tokenizer
-    tokenizer = Tokenizer.train(
-        sentences(train_pairs), tok.vocab_size, tok.model_type, tok.character_coverage, tok.input_sentence_size, recipe.seed
-    )
+    if checkpoint:
+        tokenizer = Tokenizer.load(out / SPM)
+    else:
+        tokenizer = Tokenizer.train(
+            sentences(train_pairs), tok.vocab_size, tok.model_type, tok.character_coverage, tok.input_sentence_size, recipe.seed
+        )
     log(f"tokenizer: SentencePiece {tok.model_type}, {tokenizer.vocab_size} pieces")
     train_tokens, report = filter_pairs(tokenize(train_pairs, tokenizer), recipe.data.max_len, recipe.data.max_ratio)
     log(f"filter: {report}")
@@ -106,57 +119,76 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Scores]:
     log(f"{model.num_parameters() / 1e6:.2f} M parameters")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt_schedule(cfg.warmup_steps))
-    bf16 = cfg.precision == "bf16"
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
+    position = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_bleu": -1.0}
+    if checkpoint:
+        position = load_training_checkpoint(checkpoint, model, optimizer)
+        scheduler.load_state_dict(position.pop("scheduler"))
+        python_rng = position.pop("python_rng")
+        random.setstate((python_rng[0], tuple(python_rng[1]), python_rng[2]))
+        log(f"resuming from {checkpoint} (step {position['step']})")
+    else:
+        save_model_dir(out, model, recipe, tokenizer)  # config and tokenizer now; weights are replaced by each better one
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.precision == "bf16" else nullcontext
     translator = Translator(model, tokenizer, recipe)
-    save_model_dir(out, model, recipe, tokenizer)  # config and tokenizer now; weights are replaced by each better one
-    metrics = (out / "metrics.jsonl").open("w", encoding="utf-8")
+    metrics = _metrics_log(out / "metrics.jsonl", up_to_step=position["step"])
 
     def record(entry: dict) -> None:
         metrics.write(json.dumps(entry) + "\n")
         metrics.flush()
 
-    best_bleu = -1.0
-    bar = tqdm(total=cfg.max_steps, desc="training", unit="step", disable=not progress, file=sys.stderr)
+    def save_checkpoint(step: int, epoch: int, batch_in_epoch: int) -> None:
+        state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_bleu": best_bleu,
+                 "scheduler": scheduler.state_dict(), "python_rng": random.getstate()}
+        save_training_checkpoint(out, step, model, optimizer, state, cfg.keep_checkpoints)
+
+    best_bleu, first_step = position["best_bleu"], position["step"] + 1
+    bar = tqdm(total=cfg.max_steps, initial=first_step - 1, desc="training", unit="step", disable=not progress, file=sys.stderr)
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
     train_start = time.perf_counter()
     model.train()
-    batches = iter(train_batches)
-    for step in range(1, cfg.max_steps + 1):
-        batch = next(batches)
-        with autocast():
-            loss = loss_fn(model, batch.src, batch.tgt_in, batch.tgt_out, cfg.label_smoothing)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; the last good weights are in {out / WEIGHTS}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-        optimizer.step()
-        scheduler.step()
+    batches = train_batches.from_position(position["epoch"], position["batch_in_epoch"])
+    with _stop_requests() as stop:
+        for step in range(first_step, cfg.max_steps + 1):
+            epoch, index, batch = next(batches)
+            with autocast():
+                loss = loss_fn(model, batch.src, batch.tgt_in, batch.tgt_out, cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}; the last good weights are in {out / WEIGHTS}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+            optimizer.step()
+            scheduler.step()
 
-        n_tokens = batch.n_tgt_tokens
-        window_loss, window_tokens = window_loss + loss.item() * n_tokens, window_tokens + n_tokens
-        bar.update()
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            elapsed = time.perf_counter() - window_start
-            entry = {"step": step, "loss": window_loss / window_tokens, "lr": scheduler.get_last_lr()[0],
-                     "tgt_tokens_per_s": window_tokens / elapsed, "elapsed_s": time.perf_counter() - train_start}
-            record(entry)
-            bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tgt_tokens_per_s']:.0f}")
-            window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-        if step % cfg.valid_every == 0 or step == cfg.max_steps:
-            model.eval()
-            valid_loss = validation_loss(model, valid_batches, autocast)
-            hypotheses = translator.translate(list(valid_pairs["src"]), beam_size=1)
-            valid = score(hypotheses, list(valid_pairs["tgt"]))
-            model.train()
-            improved = valid.bleu > best_bleu
-            if improved:
-                best_bleu = valid.bleu
-                save_weights(model, out / WEIGHTS)
-            record({"step": step, "valid_loss": valid_loss, "valid_bleu": valid.bleu, "valid_chrf": valid.chrf, "best": improved})
-            log(f"step {step}: valid loss {valid_loss:.3f}, greedy BLEU {valid.bleu:.2f}, chrF {valid.chrf:.2f}{' (best)' if improved else ''}")
+            n_tokens = batch.n_tgt_tokens
+            window_loss, window_tokens = window_loss + loss.item() * n_tokens, window_tokens + n_tokens
+            bar.update()
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                elapsed = time.perf_counter() - window_start
+                entry = {"step": step, "loss": window_loss / window_tokens, "lr": scheduler.get_last_lr()[0],
+                         "tgt_tokens_per_s": window_tokens / elapsed, "elapsed_s": time.perf_counter() - train_start}
+                record(entry)
+                bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tgt_tokens_per_s']:.0f}")
+                window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+            if step % cfg.valid_every == 0 or step == cfg.max_steps:
+                model.eval()
+                valid_loss = validation_loss(model, valid_batches, autocast)
+                hypotheses = translator.translate(list(valid_pairs["src"]), beam_size=1)
+                valid = score(hypotheses, list(valid_pairs["tgt"]))
+                model.train()
+                improved = valid.bleu > best_bleu
+                if improved:
+                    best_bleu = valid.bleu
+                    save_weights(model, out / WEIGHTS)
+                record({"step": step, "valid_loss": valid_loss, "valid_bleu": valid.bleu, "valid_chrf": valid.chrf, "best": improved})
+                log(f"step {step}: valid loss {valid_loss:.3f}, greedy BLEU {valid.bleu:.2f}, chrF {valid.chrf:.2f}{' (best)' if improved else ''}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop:
+                save_checkpoint(step, epoch, index + 1)
+            if stop:
+                bar.close()
+                log(f"stopped by {stop[0]} after step {step}; continue with: translator train RECIPE --resume")
+                raise KeyboardInterrupt
     bar.close()
     log(f"trained {cfg.max_steps} steps in {time.perf_counter() - train_start:.0f} s; best validation BLEU {best_bleu:.2f}")
 
@@ -167,3 +199,42 @@ def train(recipe: Recipe, progress: bool = True) -> dict[str, Scores]:
     record({"test": {name: s.to_dict() for name, s in results.items()}})
     metrics.close()
     return results
+
+
+def _checkpoint_to_resume(out: Path, resume: bool) -> Path | None:
+    checkpoints = training_checkpoints(out)
+    if resume:
+        if not checkpoints:
+            raise RecipeError(f"out_dir: {out} holds no checkpoint to resume from")
+        return checkpoints[-1]
+    if checkpoints or (out / WEIGHTS).exists():
+        raise RecipeError(f"out_dir: {out} already holds a run; pass --resume to continue it, or choose another out_dir")
+    return None
+
+
+def _metrics_log(path: Path, up_to_step: int):
+    """Open metrics.jsonl for appending, dropping what a killed run logged after its last checkpoint."""
+    kept = []
+    if up_to_step and path.exists():
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line).get("step", 0) <= up_to_step]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metrics = path.open("w", encoding="utf-8")
+    metrics.write("".join(line + "\n" for line in kept))
+    return metrics
+
+
+@contextmanager
+def _stop_requests():
+    """A list that SIGINT/SIGTERM fill with the signal's name, so the loop can stop after a whole step."""
+    requests: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requests  # signal handlers can only be set from the main thread
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: requests.append(signal.Signals(signum).name))
+    try:
+        yield requests
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,145 @@
+"""Training loses nothing: killed at any moment and resumed, it ends bitwise where an uninterrupted run ends."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_RECIPE
+from translator import load_recipe, train
+from translator.checkpoint import OPTIMIZER, WEIGHTS, load_training_checkpoint, save_training_checkpoint, training_checkpoints
+from translator.config import ModelConfig
+from translator.model import Transformer
+
+STEPS = 240
+
+
+def overrides(corpus: Path, out: Path) -> list[str]:
+    # dropout on, so the torch RNG state matters; one thread, so float sums happen in one order
+    return [f"data.path={corpus}", f"out_dir={out}", f"train.max_steps={STEPS}", "train.checkpoint_every=20",
+            "train.valid_every=120", "model.dropout=0.1", "train.threads=1", "train.keep_checkpoints=3"]
+
+
+def start(corpus: Path, out: Path, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "translator", "train", str(TINY_RECIPE), "--quiet", *extra]
+    for item in overrides(corpus, out):
+        args += ["--set", item]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint_after(out: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = [int(p.name.split("_")[1]) for p in training_checkpoints(out)]
+        if (done and max(done) > step) or process.poll() is not None:
+            return
+        time.sleep(0.005)
+    raise TimeoutError(f"no checkpoint after step {step} in {out}")
+
+
+def final_tensors(out: Path) -> dict[str, torch.Tensor]:
+    last = training_checkpoints(out)[-1]
+    assert last.name == f"step_{STEPS:08d}"
+    return {**load_file(last / WEIGHTS), **{f"optim.{k}": v for k, v in load_file(last / OPTIMIZER).items()}}
+
+
+@pytest.mark.slow
+def test_killed_twice_and_resumed_equals_uninterrupted(tmp_path, toy_corpus):
+    train(load_recipe(TINY_RECIPE, overrides(toy_corpus, tmp_path / "straight")), progress=False)
+
+    out = tmp_path / "killed"
+    process = start(toy_corpus, out)
+    kills, last_step = 0, 0
+    while process.poll() is None or process.returncode == -signal.SIGKILL:
+        if process.poll() is not None:  # killed: resume
+            process = start(toy_corpus, out, "--resume")
+        wait_for_checkpoint_after(out, last_step, process)
+        if process.poll() is None and kills < 2:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+            last_step = int(training_checkpoints(out)[-1].name.split("_")[1])
+        elif process.poll() is None:
+            process.wait(timeout=300)
+    assert process.returncode == 0, process.stderr.read()
+    assert kills == 2, "the run finished before it could be killed twice"
+
+    straight, resumed = final_tensors(tmp_path / "straight"), final_tensors(out)
+    assert straight.keys() == resumed.keys()
+    different = [k for k in straight if not torch.equal(straight[k], resumed[k])]
+    assert not different, f"resumed run differs in {different[:5]}"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path, toy_corpus):
+    out = tmp_path / "run"
+    process = start(toy_corpus, out)
+    wait_for_checkpoint_after(out, 0, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    if process.returncode == 0:
+        pytest.skip("the run finished before SIGTERM arrived")
+    assert process.returncode == 130
+    assert "stopped by SIGTERM" in stderr and "--resume" in stderr
+    stopped_at = int(training_checkpoints(out)[-1].name.split("_")[1])
+    assert stopped_at < STEPS
+    resumed = start(toy_corpus, out, "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert training_checkpoints(out)[-1].name == f"step_{STEPS:08d}"
+
+
+def test_a_run_directory_is_never_overwritten_and_resume_needs_a_checkpoint(tmp_path, toy_corpus):
+    out = tmp_path / "run"
+    fresh = subprocess.run([sys.executable, "-m", "translator", "train", str(TINY_RECIPE), "--resume", "--set", f"out_dir={out}",
+                            "--set", f"data.path={toy_corpus}"], capture_output=True, text=True)
+    assert fresh.returncode == 2 and "no checkpoint" in fresh.stderr
+    out.mkdir()
+    (out / WEIGHTS).write_bytes(b"a finished run's weights")
+    again = subprocess.run([sys.executable, "-m", "translator", "train", str(TINY_RECIPE), "--set", f"out_dir={out}",
+                            "--set", f"data.path={toy_corpus}"], capture_output=True, text=True)
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "--resume" in again.stderr
+    assert (out / WEIGHTS).read_bytes() == b"a finished run's weights"
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=16, n_heads=2, d_ff=32, encoder_layers=1, decoder_layers=1), vocab_size=30)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.randint(4, 30, (2, 5)), torch.randint(4, 30, (2, 4))).sum().backward()
+    optimizer.step()
+    save_training_checkpoint(tmp_path, 10, model, optimizer, {"step": 10}, keep=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    import translator.checkpoint as checkpoint
+
+    real_save = checkpoint.save_file
+    def crash_after_writing_part(tensors, path, **kwargs):  # noqa: E306
+        real_save(tensors, path, **kwargs)
+        Path(path).write_bytes(Path(path).read_bytes()[:100])  # half a file, then the machine goes down
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", crash_after_writing_part)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        save_training_checkpoint(tmp_path, 20, model, optimizer, {"step": 20}, keep=2)
+    monkeypatch.undo()
+
+    assert [p.name for p in training_checkpoints(tmp_path)] == ["step_00000010"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]  # no half-written leftovers
+    restored = Transformer(ModelConfig(d_model=16, n_heads=2, d_ff=32, encoder_layers=1, decoder_layers=1), vocab_size=30)
+    state = load_training_checkpoint(training_checkpoints(tmp_path)[-1], restored, torch.optim.AdamW(restored.parameters(), lr=0.01))
+    assert state["step"] == 10
+    assert all(torch.equal(before[k], v) for k, v in restored.state_dict().items())
+
+
+def test_a_half_written_checkpoint_directory_is_ignored(tmp_path):
+    (tmp_path / "checkpoints" / ".step_00000030.x1y2").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_00000020").mkdir()
+    assert [p.name for p in training_checkpoints(tmp_path)] == ["step_00000020"]
