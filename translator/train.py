@@ -74,7 +74,9 @@ def resolved(recipe: Recipe) -> Recipe:
 
 
 @torch.no_grad()
-def validation_loss(model: Transformer, batches: TrainBatches, autocast) -> float:
+def validate(translator: Translator, batches: TrainBatches, pairs: datasets.Dataset, autocast) -> tuple[float, Scores]:
+    """Teacher-forced loss per target token, and greedy BLEU/chrF through the same path as `evaluate`."""
+    model = translator.model.eval()
     total, tokens = 0.0, 0
     for indices in batches.epoch(0):
         batch = batches.collate(indices)
@@ -82,7 +84,9 @@ def validation_loss(model: Transformer, batches: TrainBatches, autocast) -> floa
             loss = loss_fn(model, batch.src, batch.tgt_in, batch.tgt_out, 0.0)
         n = batch.n_tgt_tokens
         total, tokens = total + loss.item() * n, tokens + n
-    return total / max(tokens, 1)
+    scores = score(translator.translate(list(pairs["src"]), beam_size=1), list(pairs["tgt"]))
+    model.train()
+    return total / max(tokens, 1), scores
 
 
 def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[str, Scores]:
@@ -172,11 +176,7 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
                 bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tgt_tokens_per_s']:.0f}")
                 window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
             if step % cfg.valid_every == 0 or step == cfg.max_steps:
-                model.eval()
-                valid_loss = validation_loss(model, valid_batches, autocast)
-                hypotheses = translator.translate(list(valid_pairs["src"]), beam_size=1)
-                valid = score(hypotheses, list(valid_pairs["tgt"]))
-                model.train()
+                valid_loss, valid = validate(translator, valid_batches, valid_pairs, autocast)
                 improved = valid.bleu > best_bleu
                 if improved:
                     best_bleu = valid.bleu
