@@ -158,3 +158,33 @@ def load_training_checkpoint(path: Path, model: Transformer, optimizer: torch.op
         slots.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": slots, "param_groups": state.pop("optimizer_groups")})
     return state
+
+
+def average_weights(directories: list[Path]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of the `model.safetensors` in each directory (model directories or training checkpoints)."""
+    total: dict[str, torch.Tensor] = {}
+    for directory in directories:
+        path = Path(directory) / WEIGHTS
+        try:
+            weights = load_file(path)
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"{path}: cannot load the weights ({e})") from None
+        if total and (weights.keys() != total.keys() or any(weights[k].shape != total[k].shape for k in total)):
+            raise CheckpointError(f"{path}: weights do not match those of {directories[0]}; only one model's checkpoints can be averaged")
+        for name, tensor in weights.items():
+            total[name] = total[name] + tensor.double() if name in total else tensor.double()
+    return {name: (tensor / len(directories)).float() for name, tensor in total.items()}
+
+
+def save_averaged(directories: list[Path], out: Path) -> None:
+    """A model directory whose weights average `directories`; config and tokenizer from the first one's run."""
+    first = Path(directories[0])
+    source = first if (first / CONFIG).is_file() else first.parent.parent  # run_dir/checkpoints/step_N -> run_dir
+    recipe = load_recipe_json(source)
+    tokenizer = Tokenizer.load(source / SPM)
+    model = Transformer(recipe.model, tokenizer.vocab_size)
+    try:
+        model.load_state_dict(average_weights(directories))
+    except RuntimeError as e:
+        raise CheckpointError(f"{first / WEIGHTS}: weights do not match {source / CONFIG} ({e})") from None
+    save_model_dir(out, model, recipe, tokenizer)

@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import sys
+from pathlib import Path
 
 from . import __version__
 from .checkpoint import CheckpointError
@@ -73,6 +74,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_average(args: argparse.Namespace) -> int:
+    from .checkpoint import save_averaged
+
+    save_averaged([Path(p) for p in args.checkpoints], Path(args.output))
+    print(f"averaged {len(args.checkpoints)} checkpoints into {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="translator", description="Train and run encoder-decoder Transformer translation models.",
@@ -80,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"translator {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for usage errors (or set TRANSLATOR_DEBUG=1)")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{train,translate,evaluate}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{train,translate,evaluate,average}")
     overrides = dict(action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. data.path=DIR (repeatable)")
 
     train = verbs.add_parser("train", help="train a model from a YAML recipe",
@@ -111,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=cmd_evaluate)
+    average = verbs.add_parser("average", help="average the weights of checkpoints into a model directory",
+                               epilog="example: translator average runs/m/checkpoints/step_* -o runs/m_avg")
+    average.add_argument("checkpoints", nargs="+", help="model directories or training checkpoints of one run")
+    average.add_argument("-o", "--output", required=True, help="the model directory to write")
+    average.set_defaults(run=cmd_average)
     return parser
 
 

@@ -84,6 +84,8 @@ class TrainConfig:
     valid_every: int = 500
     checkpoint_every: int = 500  # steps between training checkpoints (resumable; also written at the end and on SIGINT/SIGTERM)
     keep_checkpoints: int = 2  # the newest this many are kept
+    patience: int | None = None  # stop after this many validations without a better BLEU (None: never)
+    average_last: int = 0  # at the end, the model's weights become the mean of the last N checkpoints (0: the best by BLEU)
     threads: int | None = None  # torch intra-op threads; None keeps torch's default (one per core)
 
     def validate(self) -> None:
@@ -95,6 +97,9 @@ class TrainConfig:
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "in [0, 1)")
         _check(self.clip_norm >= 0, "train.clip_norm", self.clip_norm, "zero (off) or more")
         _check(self.threads is None or self.threads > 0, "train.threads", self.threads, "a positive integer or null")
+        _check(self.patience is None or self.patience > 0, "train.patience", self.patience, "a positive integer or null")
+        _check(self.average_last == 0 or 2 <= self.average_last <= self.keep_checkpoints, "train.average_last",
+               self.average_last, f"0, or 2 to train.keep_checkpoints={self.keep_checkpoints}")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .api import Translator
 from .checkpoint import (
-    SPM, WEIGHTS, load_training_checkpoint, save_model_dir, save_training_checkpoint, save_weights, training_checkpoints,
+    SPM, WEIGHTS, average_weights, load_training_checkpoint, save_model_dir, save_training_checkpoint, save_weights, training_checkpoints,
 )
 from .config import Recipe, RecipeError
 from .data import TrainBatches, filter_pairs, load_split, tokenize
@@ -123,7 +123,7 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     log(f"{model.num_parameters() / 1e6:.2f} M parameters")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt_schedule(cfg.warmup_steps))
-    position = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_bleu": -1.0}
+    position = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_bleu": -1.0, "stale_validations": 0}
     if checkpoint:
         position = load_training_checkpoint(checkpoint, model, optimizer)
         scheduler.load_state_dict(position.pop("scheduler"))
@@ -142,15 +142,17 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
 
     def save_checkpoint(step: int, epoch: int, batch_in_epoch: int) -> None:
         state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_bleu": best_bleu,
-                 "scheduler": scheduler.state_dict(), "python_rng": random.getstate()}
+                 "stale_validations": stale_validations, "scheduler": scheduler.state_dict(), "python_rng": random.getstate()}
         save_training_checkpoint(out, step, model, optimizer, state, cfg.keep_checkpoints)
 
-    best_bleu, first_step = position["best_bleu"], position["step"] + 1
+    best_bleu, stale_validations, first_step = position["best_bleu"], position["stale_validations"], position["step"] + 1
+    converged = False
     bar = tqdm(total=cfg.max_steps, initial=first_step - 1, desc="training", unit="step", disable=not progress, file=sys.stderr)
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
     train_start = time.perf_counter()
     model.train()
     batches = train_batches.from_position(position["epoch"], position["batch_in_epoch"])
+    step = first_step - 1  # stays so when a finished run is resumed
     with _stop_requests() as stop:
         for step in range(first_step, cfg.max_steps + 1):
             epoch, index, batch = next(batches)
@@ -178,19 +180,29 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
             if step % cfg.valid_every == 0 or step == cfg.max_steps:
                 valid_loss, valid = validate(translator, valid_batches, valid_pairs, autocast)
                 improved = valid.bleu > best_bleu
+                stale_validations = 0 if improved else stale_validations + 1
+                converged = cfg.patience is not None and stale_validations >= cfg.patience
                 if improved:
                     best_bleu = valid.bleu
                     save_weights(model, out / WEIGHTS)
                 record({"step": step, "valid_loss": valid_loss, "valid_bleu": valid.bleu, "valid_chrf": valid.chrf, "best": improved})
                 log(f"step {step}: valid loss {valid_loss:.3f}, greedy BLEU {valid.bleu:.2f}, chrF {valid.chrf:.2f}{' (best)' if improved else ''}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop:
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop or converged:
                 save_checkpoint(step, epoch, index + 1)
+            if converged:
+                log(f"early stop at step {step}: no better validation BLEU in {cfg.patience} validations")
+                break
             if stop:
                 bar.close()
                 log(f"stopped by {stop[0]} after step {step}; continue with: translator train RECIPE --resume")
                 raise KeyboardInterrupt
     bar.close()
-    log(f"trained {cfg.max_steps} steps in {time.perf_counter() - train_start:.0f} s; best validation BLEU {best_bleu:.2f}")
+    if cfg.average_last:
+        averaged = training_checkpoints(out)[-cfg.average_last:]
+        model.load_state_dict(average_weights(averaged))
+        save_weights(model, out / WEIGHTS)
+        log(f"model weights: the mean of {', '.join(p.name for p in averaged)}")
+    log(f"trained {step} steps in {time.perf_counter() - train_start:.0f} s; best validation BLEU {best_bleu:.2f}")
 
     best = Translator.from_pretrained(out)
     results = {"greedy": evaluate(best, recipe.data.test_split, beam_size=1)}

@@ -1,0 +1,75 @@
+"""Checkpoint averaging and early stopping."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY_RECIPE
+from translator import Translator, load_recipe, train
+from translator.checkpoint import WEIGHTS, CheckpointError, average_weights, training_checkpoints
+
+
+def test_averaging_two_checkpoints_gives_the_elementwise_mean(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+    wa = {"x": torch.randn(3, 4), "y": torch.randn(5)}
+    wb = {"x": torch.randn(3, 4), "y": torch.randn(5)}
+    save_file(wa, a / WEIGHTS)
+    save_file(wb, b / WEIGHTS)
+    mean = average_weights([a, b])
+    for k in wa:
+        assert torch.allclose(mean[k], (wa[k] + wb[k]) / 2, atol=1e-7)
+        assert mean[k].dtype == torch.float32
+
+
+def test_averaging_checkpoints_of_different_models_is_refused(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, shape in ((a, (3, 4)), (b, (4, 4))):
+        d.mkdir()
+        save_file({"x": torch.zeros(shape)}, d / WEIGHTS)
+    with pytest.raises(CheckpointError, match="do not match"):
+        average_weights([a, b])
+
+
+@pytest.mark.slow
+def test_average_last_checkpoints_at_the_end_and_through_the_cli(tmp_path, toy_corpus):
+    out = tmp_path / "run"
+    recipe = load_recipe(TINY_RECIPE, [f"data.path={toy_corpus}", f"out_dir={out}", "train.max_steps=30", "train.checkpoint_every=10",
+                                       "train.valid_every=30", "train.keep_checkpoints=3", "train.average_last=2"])
+    train(recipe, progress=False)
+    step20, step30 = (load_file(p / WEIGHTS) for p in training_checkpoints(out)[-2:])
+    final = load_file(out / WEIGHTS)
+    assert all(torch.allclose(final[k], (step20[k] + step30[k]) / 2, atol=1e-6) for k in final)
+
+    averaged = tmp_path / "averaged"
+    result = subprocess.run([sys.executable, "-m", "translator", "average", *map(str, training_checkpoints(out)), "-o", str(averaged)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    three = [load_file(p / WEIGHTS) for p in training_checkpoints(out)]
+    written = load_file(averaged / WEIGHTS)
+    assert all(torch.allclose(written[k], sum(w[k] for w in three) / 3, atol=1e-6) for k in written)
+    assert isinstance(Translator.from_pretrained(averaged).translate("Ein hund."), str)
+
+
+def test_average_last_must_fit_the_kept_checkpoints():
+    with pytest.raises(ValueError, match="train.average_last"):
+        load_recipe(TINY_RECIPE, ["train.average_last=3", "train.keep_checkpoints=2"])
+
+
+@pytest.mark.slow
+def test_early_stopping_after_patience_validations_without_improvement(tmp_path, toy_corpus):
+    out = tmp_path / "run"
+    # lr 0: the first validation sets the best BLEU and nothing ever beats it
+    recipe = load_recipe(TINY_RECIPE, [f"data.path={toy_corpus}", f"out_dir={out}", "train.max_steps=200", "train.valid_every=5",
+                                       "train.lr=1e-12", "train.warmup_steps=0", "train.patience=2"])
+    train(recipe, progress=False)
+    entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    validations = [e for e in entries if "valid_bleu" in e]
+    assert [v["step"] for v in validations] == [5, 10, 15]
+    assert training_checkpoints(out)[-1].name == "step_00000015"
+    assert "test" in entries[-1]
