@@ -72,6 +72,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     max_tokens: int = 4096  # per batch: sentences x longest side, padding included
+    accum_steps: int = 1  # batches whose gradients add up to one update (an effective batch of accum_steps x max_tokens)
     max_steps: int = 3000
     lr: float = 1e-3  # peak, reached at the end of warmup
     warmup_steps: int = 500
@@ -89,7 +90,7 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; None keeps torch's default (one per core)
 
     def validate(self) -> None:
-        for key in ("max_tokens", "max_steps", "log_every", "valid_every", "checkpoint_every", "keep_checkpoints"):
+        for key in ("max_tokens", "accum_steps", "max_steps", "log_every", "valid_every", "checkpoint_every", "keep_checkpoints"):
             _check(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a positive integer")
         _check(self.lr > 0, "train.lr", self.lr, "a positive learning rate")
         _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "zero or more")

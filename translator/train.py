@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 
 from .api import Translator
 from .checkpoint import (
-    SPM, WEIGHTS, average_weights, load_training_checkpoint, save_model_dir, save_training_checkpoint, save_weights, training_checkpoints,
+    CHECKPOINTS, SPM, WEIGHTS, average_weights, load_training_checkpoint, save_model_dir, save_training_checkpoint, save_weights, training_checkpoints,
 )
-from .config import Recipe, RecipeError
-from .data import TrainBatches, filter_pairs, load_split, tokenize
+from .config import Recipe, RecipeError, TrainConfig
+from .data import Batch, TrainBatches, filter_pairs, load_split, tokenize
 from .evaluate import Scores, evaluate, score
 from .model import Transformer
 from .tokenizer import PAD_ID, Tokenizer, interleave
@@ -59,6 +59,26 @@ def loss_fn(model: Transformer, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out
     """Mean cross-entropy per real target token (padding ignored)."""
     logits = model(src, tgt_in)  # (B, T, V)
     return F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=PAD_ID, label_smoothing=label_smoothing)
+
+
+def train_step(model: Transformer, optimizer, scheduler, batches: list[Batch], autocast, cfg: TrainConfig) -> tuple[float, int]:
+    """One update from one or more batches (gradient accumulation); the loss is the mean over all
+    their target tokens, as if they were one batch. Returns that loss and the token count."""
+    n_tokens = sum(batch.n_tgt_tokens for batch in batches)
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for batch in batches:
+        with autocast():
+            loss = loss_fn(model, batch.src, batch.tgt_in, batch.tgt_out, cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()}")
+        (loss * (batch.n_tgt_tokens / n_tokens)).backward()
+        total += loss.item() * batch.n_tgt_tokens
+    if cfg.clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+    optimizer.step()
+    scheduler.step()
+    return total / n_tokens, n_tokens
 
 
 def sentences(pairs: datasets.Dataset) -> Iterator[str]:
@@ -155,20 +175,13 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     step = first_step - 1  # stays so when a finished run is resumed
     with _stop_requests() as stop:
         for step in range(first_step, cfg.max_steps + 1):
-            epoch, index, batch = next(batches)
-            with autocast():
-                loss = loss_fn(model, batch.src, batch.tgt_in, batch.tgt_out, cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}; the last good weights are in {out / WEIGHTS}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-            optimizer.step()
-            scheduler.step()
-
-            n_tokens = batch.n_tgt_tokens
-            window_loss, window_tokens = window_loss + loss.item() * n_tokens, window_tokens + n_tokens
+            positions_and_batches = [next(batches) for _ in range(cfg.accum_steps)]
+            epoch, index, _ = positions_and_batches[-1]
+            try:
+                loss, n_tokens = train_step(model, optimizer, scheduler, [b for _, _, b in positions_and_batches], autocast, cfg)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"{e} at step {step}; the last good checkpoint is in {out / CHECKPOINTS}") from None
+            window_loss, window_tokens = window_loss + loss * n_tokens, window_tokens + n_tokens
             bar.update()
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 elapsed = time.perf_counter() - window_start

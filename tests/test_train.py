@@ -1,0 +1,67 @@
+"""The training step: accumulation is exact, a non-finite loss stops training and loses nothing."""
+
+import importlib
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from conftest import TINY_RECIPE
+from translator import load_recipe
+from translator.batching import source_tensor, target_tensors
+from translator.checkpoint import load_training_checkpoint, training_checkpoints
+from translator.config import ModelConfig, TrainConfig
+from translator.data import Batch
+from translator.model import Transformer
+from translator.tokenizer import Tokenizer
+
+training = importlib.import_module("translator.train")  # `translator.train` the attribute is the function
+
+
+def make_batch(src_rows, tgt_rows) -> Batch:
+    return Batch(source_tensor(src_rows), *target_tensors(tgt_rows))
+
+
+def gradients(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_accumulated_batches_give_the_gradient_of_one_batch_holding_them_all():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(d_model=16, n_heads=2, d_ff=32, encoder_layers=1, decoder_layers=1, dropout=0.0), vocab_size=30)
+    g = torch.Generator().manual_seed(1)
+    rows = lambda n, length: [torch.randint(4, 30, (length,), generator=g).tolist() for _ in range(n)]  # noqa: E731
+    src1, tgt1, src2, tgt2 = rows(3, 4), rows(3, 6), rows(2, 7), rows(2, 2)  # different lengths and token counts
+    cfg = TrainConfig(clip_norm=0.0, label_smoothing=0.1)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(sgd, lambda step: 1.0)
+
+    loss, n_tokens = training.train_step(model, sgd, scheduler, [make_batch(src1, tgt1), make_batch(src2, tgt2)], nullcontext, cfg)
+    accumulated = gradients(model)
+    one_loss, one_tokens = training.train_step(model, sgd, scheduler, [make_batch(src1 + src2, tgt1 + tgt2)], nullcontext, cfg)
+    assert n_tokens == one_tokens == 3 * 7 + 2 * 3
+    assert abs(loss - one_loss) < 1e-5
+    one_batch = gradients(model)
+    assert all(torch.allclose(accumulated[n], one_batch[n], atol=1e-6) for n in one_batch)
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_training_naming_the_step_and_the_last_checkpoint_loads(tmp_path, toy_corpus, monkeypatch):
+    real_loss, calls = training.loss_fn, []
+
+    def loss_that_turns_nan(*args):
+        calls.append(1)
+        loss = real_loss(*args)
+        return loss * float("nan") if len(calls) > 25 else loss
+
+    monkeypatch.setattr(training, "loss_fn", loss_that_turns_nan)
+    out = tmp_path / "run"
+    recipe = load_recipe(TINY_RECIPE, [f"data.path={toy_corpus}", f"out_dir={out}", "train.max_steps=60", "train.checkpoint_every=10",
+                                       "train.valid_every=100"])
+    with pytest.raises(FloatingPointError, match=r"nan at step 26.*checkpoints"):
+        training.train(recipe, progress=False)
+    last = training_checkpoints(out)[-1]
+    assert last.name == "step_00000020"
+    model = Transformer(recipe.model, Tokenizer.load(out / "sentencepiece.model").vocab_size)
+    state = load_training_checkpoint(last, model, torch.optim.AdamW(model.parameters()))
+    assert state["step"] == 20 and all(torch.isfinite(p).all() for p in model.parameters())
