@@ -403,3 +403,13 @@ def test_train_batches_resume_mid_epoch(train_batches):
     epoch, index, batch = next(batches.from_position(1, 2))  # as after a checkpoint taken when 2 batches of epoch 1 were done
     assert (epoch, index) == (1, 2)
     assert torch.equal(batch.src, batches.collate(epoch1[2]).src)
+
+
+def test_padding_fraction_counts_padded_positions(train_batches):
+    batches, _, _ = train_batches
+    padded = real = 0
+    for indices in batches.epoch(3):
+        batch = batches.collate(indices)
+        padded += batch.src.numel() + batch.tgt_out.numel()
+        real += int((batch.src != 0).sum()) + int((batch.tgt_out != 0).sum())
+    assert abs(batches.padding_fraction(3) - (1 - real / padded)) < 1e-9

@@ -189,11 +189,17 @@ class TrainBatches:
     def __init__(self, tokenized: datasets.Dataset, max_tokens: int, seed: int):
         self.dataset = tokenized.select_columns(["src_ids", "tgt_ids"])
         src_len, tgt_len = lengths(tokenized)
-        self.sizes = np.maximum(src_len, tgt_len) + 1  # + eos (source) / + bos (target input)
+        self.src_sizes, self.tgt_sizes = src_len + 1, tgt_len + 1  # + eos (source) / + bos (target input)
+        self.sizes = np.maximum(self.src_sizes, self.tgt_sizes)
         self.max_tokens, self.seed = max_tokens, seed
 
     def epoch(self, epoch: int) -> list[np.ndarray]:
         return bucketed_batches(self.sizes, self.max_tokens, self.seed, epoch)
+
+    def padding_fraction(self, epoch: int) -> float:
+        """The share of source and target positions in the epoch's batches that are padding."""
+        padded = sum(len(b) * (self.src_sizes[b].max() + self.tgt_sizes[b].max()) for b in self.epoch(epoch))
+        return 1 - (self.src_sizes.sum() + self.tgt_sizes.sum()) / padded
 
     def collate(self, indices: np.ndarray) -> Batch:
         rows = self.dataset[indices]

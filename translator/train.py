@@ -176,6 +176,8 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     with _stop_requests() as stop:
         for step in range(first_step, cfg.max_steps + 1):
             positions_and_batches = [next(batches) for _ in range(cfg.accum_steps)]
+            for new_epoch in sorted({e for e, i, _ in positions_and_batches if i == 0}):
+                record({"step": step, "epoch": new_epoch, "padding": train_batches.padding_fraction(new_epoch)})
             epoch, index, _ = positions_and_batches[-1]
             try:
                 loss, n_tokens = train_step(model, optimizer, scheduler, [b for _, _, b in positions_and_batches], autocast, cfg)
