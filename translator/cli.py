@@ -82,6 +82,13 @@ def cmd_average(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_run
+
+    print(plot_run(args.run_dir, args.output))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="translator", description="Train and run encoder-decoder Transformer translation models.",
@@ -89,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"translator {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for usage errors (or set TRANSLATOR_DEBUG=1)")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{train,translate,evaluate,average}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{train,translate,evaluate,average,plot}")
     overrides = dict(action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. data.path=DIR (repeatable)")
 
     train = verbs.add_parser("train", help="train a model from a YAML recipe",
@@ -125,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     average.add_argument("checkpoints", nargs="+", help="model directories or training checkpoints of one run")
     average.add_argument("-o", "--output", required=True, help="the model directory to write")
     average.set_defaults(run=cmd_average)
+
+    plot = verbs.add_parser("plot", help="PNG training curves (loss, validation BLEU, learning rate) of a run",
+                            epilog="example: translator plot runs/multi30k_de_en")
+    plot.add_argument("run_dir")
+    plot.add_argument("-o", "--output", default=None, help="the PNG to write (default: RUN_DIR/curves.png)")
+    plot.set_defaults(run=cmd_plot)
     return parser
 
 

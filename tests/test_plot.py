@@ -1,0 +1,24 @@
+"""translator plot: training curves as a PNG."""
+
+import subprocess
+import sys
+
+import pytest
+
+from translator.plot import plot_run
+
+pytest.importorskip("matplotlib")
+
+
+def test_plot_writes_a_png_of_a_run(tiny_model_dir, tmp_path):
+    out = plot_run(tiny_model_dir, tmp_path / "curves.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size > 10_000  # three panels with curves, not an empty canvas
+
+
+def test_plot_cli_and_a_directory_without_metrics(tiny_model_dir, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "translator", "plot", str(tiny_model_dir), "-o", str(tmp_path / "c.png")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == str(tmp_path / "c.png")
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        plot_run(tmp_path)
