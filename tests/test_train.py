@@ -65,3 +65,24 @@ def test_a_nan_loss_stops_training_naming_the_step_and_the_last_checkpoint_loads
     model = Transformer(recipe.model, Tokenizer.load(out / "sentencepiece.model").vocab_size)
     state = load_training_checkpoint(last, model, torch.optim.AdamW(model.parameters()))
     assert state["step"] == 20 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_a_nan_loss_is_skipped_with_a_warning_when_the_recipe_says_so(tmp_path, toy_corpus, monkeypatch):
+    real_loss, calls = training.loss_fn, []
+
+    def one_nan(*args):
+        calls.append(1)
+        loss = real_loss(*args)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(training, "loss_fn", one_nan)
+    out = tmp_path / "run"
+    recipe = load_recipe(TINY_RECIPE, [f"data.path={toy_corpus}", f"out_dir={out}", "train.max_steps=20", "train.valid_every=20",
+                                       "train.on_nan=skip"])
+    training.train(recipe, progress=False)
+    entries = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"skipped"' in line]
+    assert len(entries) == 1 and '"step": 5' in entries[0]
+    model = Transformer(recipe.model, Tokenizer.load(out / "sentencepiece.model").vocab_size)
+    load_training_checkpoint(training_checkpoints(out)[-1], model, torch.optim.AdamW(model.parameters()))
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -80,6 +80,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     label_smoothing: float = 0.1
     clip_norm: float = 1.0
+    on_nan: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop (the last checkpoint stays good) or skip that update with a warning
     precision: Literal["fp32", "bf16"] = "bf16"
     log_every: int = 50
     valid_every: int = 500

@@ -182,10 +182,15 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
             try:
                 loss, n_tokens = train_step(model, optimizer, scheduler, [b for _, _, b in positions_and_batches], autocast, cfg)
             except FloatingPointError as e:
-                raise FloatingPointError(f"{e} at step {step}; the last good checkpoint is in {out / CHECKPOINTS}") from None
+                if cfg.on_nan == "stop":
+                    raise FloatingPointError(f"{e} at step {step}; the last good checkpoint is in {out / CHECKPOINTS}") from None
+                log(f"warning: {e} at step {step}; update skipped (train.on_nan=skip)")
+                record({"step": step, "skipped": str(e)})
+                optimizer.zero_grad(set_to_none=True)
+                loss, n_tokens = 0.0, 0
             window_loss, window_tokens = window_loss + loss * n_tokens, window_tokens + n_tokens
             bar.update()
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if (step % cfg.log_every == 0 or step == cfg.max_steps) and window_tokens:
                 elapsed = time.perf_counter() - window_start
                 entry = {"step": step, "loss": window_loss / window_tokens, "lr": scheduler.get_last_lr()[0],
                          "tgt_tokens_per_s": window_tokens / elapsed, "elapsed_s": time.perf_counter() - train_start}
