@@ -31,9 +31,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     results = train(recipe, progress=not args.quiet, resume=args.resume)
-    for name, scores in results.items():
+    for name, scores in results.items():  # empty on every process but rank 0 under torchrun
         print(f"test ({name}): {scores}")
-    print(f"model directory: {recipe.out_dir}")
+    if results:
+        print(f"model directory: {recipe.out_dir}")
     return 0
 
 

@@ -22,6 +22,7 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .api import Translator
@@ -30,6 +31,7 @@ from .checkpoint import (
 )
 from .config import Recipe, RecipeError, TrainConfig
 from .data import Batch, TrainBatches, filter_pairs, load_split, tokenize
+from .distributed import World, join, leave
 from .evaluate import Scores, evaluate, score
 from .model import Transformer
 from .tokenizer import PAD_ID, Tokenizer, interleave
@@ -55,30 +57,37 @@ def inverse_sqrt_schedule(warmup_steps: int):
     return multiplier
 
 
-def loss_fn(model: Transformer, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+def loss_fn(model: torch.nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """Mean cross-entropy per real target token (padding ignored)."""
     logits = model(src, tgt_in)  # (B, T, V)
     return F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=PAD_ID, label_smoothing=label_smoothing)
 
 
-def train_step(model: Transformer, optimizer, scheduler, batches: list[Batch], autocast, cfg: TrainConfig) -> tuple[float, int]:
-    """One update from one or more batches (gradient accumulation); the loss is the mean over all
-    their target tokens, as if they were one batch. Returns that loss and the token count."""
-    n_tokens = sum(batch.n_tgt_tokens for batch in batches)
+def train_step(
+    model: torch.nn.Module, optimizer, scheduler, batches: list[Batch], autocast, cfg: TrainConfig, world: World = World()
+) -> tuple[float, int]:
+    """One update from one or more batches (gradient accumulation, and under DDP every rank's
+    batches); the loss is the mean over all their target tokens, as if they were one batch.
+    Returns this rank's mean loss and token count."""
+    n_local = sum(batch.n_tgt_tokens for batch in batches)
+    n_tokens = world.sum(n_local)
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    for batch in batches:
-        with autocast():
-            loss = loss_fn(model, batch.src, batch.tgt_in, batch.tgt_out, cfg.label_smoothing)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()}")
-        (loss * (batch.n_tgt_tokens / n_tokens)).backward()
+    for i, batch in enumerate(batches):
+        # DDP averages gradients over ranks at the last backward only (no_sync before it)
+        sync = i == len(batches) - 1 or not isinstance(model, DistributedDataParallel)
+        with nullcontext() if sync else model.no_sync():
+            with autocast():
+                loss = loss_fn(model, batch.src, batch.tgt_in, batch.tgt_out, cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()}")
+            (loss * (batch.n_tgt_tokens * world.size / n_tokens)).backward()  # x size: DDP divides by it
         total += loss.item() * batch.n_tgt_tokens
     if cfg.clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
     optimizer.step()
     scheduler.step()
-    return total / n_tokens, n_tokens
+    return total / n_local, n_local
 
 
 def sentences(pairs: datasets.Dataset) -> Iterator[str]:
@@ -116,28 +125,40 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     bitwise the same as a run that was never interrupted); without it, refuse an `out_dir`
     that already holds a run. SIGINT and SIGTERM save a checkpoint, then raise KeyboardInterrupt.
     """
+    world = join()
+    try:
+        return _train(recipe, progress, resume, world)
+    finally:
+        leave(world)
+
+
+def _train(recipe: Recipe, progress: bool, resume: bool, world: World) -> dict[str, Scores]:
     recipe = resolved(recipe)
     cfg, out = recipe.train, Path(recipe.out_dir)
-    checkpoint = _checkpoint_to_resume(out, resume)
+    log = globals()["log"] if world.is_main else (lambda message: None)  # one voice: rank 0's
+    checkpoint = world.from_main(_checkpoint_to_resume(out, resume) if world.is_main else None)
     seed_everything(recipe.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
-    train_pairs = load_split(recipe.data, recipe.data.train_split)
-    valid_pairs = load_split(recipe.data, recipe.data.valid_split)
-    log(f"data: {len(train_pairs)} training pairs, {len(valid_pairs)} validation pairs from {recipe.data.path}")
-    tok = recipe.tokenizer
-    if checkpoint:
-        tokenizer = Tokenizer.load(out / SPM)
-    else:
-        tokenizer = Tokenizer.train(
-            sentences(train_pairs), tok.vocab_size, tok.model_type, tok.character_coverage, tok.input_sentence_size, recipe.seed
-        )
-    log(f"tokenizer: SentencePiece {tok.model_type}, {tokenizer.vocab_size} pieces")
-    train_tokens, report = filter_pairs(tokenize(train_pairs, tokenizer), recipe.data.max_len, recipe.data.max_ratio)
-    log(f"filter: {report}")
-    train_batches = TrainBatches(train_tokens, cfg.max_tokens, recipe.seed)
-    valid_batches = TrainBatches(tokenize(valid_pairs, tokenizer), cfg.max_tokens, recipe.seed)
+    with world.main_first():  # rank 0 downloads, trains the tokenizer and fills the caches; the rest reuse them
+        train_pairs = load_split(recipe.data, recipe.data.train_split)
+        valid_pairs = load_split(recipe.data, recipe.data.valid_split)
+        log(f"data: {len(train_pairs)} training pairs, {len(valid_pairs)} validation pairs from {recipe.data.path}")
+        tok = recipe.tokenizer
+        if checkpoint or not world.is_main:
+            tokenizer = Tokenizer.load(out / SPM)
+        else:
+            tokenizer = Tokenizer.train(
+                sentences(train_pairs), tok.vocab_size, tok.model_type, tok.character_coverage, tok.input_sentence_size, recipe.seed
+            )
+            out.mkdir(parents=True, exist_ok=True)
+            tokenizer.save(out / SPM)
+        log(f"tokenizer: SentencePiece {tok.model_type}, {tokenizer.vocab_size} pieces")
+        train_tokens, report = filter_pairs(tokenize(train_pairs, tokenizer), recipe.data.max_len, recipe.data.max_ratio)
+        log(f"filter: {report}")
+        train_batches = TrainBatches(train_tokens, cfg.max_tokens, recipe.seed)
+        valid_batches = TrainBatches(tokenize(valid_pairs, tokenizer), cfg.max_tokens, recipe.seed)
 
     model = Transformer(recipe.model, tokenizer.vocab_size)
     log(f"{model.num_parameters() / 1e6:.2f} M parameters")
@@ -150,24 +171,31 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
         python_rng = position.pop("python_rng")
         random.setstate((python_rng[0], tuple(python_rng[1]), python_rng[2]))
         log(f"resuming from {checkpoint} (step {position['step']})")
-    else:
+    elif world.is_main:
         save_model_dir(out, model, recipe, tokenizer)  # config and tokenizer now; weights are replaced by each better one
+    if world.size > 1:
+        torch.manual_seed(recipe.seed + 7919 * world.rank + position["step"])  # each rank its own dropout masks
+        log(f"data parallel: {world.size} processes, each update reads {world.size} x {cfg.accum_steps} batches")
+    trained = DistributedDataParallel(model) if world.size > 1 else model  # DDP starts from rank 0's weights
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.precision == "bf16" else nullcontext
     translator = Translator(model, tokenizer, recipe)
-    metrics = _metrics_log(out / "metrics.jsonl", up_to_step=position["step"])
+    metrics = _metrics_log(out / "metrics.jsonl", up_to_step=position["step"]) if world.is_main else None
 
     def record(entry: dict) -> None:
-        metrics.write(json.dumps(entry) + "\n")
-        metrics.flush()
+        if metrics:
+            metrics.write(json.dumps(entry) + "\n")
+            metrics.flush()
 
     def save_checkpoint(step: int, epoch: int, batch_in_epoch: int) -> None:
+        if not world.is_main:
+            return
         state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_bleu": best_bleu,
                  "stale_validations": stale_validations, "scheduler": scheduler.state_dict(), "python_rng": random.getstate()}
         save_training_checkpoint(out, step, model, optimizer, state, cfg.keep_checkpoints)
 
     best_bleu, stale_validations, first_step = position["best_bleu"], position["stale_validations"], position["step"] + 1
     converged = False
-    bar = tqdm(total=cfg.max_steps, initial=first_step - 1, desc="training", unit="step", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=cfg.max_steps, initial=first_step - 1, desc="training", unit="step", disable=not (progress and world.is_main), file=sys.stderr)
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
     train_start = time.perf_counter()
     model.train()
@@ -175,12 +203,14 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     step = first_step - 1  # stays so when a finished run is resumed
     with _stop_requests() as stop:
         for step in range(first_step, cfg.max_steps + 1):
-            positions_and_batches = [next(batches) for _ in range(cfg.accum_steps)]
-            for new_epoch in sorted({e for e, i, _ in positions_and_batches if i == 0}):
+            # Every rank walks the same stream of batches and takes its own accum_steps of each update's share.
+            positions_and_batches = [next(batches) for _ in range(world.size * cfg.accum_steps)]
+            for new_epoch in sorted({e for e, i, _ in positions_and_batches if i == 0}) if world.is_main else ():
                 record({"step": step, "epoch": new_epoch, "padding": train_batches.padding_fraction(new_epoch)})
             epoch, index, _ = positions_and_batches[-1]
+            mine = [b for _, _, b in positions_and_batches[world.rank * cfg.accum_steps:(world.rank + 1) * cfg.accum_steps]]
             try:
-                loss, n_tokens = train_step(model, optimizer, scheduler, [b for _, _, b in positions_and_batches], autocast, cfg)
+                loss, n_tokens = train_step(trained, optimizer, scheduler, mine, autocast, cfg, world)
             except FloatingPointError as e:
                 if cfg.on_nan == "stop":
                     raise FloatingPointError(f"{e} at step {step}; the last good checkpoint is in {out / CHECKPOINTS}") from None
@@ -197,7 +227,7 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
                 record(entry)
                 bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tgt_tokens_per_s']:.0f}")
                 window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-            if step % cfg.valid_every == 0 or step == cfg.max_steps:
+            if (step % cfg.valid_every == 0 or step == cfg.max_steps) and world.is_main:
                 valid_loss, valid = validate(translator, valid_batches, valid_pairs, autocast)
                 improved = valid.bleu > best_bleu
                 stale_validations = 0 if improved else stale_validations + 1
@@ -207,6 +237,10 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
                     save_weights(model, out / WEIGHTS)
                 record({"step": step, "valid_loss": valid_loss, "valid_bleu": valid.bleu, "valid_chrf": valid.chrf, "best": improved})
                 log(f"step {step}: valid loss {valid_loss:.3f}, greedy BLEU {valid.bleu:.2f}, chrF {valid.chrf:.2f}{' (best)' if improved else ''}")
+            if world.size > 1:  # every rank must agree on stopping
+                if step % cfg.valid_every == 0 or step == cfg.max_steps:
+                    best_bleu, stale_validations, converged = world.from_main((best_bleu, stale_validations, converged))
+                stop = ["signal"] * int(world.sum(len(stop)) > 0) or stop
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop or converged:
                 save_checkpoint(step, epoch, index + 1)
             if converged:
@@ -217,6 +251,12 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
                 log(f"stopped by {stop[0]} after step {step}; continue with: translator train RECIPE --resume")
                 raise KeyboardInterrupt
     bar.close()
+    if not world.weights_agree(model):
+        raise RuntimeError(f"the {world.size} processes ended with different weights")
+    if world.size > 1:
+        log(f"weights identical on all {world.size} processes")
+    if not world.is_main:
+        return {}
     if cfg.average_last:
         averaged = training_checkpoints(out)[-cfg.average_last:]
         model.load_state_dict(average_weights(averaged))

@@ -1,0 +1,56 @@
+"""Data-parallel training under torchrun (gloo on CPU): ranks agree, and two processes are one
+process that accumulates the same batches."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_RECIPE
+from translator.checkpoint import WEIGHTS, training_checkpoints
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def settings(corpus, out, *extra):
+    args = [f"data.path={corpus}", f"out_dir={out}", "train.max_steps=40", "train.valid_every=20", "train.checkpoint_every=20",
+            "train.threads=1", *extra]
+    return [part for item in args for part in ("--set", item)]
+
+
+def train_cli(launcher, corpus, out, *extra, resume=False):
+    command = [*launcher, "-m", "translator", "train", str(TINY_RECIPE), "--quiet", *(["--resume"] if resume else []), *settings(corpus, out, *extra)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def torchrun(n):
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_accumulating_their_batches_and_resume_on_one(tmp_path, toy_corpus):
+    two = train_cli(torchrun(2), toy_corpus, tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "weights identical on all 2 processes" in two.stderr
+    assert two.stdout.count("test (greedy)") == 1  # only rank 0 reports
+
+    one = train_cli([sys.executable], toy_corpus, tmp_path / "one", "train.accum_steps=2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = load_file(training_checkpoints(tmp_path / "two")[-1] / WEIGHTS)
+    b = load_file(training_checkpoints(tmp_path / "one")[-1] / WEIGHTS)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), "DDP shards or loss scaling differ from accumulation"
+
+    losses = [e["loss"] for e in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
+    assert losses[-1] < losses[0]
+
+    more = train_cli([sys.executable], toy_corpus, tmp_path / "two", "train.max_steps=60", resume=True)  # another world size
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert training_checkpoints(tmp_path / "two")[-1].name == "step_00000060"

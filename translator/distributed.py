@@ -1,0 +1,77 @@
+"""Data-parallel training under torchrun: which process this is, and the few collectives training needs.
+
+Started plainly, training runs as a world of one and none of this does anything. Under
+`torchrun --nproc_per_node=N -m translator train RECIPE`, each process joins a process group
+(gloo on CPU, NCCL on CUDA), reads its own share of every step's batches, and only rank 0
+validates, logs and writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, value: float) -> float:
+        if self.size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return float(tensor.item())
+
+    def from_main(self, value):
+        """Rank 0's value, on every rank (e.g. the validation verdicts only rank 0 computes)."""
+        if self.size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (downloads, tokenisation caches), the others after it, from its results."""
+        if not self.is_main:
+            dist.barrier()
+        yield
+        if self.is_main and self.size > 1:
+            dist.barrier()
+
+    def weights_agree(self, model: torch.nn.Module) -> bool:
+        """Whether every rank holds bitwise the same weights (they must, after data-parallel updates)."""
+        digest = hashlib.sha256()
+        for tensor in model.state_dict().values():
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        if self.size == 1:
+            return True
+        digests = [None] * self.size
+        dist.all_gather_object(digests, digest.hexdigest())
+        return len(set(digests)) == 1
+
+
+def join() -> World:
+    """The world torchrun describes in the environment (WORLD_SIZE, RANK, MASTER_ADDR, ...), or a world of one."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return World(dist.get_rank(), size)
+
+
+def leave(world: World) -> None:
+    if world.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
