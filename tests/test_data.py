@@ -413,3 +413,12 @@ def test_padding_fraction_counts_padded_positions(train_batches):
         padded += batch.src.numel() + batch.tgt_out.numel()
         real += int((batch.src != 0).sum()) + int((batch.tgt_out != 0).sum())
     assert abs(batches.padding_fraction(3) - (1 - real / padded)) < 1e-9
+
+
+def test_tokenizing_in_several_processes_gives_the_same_ids():
+    data = rows(300)
+    pairs = to_pairs(datasets.Dataset.from_list(data), "de", "en")  # in memory: no cache to answer for the workers
+    tokenizer = Tokenizer.train([r[k] for r in data for k in ("de", "en")], vocab_size=60)
+    one = tokenize(pairs, tokenizer)
+    two = tokenize(pairs, tokenizer, num_proc=2)
+    assert two["src_ids"] == one["src_ids"] and two["tgt_ids"] == one["tgt_ids"]

@@ -32,11 +32,13 @@ class DataConfig:
     valid_split: str = "validation"
     test_split: str = "test"
     max_len: int = 128  # training pairs with more subword tokens on either side are dropped
+    num_proc: int | None = None  # processes for tokenizing with datasets.map (None: this one)
     max_ratio: float = 9.0  # training pairs whose longer side has more than this many times the shorter's tokens are dropped (0: off)
 
     def validate(self) -> None:
         _check(self.src_lang != self.tgt_lang, "data.tgt_lang", self.tgt_lang, "a language other than data.src_lang")
         _check(self.max_len > 0, "data.max_len", self.max_len, "a positive number of tokens")
+        _check(self.num_proc is None or self.num_proc >= 1, "data.num_proc", self.num_proc, "a positive integer or null")
         _check(self.max_ratio == 0 or self.max_ratio >= 1, "data.max_ratio", self.max_ratio, "0 (off) or at least 1")
 
 

@@ -124,7 +124,7 @@ def to_pairs(dataset: datasets.Dataset, src_lang: str, tgt_lang: str) -> dataset
     )
 
 
-def tokenize(pairs: datasets.Dataset, tokenizer: Tokenizer) -> datasets.Dataset:
+def tokenize(pairs: datasets.Dataset, tokenizer: Tokenizer, num_proc: int | None = None) -> datasets.Dataset:
     """Add `src_ids` and `tgt_ids` (no specials); cached on disk by `datasets` for file-backed data."""
     fingerprint = hashlib.sha256(tokenizer.model_proto + pairs._fingerprint.encode()).hexdigest()[:32]
     return pairs.map(
@@ -132,6 +132,7 @@ def tokenize(pairs: datasets.Dataset, tokenizer: Tokenizer) -> datasets.Dataset:
         lambda batch: {side + "_ids": tokenizer.encode([text or "" for text in batch[side]]) for side in ("src", "tgt")},
         batched=True,
         batch_size=10_000,
+        num_proc=num_proc,
         new_fingerprint=fingerprint,
         desc="tokenizing",
     )

@@ -155,7 +155,7 @@ def _train(recipe: Recipe, progress: bool, resume: bool, world: World) -> dict[s
             out.mkdir(parents=True, exist_ok=True)
             tokenizer.save(out / SPM)
         log(f"tokenizer: SentencePiece {tok.model_type}, {tokenizer.vocab_size} pieces")
-        train_tokens, report = filter_pairs(tokenize(train_pairs, tokenizer), recipe.data.max_len, recipe.data.max_ratio)
+        train_tokens, report = filter_pairs(tokenize(train_pairs, tokenizer, recipe.data.num_proc), recipe.data.max_len, recipe.data.max_ratio)
         log(f"filter: {report}")
         train_batches = TrainBatches(train_tokens, cfg.max_tokens, recipe.seed)
         valid_batches = TrainBatches(tokenize(valid_pairs, tokenizer), cfg.max_tokens, recipe.seed)
