@@ -45,16 +45,21 @@ def test_accumulated_batches_give_the_gradient_of_one_batch_holding_them_all():
     assert all(torch.allclose(accumulated[n], one_batch[n], atol=1e-6) for n in one_batch)
 
 
-@pytest.mark.slow
-def test_a_nan_loss_stops_training_naming_the_step_and_the_last_checkpoint_loads(tmp_path, toy_corpus, monkeypatch):
+def make_loss_nan(monkeypatch, on_call) -> None:
+    """From now on, training's loss is NaN on the calls for which on_call(call number, from 1) is true."""
     real_loss, calls = training.loss_fn, []
 
-    def loss_that_turns_nan(*args):
+    def loss(*args):
         calls.append(1)
-        loss = real_loss(*args)
-        return loss * float("nan") if len(calls) > 25 else loss
+        value = real_loss(*args)
+        return value * float("nan") if on_call(len(calls)) else value
 
-    monkeypatch.setattr(training, "loss_fn", loss_that_turns_nan)
+    monkeypatch.setattr(training, "loss_fn", loss)
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_training_naming_the_step_and_the_last_checkpoint_loads(tmp_path, toy_corpus, monkeypatch):
+    make_loss_nan(monkeypatch, lambda call: call > 25)
     out = tmp_path / "run"
     recipe = load_recipe(TINY_RECIPE, [f"data.path={toy_corpus}", f"out_dir={out}", "train.max_steps=60", "train.checkpoint_every=10",
                                        "train.valid_every=100"])
@@ -69,14 +74,7 @@ def test_a_nan_loss_stops_training_naming_the_step_and_the_last_checkpoint_loads
 
 @pytest.mark.slow
 def test_a_nan_loss_is_skipped_with_a_warning_when_the_recipe_says_so(tmp_path, toy_corpus, monkeypatch):
-    real_loss, calls = training.loss_fn, []
-
-    def one_nan(*args):
-        calls.append(1)
-        loss = real_loss(*args)
-        return loss * float("nan") if len(calls) == 5 else loss
-
-    monkeypatch.setattr(training, "loss_fn", one_nan)
+    make_loss_nan(monkeypatch, lambda call: call == 5)
     out = tmp_path / "run"
     recipe = load_recipe(TINY_RECIPE, [f"data.path={toy_corpus}", f"out_dir={out}", "train.max_steps=20", "train.valid_every=20",
                                        "train.on_nan=skip"])
