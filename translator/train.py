@@ -180,11 +180,16 @@ def _train(recipe: Recipe, progress: bool, resume: bool, world: World) -> dict[s
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.precision == "bf16" else nullcontext
     translator = Translator(model, tokenizer, recipe)
     metrics = _metrics_log(out / "metrics.jsonl", up_to_step=position["step"]) if world.is_main else None
+    board = _tensorboard(out) if world.is_main else None
 
     def record(entry: dict) -> None:
         if metrics:
             metrics.write(json.dumps(entry) + "\n")
             metrics.flush()
+        if board and "step" in entry:
+            for key, value in entry.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    board.add_scalar(key, value, entry["step"])
 
     def save_checkpoint(step: int, epoch: int, batch_in_epoch: int) -> None:
         if not world.is_main:
@@ -270,6 +275,8 @@ def _train(recipe: Recipe, progress: bool, resume: bool, world: World) -> dict[s
         results[f"beam{recipe.decode.beam_size}"] = evaluate(best, recipe.data.test_split)
     record({"test": {name: s.to_dict() for name, s in results.items()}})
     metrics.close()
+    if board:
+        board.close()
     return results
 
 
@@ -282,6 +289,15 @@ def _checkpoint_to_resume(out: Path, resume: bool) -> Path | None:
     if checkpoints or (out / WEIGHTS).exists():
         raise RecipeError(f"out_dir: {out} already holds a run; pass --resume to continue it, or choose another out_dir")
     return None
+
+
+def _tensorboard(out: Path):
+    """TensorBoard events in out_dir/tensorboard when tensorboard is installed (it is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def _metrics_log(path: Path, up_to_step: int):

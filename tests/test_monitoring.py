@@ -1,4 +1,4 @@
-"""translator plot: training curves as a PNG."""
+"""Watching training: PNG curves (translator plot) and TensorBoard events."""
 
 import subprocess
 import sys
@@ -22,3 +22,14 @@ def test_plot_cli_and_a_directory_without_metrics(tiny_model_dir, tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == str(tmp_path / "c.png")
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         plot_run(tmp_path)
+
+
+def test_tensorboard_events_are_written_when_tensorboard_is_installed(tiny_model_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tiny_model_dir / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"loss", "lr", "valid_bleu"} <= set(scalars)
+    assert [e.step for e in events.Scalars("loss")] == sorted(e.step for e in events.Scalars("loss"))
