@@ -13,6 +13,10 @@ from translator import Translator, load_recipe, train
 from translator.checkpoint import WEIGHTS, CheckpointError, average_weights, training_checkpoints
 
 
+def train_tiny(corpus, out, *overrides) -> None:
+    train(load_recipe(TINY_RECIPE, [f"data.path={corpus}", f"out_dir={out}", *overrides]), progress=False)
+
+
 def test_averaging_two_checkpoints_gives_the_elementwise_mean(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
@@ -39,9 +43,8 @@ def test_averaging_checkpoints_of_different_models_is_refused(tmp_path):
 @pytest.mark.slow
 def test_average_last_checkpoints_at_the_end_and_through_the_cli(tmp_path, toy_corpus):
     out = tmp_path / "run"
-    recipe = load_recipe(TINY_RECIPE, [f"data.path={toy_corpus}", f"out_dir={out}", "train.max_steps=30", "train.checkpoint_every=10",
-                                       "train.valid_every=30", "train.keep_checkpoints=3", "train.average_last=2"])
-    train(recipe, progress=False)
+    train_tiny(toy_corpus, out, "train.max_steps=30", "train.checkpoint_every=10", "train.valid_every=30",
+               "train.keep_checkpoints=3", "train.average_last=2")
     step20, step30 = (load_file(p / WEIGHTS) for p in training_checkpoints(out)[-2:])
     final = load_file(out / WEIGHTS)
     assert all(torch.allclose(final[k], (step20[k] + step30[k]) / 2, atol=1e-6) for k in final)
@@ -65,9 +68,8 @@ def test_average_last_must_fit_the_kept_checkpoints():
 def test_early_stopping_after_patience_validations_without_improvement(tmp_path, toy_corpus):
     out = tmp_path / "run"
     # lr 0: the first validation sets the best BLEU and nothing ever beats it
-    recipe = load_recipe(TINY_RECIPE, [f"data.path={toy_corpus}", f"out_dir={out}", "train.max_steps=200", "train.valid_every=5",
-                                       "train.lr=1e-12", "train.warmup_steps=0", "train.patience=2"])
-    train(recipe, progress=False)
+    train_tiny(toy_corpus, out, "train.max_steps=200", "train.valid_every=5", "train.lr=1e-12", "train.warmup_steps=0",
+               "train.patience=2")
     entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     validations = [e for e in entries if "valid_bleu" in e]
     assert [v["step"] for v in validations] == [5, 10, 15]

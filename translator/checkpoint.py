@@ -59,8 +59,12 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     _fsync(path.parent)  # make the rename itself durable
 
 
+def _tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
 def save_weights(model: Transformer, path: Path) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = _tensors(model)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format_version": str(FORMAT_VERSION)}))
 
 
@@ -123,7 +127,7 @@ def save_training_checkpoint(run_dir: Path, step: int, model: Transformer, optim
     final = root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHTS)
+        save_file(_tensors(model), tmp / WEIGHTS)
         optim = optimizer.state_dict()
         tensors = {f"{i}.{name}": value for i, slots in optim["state"].items() for name, value in slots.items()}
         tensors["rng.torch"] = torch.get_rng_state()

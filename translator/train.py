@@ -135,7 +135,7 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
 def _train(recipe: Recipe, progress: bool, resume: bool, world: World) -> dict[str, Scores]:
     recipe = resolved(recipe)
     cfg, out = recipe.train, Path(recipe.out_dir)
-    log = globals()["log"] if world.is_main else (lambda message: None)  # one voice: rank 0's
+    say = log if world.is_main else (lambda message: None)  # one voice: rank 0's
     checkpoint = world.from_main(_checkpoint_to_resume(out, resume) if world.is_main else None)
     seed_everything(recipe.seed)
     if cfg.threads:
@@ -144,7 +144,7 @@ def _train(recipe: Recipe, progress: bool, resume: bool, world: World) -> dict[s
     with world.main_first():  # rank 0 downloads, trains the tokenizer and fills the caches; the rest reuse them
         train_pairs = load_split(recipe.data, recipe.data.train_split)
         valid_pairs = load_split(recipe.data, recipe.data.valid_split)
-        log(f"data: {len(train_pairs)} training pairs, {len(valid_pairs)} validation pairs from {recipe.data.path}")
+        say(f"data: {len(train_pairs)} training pairs, {len(valid_pairs)} validation pairs from {recipe.data.path}")
         tok = recipe.tokenizer
         if checkpoint or not world.is_main:
             tokenizer = Tokenizer.load(out / SPM)
@@ -154,14 +154,14 @@ def _train(recipe: Recipe, progress: bool, resume: bool, world: World) -> dict[s
             )
             out.mkdir(parents=True, exist_ok=True)
             tokenizer.save(out / SPM)
-        log(f"tokenizer: SentencePiece {tok.model_type}, {tokenizer.vocab_size} pieces")
+        say(f"tokenizer: SentencePiece {tok.model_type}, {tokenizer.vocab_size} pieces")
         train_tokens, report = filter_pairs(tokenize(train_pairs, tokenizer, recipe.data.num_proc), recipe.data.max_len, recipe.data.max_ratio)
-        log(f"filter: {report}")
+        say(f"filter: {report}")
         train_batches = TrainBatches(train_tokens, cfg.max_tokens, recipe.seed)
         valid_batches = TrainBatches(tokenize(valid_pairs, tokenizer), cfg.max_tokens, recipe.seed)
 
     model = Transformer(recipe.model, tokenizer.vocab_size)
-    log(f"{model.num_parameters() / 1e6:.2f} M parameters")
+    say(f"{model.num_parameters() / 1e6:.2f} M parameters")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt_schedule(cfg.warmup_steps))
     position = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_bleu": -1.0, "stale_validations": 0}
@@ -170,12 +170,12 @@ def _train(recipe: Recipe, progress: bool, resume: bool, world: World) -> dict[s
         scheduler.load_state_dict(position.pop("scheduler"))
         python_rng = position.pop("python_rng")
         random.setstate((python_rng[0], tuple(python_rng[1]), python_rng[2]))
-        log(f"resuming from {checkpoint} (step {position['step']})")
+        say(f"resuming from {checkpoint} (step {position['step']})")
     elif world.is_main:
         save_model_dir(out, model, recipe, tokenizer)  # config and tokenizer now; weights are replaced by each better one
     if world.size > 1:
         torch.manual_seed(recipe.seed + 7919 * world.rank + position["step"])  # each rank its own dropout masks
-        log(f"data parallel: {world.size} processes, each update reads {world.size} x {cfg.accum_steps} batches")
+        say(f"data parallel: {world.size} processes, each update reads {world.size} x {cfg.accum_steps} batches")
     trained = DistributedDataParallel(model) if world.size > 1 else model  # DDP starts from rank 0's weights
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.precision == "bf16" else nullcontext
     translator = Translator(model, tokenizer, recipe)
@@ -219,7 +219,7 @@ def _train(recipe: Recipe, progress: bool, resume: bool, world: World) -> dict[s
             except FloatingPointError as e:
                 if cfg.on_nan == "stop":
                     raise FloatingPointError(f"{e} at step {step}; the last good checkpoint is in {out / CHECKPOINTS}") from None
-                log(f"warning: {e} at step {step}; update skipped (train.on_nan=skip)")
+                say(f"warning: {e} at step {step}; update skipped (train.on_nan=skip)")
                 record({"step": step, "skipped": str(e)})
                 optimizer.zero_grad(set_to_none=True)
                 loss, n_tokens = 0.0, 0
@@ -241,7 +241,7 @@ def _train(recipe: Recipe, progress: bool, resume: bool, world: World) -> dict[s
                     best_bleu = valid.bleu
                     save_weights(model, out / WEIGHTS)
                 record({"step": step, "valid_loss": valid_loss, "valid_bleu": valid.bleu, "valid_chrf": valid.chrf, "best": improved})
-                log(f"step {step}: valid loss {valid_loss:.3f}, greedy BLEU {valid.bleu:.2f}, chrF {valid.chrf:.2f}{' (best)' if improved else ''}")
+                say(f"step {step}: valid loss {valid_loss:.3f}, greedy BLEU {valid.bleu:.2f}, chrF {valid.chrf:.2f}{' (best)' if improved else ''}")
             if world.size > 1:  # every rank must agree on stopping
                 if step % cfg.valid_every == 0 or step == cfg.max_steps:
                     best_bleu, stale_validations, converged = world.from_main((best_bleu, stale_validations, converged))
@@ -249,25 +249,25 @@ def _train(recipe: Recipe, progress: bool, resume: bool, world: World) -> dict[s
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop or converged:
                 save_checkpoint(step, epoch, index + 1)
             if converged:
-                log(f"early stop at step {step}: no better validation BLEU in {cfg.patience} validations")
+                say(f"early stop at step {step}: no better validation BLEU in {cfg.patience} validations")
                 break
             if stop:
                 bar.close()
-                log(f"stopped by {stop[0]} after step {step}; continue with: translator train RECIPE --resume")
+                say(f"stopped by {stop[0]} after step {step}; continue with: translator train RECIPE --resume")
                 raise KeyboardInterrupt
     bar.close()
     if not world.weights_agree(model):
         raise RuntimeError(f"the {world.size} processes ended with different weights")
     if world.size > 1:
-        log(f"weights identical on all {world.size} processes")
+        say(f"weights identical on all {world.size} processes")
     if not world.is_main:
         return {}
     if cfg.average_last:
         averaged = training_checkpoints(out)[-cfg.average_last:]
         model.load_state_dict(average_weights(averaged))
         save_weights(model, out / WEIGHTS)
-        log(f"model weights: the mean of {', '.join(p.name for p in averaged)}")
-    log(f"trained {step} steps in {time.perf_counter() - train_start:.0f} s; best validation BLEU {best_bleu:.2f}")
+        say(f"model weights: the mean of {', '.join(p.name for p in averaged)}")
+    say(f"trained {step} steps in {time.perf_counter() - train_start:.0f} s; best validation BLEU {best_bleu:.2f}")
 
     best = Translator.from_pretrained(out)
     results = {"greedy": evaluate(best, recipe.data.test_split, beam_size=1)}
