@@ -2,7 +2,7 @@
 
 import torch
 
-from translator.attention import KV, MultiHeadAttention, causal_mask, padding_mask
+from translator.attention import KV, KVCache, MultiHeadAttention, causal_mask, padding_mask
 from translator.config import ModelConfig
 from translator.model import Transformer
 
@@ -91,9 +91,9 @@ def test_cross_attention_reads_the_memory_with_queries_from_the_decoder():
     model = tiny_model()
     src, tgt = random_ids(1, 6), random_ids(1, 5, seed=4)
     memory, src_mask = model.encode(src)
-    logits, _ = model.decode(tgt, model.start(memory, src_mask))
-    other_logits, _ = model.decode(tgt, model.start(memory + 1.0, src_mask))
-    assert not torch.allclose(logits, other_logits)  # the memory matters
+    outputs, _ = model.decode(tgt, model.start(memory, src_mask))
+    other_outputs, _ = model.decode(tgt, model.start(memory + 1.0, src_mask))
+    assert not torch.allclose(outputs, other_outputs)  # the memory matters
 
     # Q comes from the decoder side: with fixed memory K/V, changing the decoder input changes the cross-attention output
     layer = model.decoder[0]
@@ -116,10 +116,22 @@ def test_no_interaction_across_the_batch():
         assert torch.allclose(batched[i : i + 1], alone, atol=1e-5)
 
 
-def test_kv_extend_and_select():
-    a = KV(torch.randn(3, 2, 4, 5), torch.randn(3, 2, 4, 5))
-    b = KV(torch.randn(3, 2, 1, 5), torch.randn(3, 2, 1, 5))
-    grown = a.extend(b)
-    assert grown.k.shape == (3, 2, 5, 5) and torch.equal(grown.v[:, :, 4:], b.v)
-    picked = grown.select(torch.tensor([2, 0]))
-    assert torch.equal(picked.k[0], grown.k[2]) and torch.equal(picked.k[1], grown.k[0])
+def test_kv_cache_appends_like_concatenation_and_selects_rows():
+    g = torch.Generator().manual_seed(0)
+    steps = [KV(torch.randn(3, 2, n, 5, generator=g), torch.randn(3, 2, n, 5, generator=g)) for n in (4, 1, 1, 20, 1)]
+    cache = KVCache.of(steps[0])
+    for step in steps[1:]:  # grows past its first buffers more than once
+        cache = cache.append(step)
+    for got, parts in zip(cache.kv, zip(*steps)):
+        assert torch.equal(got, torch.cat(parts, dim=2))
+    picked = cache.select(torch.tensor([2, 0]))
+    assert torch.equal(picked.kv.k[0], cache.kv.k[2]) and torch.equal(picked.kv.v[1], cache.kv.v[0])
+
+
+def test_kv_cache_appending_twice_to_one_state_keeps_both_branches():
+    start = KVCache.of(KV(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))).append(KV(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2)))
+    left = start.append(KV(torch.full((1, 1, 1, 2), 2.0), torch.full((1, 1, 1, 2), 2.0)))
+    right = start.append(KV(torch.full((1, 1, 1, 2), 3.0), torch.full((1, 1, 1, 2), 3.0)))
+    assert left.kv.k[0, 0, :, 0].tolist() == [0.0, 1.0, 2.0]
+    assert right.kv.k[0, 0, :, 0].tolist() == [0.0, 1.0, 3.0]
+    assert start.kv.k[0, 0, :, 0].tolist() == [0.0, 1.0]

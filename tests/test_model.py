@@ -26,8 +26,8 @@ def test_cached_step_by_step_logits_equal_full_recomputation_with_padded_sources
     state = model.start(memory, src_mask)
     steps = []
     for t in range(tgt.size(1)):
-        logits, state = model.decode(tgt[:, t : t + 1], state)
-        steps.append(logits)
+        outputs, state = model.decode(tgt[:, t : t + 1], state)
+        steps.append(model.logits(outputs))
         assert state.position == t + 1
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
@@ -38,9 +38,10 @@ def test_decoding_in_chunks_equals_one_pass():
     memory, src_mask = model.encode(src)
     first, state = model.decode(tgt[:, :3], model.start(memory, src_mask))
     rest, _ = model.decode(tgt[:, 3:], state)
-    assert torch.allclose(torch.cat([first, rest], dim=1), model(src, tgt), atol=1e-5)
+    assert torch.allclose(model.logits(torch.cat([first, rest], dim=1)), model(src, tgt), atol=1e-5)
 
 
+@torch.inference_mode()  # as decoding runs: selecting from the cache tracks no gradients
 def test_state_select_reorders_every_tensor_together():
     model = make_model().eval()
     src, tgt = torch.randint(4, 50, (3, 6)), torch.randint(4, 50, (3, 4))
@@ -48,7 +49,7 @@ def test_state_select_reorders_every_tensor_together():
     _, state = model.decode(tgt[:, :3], model.start(memory, src_mask))
     order = torch.tensor([2, 0])
     picked, _ = model.decode(tgt[order, 3:], state.select(order, order))
-    assert torch.allclose(picked, model(src[order], tgt[order])[:, 3:], atol=1e-5)
+    assert torch.allclose(model.logits(picked), model(src[order], tgt[order])[:, 3:], atol=1e-5)
 
 
 def test_dropout_is_active_in_training_and_off_in_eval():
@@ -76,6 +77,7 @@ def test_sinusoidal_positions_follow_the_formula():
     assert torch.equal(SinusoidalPositions(8, 20)(5, 3), table[5:8])
 
 
+@torch.inference_mode()  # as decoding runs: selecting from the cache tracks no gradients
 def test_hypotheses_sharing_a_source_equal_copies_of_it():
     """Beam search decodes G rows per source without copying the memory: same logits as G copies."""
     model = make_model().eval()
@@ -85,9 +87,9 @@ def test_hypotheses_sharing_a_source_equal_copies_of_it():
     memory, src_mask = model.encode(src)
     shared, state = model.decode(tgt, model.start(memory, src_mask))
     copies = src.repeat_interleave(G, dim=0)
-    assert torch.allclose(shared, model(copies, tgt), atol=1e-5)
+    assert torch.allclose(model.logits(shared), model(copies, tgt), atol=1e-5)
     order = torch.tensor([2, 0, 1, 5, 5, 3])  # reorder within each source's block, as beam search does
     nxt = torch.randint(4, 50, (2 * G, 1))
     step, _ = model.decode(nxt, state.select(order))
     full = model(copies, torch.cat([tgt[order], nxt], dim=1))[:, -1:]
-    assert torch.allclose(step, full, atol=1e-5)
+    assert torch.allclose(model.logits(step), full, atol=1e-5)

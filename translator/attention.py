@@ -6,7 +6,7 @@ Q is what a token looks for, K what each token contains, V what it hands over. T
 module never decides where K/V come from; the caller does, and that is the mode:
 
     encoder self-attention   kv = project_kv(x)                      mask = padding_mask(src)
-    decoder self-attention   kv = past.extend(project_kv(x))         mask = causal_mask(T, L)
+    decoder self-attention   kv = past.append(project_kv(x)).kv      mask = causal_mask(T, L)
     cross-attention          kv = project_kv(memory), once a source  mask = padding_mask(src)
 
 Masks are bool, True = may attend. Shapes: B batch, H heads, T queries, L keys,
@@ -16,6 +16,7 @@ Dh head size, D = H * Dh model size.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -29,13 +30,56 @@ class KV(NamedTuple):
     k: Tensor
     v: Tensor
 
-    def extend(self, new: KV) -> KV:
-        """Append new positions (decoder self-attention grows by one position a step)."""
-        return KV(torch.cat([self.k, new.k], dim=2), torch.cat([self.v, new.v], dim=2))
-
     def select(self, index: Tensor) -> KV:
         """Pick rows of the batch: beam reordering, finished sentences leaving."""
         return KV(self.k.index_select(0, index), self.v.index_select(0, index))
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """Decoder self-attention K/V that grow by a few positions a step.
+
+    They live in buffers with room to spare that double when full (as a Python list does),
+    so appending costs the new positions only, at position 256 as at 16, where a torch.cat
+    would copy the whole past every step. Only the cache at the buffer's end writes into
+    it in place; appending to an older one (decoding twice from the same state) copies.
+    """
+
+    buffers: KV  # (B, H, capacity, Dh) each; positions past `length` are free room
+    length: int
+    _end: list[int] = field(default_factory=list, repr=False, compare=False)  # shared by caches of one buffer
+
+    @classmethod
+    def of(cls, kv: KV) -> KVCache:
+        return cls(kv, kv.k.size(2), [kv.k.size(2)])
+
+    @property
+    def kv(self) -> KV:
+        return KV(self.buffers.k[:, :, : self.length], self.buffers.v[:, :, : self.length])
+
+    def append(self, new: KV) -> KVCache:
+        length = self.length + new.k.size(2)
+        buffers, end = self.buffers, self._end
+        if length > buffers.k.size(2) or end != [self.length]:
+            B, H, _, Dh = new.k.shape
+            empty = new.k.new_empty(B, H, max(2 * self.length, length, 16), Dh)
+            buffers, end = KV(empty, torch.empty_like(empty)), [self.length]
+            buffers.k[:, :, : self.length], buffers.v[:, :, : self.length] = self.kv
+        buffers.k[:, :, self.length : length], buffers.v[:, :, self.length : length] = new
+        end[0] = length
+        return KVCache(buffers, length, end)
+
+    def select(self, index: Tensor) -> KVCache:
+        """Pick rows (beam reordering, rows leaving). Only the filled positions are copied,
+        into buffers with room for one more step: beam search appends once between selects.
+        Decoding runs without gradients, and so does this copy (autograd refuses `out=`)."""
+        buffers = []
+        for past in self.kv:
+            B, H, L, Dh = index.numel(), past.size(1), self.length, past.size(3)
+            buffer = past.new_empty(B, H, L + 1, Dh)
+            torch.index_select(past, 0, index, out=buffer[:, :, :L])
+            buffers.append(buffer)
+        return KVCache(KV(*buffers), self.length, [self.length])
 
 
 def padding_mask(ids: Tensor, pad_id: int) -> Tensor:
@@ -75,7 +119,8 @@ class MultiHeadAttention(nn.Module):
     def project_kv(self, source: Tensor) -> KV:
         """(B, L, D) -> per-head keys and values."""
         k, v = self.kv_proj(source).chunk(2, dim=-1)
-        return KV(self._split_heads(k), self._split_heads(v))
+        # Contiguous once here, or every matmul over them would copy them again (decoding: every step).
+        return KV(self._split_heads(k).contiguous(), self._split_heads(v).contiguous())
 
     def forward(self, x: Tensor, kv: KV, mask: Tensor | None) -> Tensor:
         """Queries from x (B*G, T, D) attend over kv of B rows under mask (broadcastable to (B, H, G*T, L)) -> (B*G, T, D).
@@ -89,10 +134,12 @@ class MultiHeadAttention(nn.Module):
         rows, H, T, Dh = q.shape
         G = rows // kv.k.size(0)
         q = q.view(-1, G, H, T, Dh).transpose(1, 2).reshape(-1, H, G * T, Dh)  # (B, H, G*T, Dh)
-        y = F.scaled_dot_product_attention(
-            q, kv.k, kv.v, attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            scale=1.0 / math.sqrt(self.head_size),
-        )  # (B, H, G*T, Dh)
+        # Written out rather than F.scaled_dot_product_attention: on CPU, for decoding's one query
+        # a row and for bf16, the fused kernel measured 1.5-6x slower than these two matmuls.
+        scores = q @ kv.k.transpose(-2, -1) / math.sqrt(self.head_size)  # (B, H, G*T, L)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = F.dropout(scores.softmax(dim=-1), self.dropout, self.training)
+        y = weights @ kv.v  # (B, H, G*T, Dh)
         y = y.view(-1, H, G, T, Dh).permute(0, 2, 3, 1, 4).reshape(rows, T, H * Dh)  # heads side by side: (B*G, T, D)
         return self.out_proj(y)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import KV, MultiHeadAttention, causal_mask, padding_mask
+from .attention import KV, KVCache, MultiHeadAttention, causal_mask, padding_mask
 from .config import ModelConfig
 
 
@@ -74,16 +74,15 @@ class DecoderLayer(nn.Module):
         self.ffn = FeedForward(d_model, d_ff, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, past: KV | None, memory_kv: KV, src_mask: Tensor) -> tuple[Tensor, KV]:
+    def forward(self, x: Tensor, past: KVCache | None, memory_kv: KV, src_mask: Tensor) -> tuple[Tensor, KVCache]:
         """x: (B, T, D) new positions; past: their predecessors' K/V. Returns x and all K/V so far."""
         h = self.self_attn_norm(x)
         kv = self.self_attn.project_kv(h)
-        if past is not None:
-            kv = past.extend(kv)
-        x = x + self.drop(self.self_attn(h, kv, causal_mask(x.size(1), kv.k.size(2), x.device)))
+        cache = KVCache.of(kv) if past is None else past.append(kv)
+        x = x + self.drop(self.self_attn(h, cache.kv, causal_mask(x.size(1), cache.length, x.device)))
         x = x + self.drop(self.cross_attn(self.cross_attn_norm(x), memory_kv, src_mask))
         x = x + self.drop(self.ffn(self.ffn_norm(x)))
-        return x, kv
+        return x, cache
 
 
 @dataclass(frozen=True)
@@ -92,13 +91,13 @@ class DecoderState:
 
     memory_kv: tuple[KV, ...]  # cross-attention K/V per layer, projected once per source: B rows
     src_mask: Tensor  # (B, 1, 1, S)
-    self_kv: tuple[KV, ...] = ()  # decoder self-attention K/V per layer, one position longer each step:
+    self_kv: tuple[KVCache, ...] = ()  # decoder self-attention K/V per layer, one position longer each step:
     # one row per hypothesis, G consecutive rows per source (G = 1, or the beam size)
 
     @property
     def position(self) -> int:
         """How many target positions have been decoded: where the next token's position starts."""
-        return self.self_kv[0].k.size(2) if self.self_kv else 0
+        return self.self_kv[0].length if self.self_kv else 0
 
     def select(self, rows: Tensor, sources: Tensor | None = None) -> DecoderState:
         """Pick hypothesis rows (beam reordering, rows leaving) and, if given, the sources
@@ -106,7 +105,7 @@ class DecoderState:
         return DecoderState(
             memory_kv=self.memory_kv if sources is None else tuple(kv.select(sources) for kv in self.memory_kv),
             src_mask=self.src_mask if sources is None else self.src_mask.index_select(0, sources),
-            self_kv=tuple(kv.select(rows) for kv in self.self_kv),
+            self_kv=tuple(cache.select(rows) for cache in self.self_kv),
         )
 
 
@@ -151,21 +150,26 @@ class Transformer(nn.Module):
         return DecoderState(tuple(layer.cross_attn.project_kv(memory) for layer in self.decoder), src_mask)
 
     def decode(self, tgt_in: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
-        """New target tokens (B, T) after `state` -> their next-token logits (B, T, V) and the extended state."""
+        """New target tokens (B, T) after `state` -> their decoder outputs (B, T, D) and the extended state."""
         x = self._embed(tgt_in, start=state.position)
         self_kv = []
         for i, layer in enumerate(self.decoder):
             past = state.self_kv[i] if state.self_kv else None
             x, kv = layer(x, past, state.memory_kv[i], state.src_mask)
             self_kv.append(kv)
-        logits = F.linear(self.decoder_norm(x), self.embedding.weight)  # tied output projection
-        return logits, replace(state, self_kv=tuple(self_kv))
+        return self.decoder_norm(x), replace(state, self_kv=tuple(self_kv))
+
+    def logits(self, outputs: Tensor) -> Tensor:
+        """Decoder outputs (..., D) -> next-token logits (..., V), through the tied embedding.
+
+        Apart from `decode` so that search can project a block of rows at a time."""
+        return F.linear(outputs, self.embedding.weight)
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher forcing: (B, S), (B, T) -> logits (B, T, V)."""
         memory, src_mask = self.encode(src)
-        logits, _ = self.decode(tgt_in, self.start(memory, src_mask))
-        return logits
+        outputs, _ = self.decode(tgt_in, self.start(memory, src_mask))
+        return self.logits(outputs)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
