@@ -19,6 +19,7 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from translator.config import DataConfig, ModelConfig, TrainConfig
 from translator.data import TrainBatches, filter_pairs, load_split, tokenize
 from translator.model import Transformer
 from translator.tokenizer import Tokenizer, interleave
-from translator.train import inverse_sqrt_schedule, loss_fn
+from translator.train import inverse_sqrt_schedule, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT.parent / "shared" / "bench-peers"
@@ -59,19 +60,14 @@ def run_peer() -> float:
 def measure(model: Transformer, model_cfg: ModelConfig, batches: TrainBatches, precision: str, steps: int, warmup: int, cfg: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt_schedule(cfg.warmup_steps))
-    stream = batches.from_position(0, 0)
+    stream = batches.from_position({})
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
     tgt_tokens = src_tokens = padded = real = macs = 0
     seconds = 0.0
     for step in range(warmup + steps):
-        _, _, batch = next(stream)
+        _, batch = next(stream)
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = loss_fn(model, batch.src, batch.tgt_in, batch.tgt_out, cfg.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-        optimizer.step()
-        scheduler.step()
+        train_step(model, optimizer, scheduler, [batch], amp, cfg)  # the training loop's own update
         elapsed = time.perf_counter() - start
         if step < warmup:
             continue

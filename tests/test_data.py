@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from conftest import MULTI30K, toy_pair
 from translator.batching import bucketed_batches, chunk_by_budget, pad, source_tensor, target_tensors
 from translator.config import DataConfig
-from translator.data import DataError, FilterReport, TrainBatches, filter_pairs, load_split, lengths, to_pairs, tokenize
+from translator.data import Batch, DataError, FilterReport, StreamBatches, TrainBatches, filter_pairs, load_split, lengths, to_pairs, tokenize
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 DE = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen, \"draußen\" im Schnee.", "Die Straße ist nass."]
@@ -389,10 +389,10 @@ def test_train_batches_respect_the_budget_in_tensors(train_batches):
 def test_train_batches_iterate_epoch_after_epoch(train_batches):
     batches, _, _ = train_batches
     epoch0, epoch1 = batches.epoch(0), batches.epoch(1)
-    stream = list(itertools.islice(batches.from_position(0, 0), len(epoch0) + 2))
-    positions = [(0, i) for i in range(len(epoch0))] + [(1, 0), (1, 1)]
-    for indices, position, (epoch, index, batch) in zip(epoch0 + epoch1[:2], positions, stream):
-        assert (epoch, index) == position
+    stream = list(itertools.islice(batches.from_position({}), len(epoch0) + 2))
+    positions = [(0, i + 1) for i in range(len(epoch0))] + [(1, 1), (1, 2)]  # where to resume after each batch
+    for indices, position, (after, batch) in zip(epoch0 + epoch1[:2], positions, stream):
+        assert (after["epoch"], after["batch_in_epoch"]) == position
         expected = batches.collate(indices)
         assert torch.equal(batch.src, expected.src) and torch.equal(batch.tgt_out, expected.tgt_out)
 
@@ -400,19 +400,18 @@ def test_train_batches_iterate_epoch_after_epoch(train_batches):
 def test_train_batches_resume_mid_epoch(train_batches):
     batches, _, _ = train_batches
     epoch1 = batches.epoch(1)
-    epoch, index, batch = next(batches.from_position(1, 2))  # as after a checkpoint taken when 2 batches of epoch 1 were done
-    assert (epoch, index) == (1, 2)
+    after, batch = next(batches.from_position({"epoch": 1, "batch_in_epoch": 2}))  # a checkpoint after 2 batches of epoch 1
+    assert after == {"epoch": 1, "batch_in_epoch": 3}
     assert torch.equal(batch.src, batches.collate(epoch1[2]).src)
 
 
-def test_padding_fraction_counts_padded_positions(train_batches):
-    batches, _, _ = train_batches
-    padded = real = 0
+def test_batch_padding_counts_padded_positions_of_both_sides(train_batches):
+    batches, src, tgt = train_batches
     for indices in batches.epoch(3):
-        batch = batches.collate(indices)
-        padded += batch.src.numel() + batch.tgt_out.numel()
-        real += int((batch.src != 0).sum()) + int((batch.tgt_out != 0).sum())
-    assert abs(batches.padding_fraction(3) - (1 - real / padded)) < 1e-9
+        pads, positions = batches.collate(indices).padding
+        longest_src, longest_tgt = max(len(src[i]) for i in indices) + 1, max(len(tgt[i]) for i in indices) + 1
+        assert positions == len(indices) * (longest_src + longest_tgt)
+        assert pads == positions - sum(len(src[i]) + len(tgt[i]) + 2 for i in indices)
 
 
 def test_tokenizing_in_several_processes_gives_the_same_ids():
@@ -422,3 +421,57 @@ def test_tokenizing_in_several_processes_gives_the_same_ids():
     one = tokenize(pairs, tokenizer)
     two = tokenize(pairs, tokenizer, num_proc=2)
     assert two["src_ids"] == one["src_ids"] and two["tgt_ids"] == one["tgt_ids"]
+
+
+# --- streaming -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory):
+    """A 300-pair jsonl split read as a stream, with pools of 70 pairs (five pools, the last short)."""
+    folder = tmp_path_factory.mktemp("stream")
+    data = rows(300, seed=7) + [{"de": "", "en": "Nothing on the other side."}]  # one pair for the filter to drop
+    write_split(folder, "train", "jsonl", data)
+    pairs = load_split(DataConfig(path=str(folder), src_lang="de", tgt_lang="en"), "train", streaming=True)
+    assert isinstance(pairs, datasets.IterableDataset)
+    tokenizer = Tokenizer.train([r[k] for r in data for k in ("de", "en")], vocab_size=80)
+    return StreamBatches(pairs, tokenizer, max_tokens=96, seed=3, max_len=64, max_ratio=0, pool_size=70, shuffle_buffer=32), data, tokenizer
+
+
+def epoch_of(stream: StreamBatches, epoch: int) -> list[tuple[dict, Batch]]:
+    return list(itertools.takewhile(lambda item: item[0]["epoch"] == epoch, stream.from_position({"epoch": epoch})))
+
+
+def pairs_in(batch: Batch) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The (source ids, target ids) of each row, specials and padding stripped."""
+    strip = lambda row: tuple(t for t in row if t not in (PAD_ID, EOS_ID, BOS_ID))  # noqa: E731
+    return [(strip(s), strip(t)) for s, t in zip(batch.src.tolist(), batch.tgt_out.tolist())]
+
+
+def test_streamed_epoch_holds_every_kept_pair_once_within_the_budget(streamed):
+    stream, data, tokenizer = streamed
+    epoch = epoch_of(stream, 0)
+    seen = [pair for _, batch in epoch for pair in pairs_in(batch)]
+    kept = [r for r in data if r["de"]]
+    assert sorted(seen) == sorted(zip(map(tuple, tokenizer.encode([r["de"] for r in kept])), map(tuple, tokenizer.encode([r["en"] for r in kept]))))
+    for _, batch in epoch:
+        if batch.src.size(0) > 1:
+            assert batch.src.numel() <= 96 and batch.tgt_in.numel() <= 96
+    assert epoch[-1][0] == {"epoch": 0, "pairs_read": len(data), "batch_in_pool": 0}
+
+
+def test_streamed_epochs_differ_and_the_same_seed_repeats(streamed):
+    stream, _, _ = streamed
+    first = [pairs_in(b) for _, b in epoch_of(stream, 0)]
+    again = [pairs_in(b) for _, b in epoch_of(stream, 0)]
+    second = [pairs_in(b) for _, b in epoch_of(stream, 1)]
+    assert first == again and first != second
+
+
+@pytest.mark.parametrize("cut", [1, 4, 9])
+def test_streamed_batches_resume_from_any_position(streamed, cut):
+    stream, _, _ = streamed
+    straight = list(itertools.islice(stream.from_position({}), 30))
+    resumed = list(itertools.islice(stream.from_position(straight[cut - 1][0]), 30 - cut))
+    for (pos_a, a), (pos_b, b) in zip(straight[cut:], resumed):
+        assert pos_a == pos_b and torch.equal(a.src, b.src) and torch.equal(a.tgt_out, b.tgt_out)

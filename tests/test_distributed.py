@@ -54,3 +54,18 @@ def test_two_processes_train_like_one_accumulating_their_batches_and_resume_on_o
     more = train_cli([sys.executable], toy_corpus, tmp_path / "two", "train.max_steps=60", resume=True)  # another world size
     assert more.returncode == 0, more.stderr[-3000:]
     assert training_checkpoints(tmp_path / "two")[-1].name == "step_00000060"
+
+
+@pytest.mark.slow
+def test_two_processes_resume_bitwise_with_each_ranks_dropout_state(tmp_path, toy_corpus):
+    """Every rank's RNG is in the checkpoint: stopped at step 20 and resumed on 2 processes, the run
+    ends bitwise where an uninterrupted one does, dropout included."""
+    straight = train_cli(torchrun(2), toy_corpus, tmp_path / "straight", "model.dropout=0.1")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = train_cli(torchrun(2), toy_corpus, tmp_path / "stopped", "model.dropout=0.1", "train.max_steps=20")
+    assert first.returncode == 0, first.stderr[-3000:]
+    rest = train_cli(torchrun(2), toy_corpus, tmp_path / "stopped", "model.dropout=0.1", resume=True)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    a = load_file(training_checkpoints(tmp_path / "straight")[-1] / WEIGHTS)
+    b = load_file(training_checkpoints(tmp_path / "stopped")[-1] / WEIGHTS)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -81,7 +82,7 @@ TOY_SENTENCES = ["Ein mann sieht der hut.", "Der alte hund trägt ein ball.", "E
         ({"model__d_modle": 64}, "model.d_modle"),
         ({"model__n_heads": "four"}, "model.n_heads"),
         ({"model__dropout": 1.5}, "model.dropout"),
-        ({"train__precision": "fp16"}, "train.precision"),
+        ({"train__precision": "fp8"}, "train.precision"),
     ],
     ids=["unknown-key", "wrong-type", "out-of-range", "not-a-choice"],
 )
@@ -97,6 +98,13 @@ def test_cli_bad_recipe_file_exits_2_naming_the_key(tmp_path, changes, key):
 )
 def test_cli_bad_override_value_exits_2_naming_the_key(override, key):
     assert_usage_error(cli("train", TINY_RECIPE, "--set", override, "--quiet"), "train", key)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cli_cuda_device_without_a_gpu_exits_2_naming_the_key(tmp_path):
+    line = assert_usage_error(cli("train", TINY_RECIPE, "--set", "train.device=cuda", "--set", f"out_dir={tmp_path / 'run'}", "--quiet"),
+                              "train", "train.device")
+    assert "no CUDA device" in line
 
 
 def test_cli_override_without_equals_exits_2_naming_it():

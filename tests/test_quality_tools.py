@@ -74,4 +74,7 @@ def test_early_stopping_after_patience_validations_without_improvement(tmp_path,
     validations = [e for e in entries if "valid_bleu" in e]
     assert [v["step"] for v in validations] == [5, 10, 15]
     assert training_checkpoints(out)[-1].name == "step_00000015"
+    # the best validation's checkpoint outlives keep_checkpoints, resumable like any other
+    assert training_checkpoints(out)[0].name == "step_00000005"
+    assert json.loads((training_checkpoints(out)[-1] / "state.json").read_text())["best_step"] == 5
     assert "test" in entries[-1]

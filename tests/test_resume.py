@@ -1,5 +1,6 @@
 """Training loses nothing: killed at any moment and resumed, it ends bitwise where an uninterrupted run ends."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -143,3 +144,48 @@ def test_a_half_written_checkpoint_directory_is_ignored(tmp_path):
     (tmp_path / "checkpoints" / ".step_00000030.x1y2").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step_00000020").mkdir()
     assert [p.name for p in training_checkpoints(tmp_path)] == ["step_00000020"]
+
+
+def test_rotation_keeps_the_newest_and_the_best(tmp_path):
+    model = Transformer(ModelConfig(d_model=16, n_heads=2, d_ff=32, encoder_layers=1, decoder_layers=1), vocab_size=30)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    for step in (10, 20, 30, 40, 50):
+        save_training_checkpoint(tmp_path, step, model, optimizer, {"step": step}, keep=2, best_step=20)
+    assert [p.name for p in training_checkpoints(tmp_path)] == ["step_00000020", "step_00000040", "step_00000050"]
+
+
+def train_to(corpus: Path, out: Path, steps: int, *extra: str, resume: bool = False) -> None:
+    settings = [f"data.path={corpus}", f"out_dir={out}", f"train.max_steps={steps}", "train.valid_every=20",
+                "train.checkpoint_every=10", "model.dropout=0.1", *extra]
+    train(load_recipe(TINY_RECIPE, settings), progress=False, resume=resume)
+
+
+def last_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(training_checkpoints(out)[-1] / WEIGHTS)
+
+
+@pytest.mark.slow
+def test_a_streamed_corpus_resumes_exactly(tmp_path, toy_corpus):
+    """data.streaming: the stream position (pairs read, batches of the pool taken) is part of the checkpoint."""
+    train_to(toy_corpus, tmp_path / "straight", 40, "data.streaming=true")
+    train_to(toy_corpus, tmp_path / "stopped", 20, "data.streaming=true")
+    state = json.loads((training_checkpoints(tmp_path / "stopped")[-1] / "state.json").read_text())
+    assert set(state["data_position"]) == {"epoch", "pairs_read", "batch_in_pool"}
+    train_to(toy_corpus, tmp_path / "stopped", 40, "data.streaming=true", resume=True)
+    straight, resumed = last_weights(tmp_path / "straight"), last_weights(tmp_path / "stopped")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.slow
+def test_fp16_with_a_gradient_scaler_trains_and_resumes_with_its_scale(tmp_path, toy_corpus):
+    """fp16 is meant for GPUs; CPU autocast runs the same code path (scaler, unscale before clipping, skipped overflows)."""
+    train_to(toy_corpus, tmp_path / "straight", 40, "train.precision=fp16")
+    train_to(toy_corpus, tmp_path / "stopped", 20, "train.precision=fp16")
+    state = json.loads((training_checkpoints(tmp_path / "stopped")[-1] / "state.json").read_text())
+    assert state["grad_scaler"]["scale"] > 0
+    train_to(toy_corpus, tmp_path / "stopped", 40, "train.precision=fp16", resume=True)
+    straight, resumed = last_weights(tmp_path / "straight"), last_weights(tmp_path / "stopped")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    entries = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in entries if "loss" in e]
+    assert losses[-1] < losses[0]

@@ -4,7 +4,7 @@
     model.safetensors    the weights
     sentencepiece.model  the joint subword model
     checkpoints/step_N/  training state to resume from: model.safetensors,
-                         optimizer.safetensors (Adam moments, torch RNG), state.json (the rest)
+                         optimizer.safetensors (Adam moments, every process's torch RNG), state.json (the rest)
 
 Every file is written atomically (temporary file in the same directory, fsync, rename), a
 training checkpoint as a whole directory, so a crash mid-write leaves the previous one intact.
@@ -120,8 +120,15 @@ def training_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(root.glob("step_*")) if root.is_dir() else []
 
 
-def save_training_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer, state: dict, keep: int) -> Path:
-    """Write checkpoints/step_N as a whole (temporary directory, fsync, rename), then keep the newest `keep`."""
+def save_training_checkpoint(
+    run_dir: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer, state: dict, keep: int,
+    best_step: int | None = None, rng: list[dict[str, torch.Tensor]] | None = None,
+) -> Path:
+    """Write checkpoints/step_N as a whole (temporary directory, fsync, rename), then keep the
+    newest `keep` and the one of `best_step` (the best validation BLEU so far).
+
+    `rng` holds each process's random generator states by rank ({"torch": ..., "cuda": ...});
+    by default this process's torch generator."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -130,7 +137,8 @@ def save_training_checkpoint(run_dir: Path, step: int, model: Transformer, optim
         save_file(_tensors(model), tmp / WEIGHTS)
         optim = optimizer.state_dict()
         tensors = {f"{i}.{name}": value for i, slots in optim["state"].items() for name, value in slots.items()}
-        tensors["rng.torch"] = torch.get_rng_state()
+        for rank, generators in enumerate(rng or [{"torch": torch.get_rng_state()}]):
+            tensors.update({f"rng.{name}.{rank}": value for name, value in generators.items()})
         save_file(tensors, tmp / OPTIMIZER)
         (tmp / STATE).write_text(json.dumps({**state, "optimizer_groups": optim["param_groups"]}), encoding="utf-8")
         for file in (WEIGHTS, OPTIMIZER, STATE):
@@ -142,26 +150,32 @@ def save_training_checkpoint(run_dir: Path, step: int, model: Transformer, optim
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    best = root / f"step_{best_step:08d}" if best_step is not None else None
     for old in training_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old)
+        if old != best:
+            shutil.rmtree(old)
     return final
 
 
 def load_training_checkpoint(path: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore weights, optimizer and torch RNG in place; return the rest of the state (step, data position, ...)."""
+    """Restore weights and optimizer in place; return the rest of the state (step, data position, ...),
+    with the generator states by rank under "rng" (restoring them is the caller's: it knows its rank)."""
     try:
         model.load_state_dict(load_file(path / WEIGHTS))
         tensors = load_file(path / OPTIMIZER)
         state = json.loads((path / STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError, SafetensorError, RuntimeError) as e:
         raise CheckpointError(f"{path}: cannot load the training checkpoint ({e})") from None
-    torch.set_rng_state(tensors.pop("rng.torch"))
+    rng: dict[int, dict[str, torch.Tensor]] = {}
+    for key in [k for k in tensors if k.startswith("rng.")]:
+        _, name, rank = key.split(".")
+        rng.setdefault(int(rank), {})[name] = tensors.pop(key)
     slots: dict[int, dict] = {}
     for key, value in tensors.items():
         index, name = key.split(".", 1)
         slots.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": slots, "param_groups": state.pop("optimizer_groups")})
-    return state
+    return {**state, "rng": [rng[rank] for rank in sorted(rng)]}
 
 
 def average_weights(directories: list[Path]) -> dict[str, torch.Tensor]:

@@ -34,6 +34,7 @@ class DataConfig:
     max_len: int = 128  # training pairs with more subword tokens on either side are dropped
     num_proc: int | None = None  # processes for tokenizing with datasets.map (None: this one)
     max_ratio: float = 9.0  # training pairs whose longer side has more than this many times the shorter's tokens are dropped (0: off)
+    streaming: bool = False  # read the training split as a stream (a corpus too large for the disk): pools of it are shuffled and bucketed as they arrive
 
     def validate(self) -> None:
         _check(self.src_lang != self.tgt_lang, "data.tgt_lang", self.tgt_lang, "a language other than data.src_lang")
@@ -83,11 +84,12 @@ class TrainConfig:
     label_smoothing: float = 0.1
     clip_norm: float = 1.0
     on_nan: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop (the last checkpoint stays good) or skip that update with a warning
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast; fp16 (for GPUs) adds a gradient scaler
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when torch sees one; under torchrun, GPU LOCAL_RANK
     log_every: int = 50
     valid_every: int = 500
     checkpoint_every: int = 500  # steps between training checkpoints (resumable; also written at the end and on SIGINT/SIGTERM)
-    keep_checkpoints: int = 2  # the newest this many are kept
+    keep_checkpoints: int = 2  # the newest this many are kept, and the one with the best validation BLEU
     patience: int | None = None  # stop after this many validations without a better BLEU (None: never)
     average_last: int = 0  # at the end, the model's weights become the mean of the last N checkpoints (0: the best by BLEU)
     threads: int | None = None  # torch intra-op threads; None keeps torch's default (one per core)

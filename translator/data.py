@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 from collections.abc import Iterator
+from itertools import islice
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +19,9 @@ import datasets
 import numpy as np
 import torch
 
-from .batching import bucketed_batches, source_tensor, target_tensors
+from .batching import bucketed_batches, chunk_by_budget, source_tensor, target_tensors
 from .config import DataConfig
-from .tokenizer import Tokenizer
+from .tokenizer import PAD_ID, Tokenizer
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -62,49 +63,50 @@ def _first_invalid_utf8_line(file: str) -> str | None:
     return None
 
 
-def _load_local(builder: str, file: str) -> datasets.Dataset:
+def _load_local(builder: str, file: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
     # pyarrow's JSON reader accepts invalid UTF-8 and fails later, far from the cause: check first.
     if builder in ("json", "csv") and (problem := _first_invalid_utf8_line(file)):
         raise DataError(problem)
     try:
         # Loaded as "train": datasets' split names must be identifiers, file names need not be (test-2016.jsonl).
-        return datasets.load_dataset(builder, data_files=file, split="train")
+        return datasets.load_dataset(builder, data_files=file, split="train", streaming=streaming)
     except datasets.exceptions.DatasetGenerationError as e:
         raise DataError(f"{file}: cannot be read as {builder} ({e.__cause__ or e})") from e
 
 
-def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
-    """One split as a `datasets.Dataset` with string columns `src` and `tgt`."""
+def load_split(cfg: DataConfig, split: str, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
+    """One split with string columns `src` and `tgt`: a `datasets.Dataset`, or with `streaming`
+    an `IterableDataset` read as it is iterated (nothing downloaded or prepared up front)."""
     folder = Path(cfg.path).expanduser()
     if folder.is_dir():
         builder, split_files = _local_split_files(folder)
         if split not in split_files:
             raise DataError(f"split {split!r} not found in {folder}; splits there: {', '.join(split_files)}")
-        dataset = _load_local(builder, split_files[split])
+        dataset = _load_local(builder, split_files[split], streaming)
     elif cfg.path.startswith(("/", "./", "../", "~")) or folder.exists():
         raise DataError(f"data.path: {cfg.path} is not a folder of split files (no such directory)")
     else:
         try:
-            available = datasets.load_dataset(cfg.path, cfg.name)
+            dataset = datasets.load_dataset(cfg.path, cfg.name, split=split, streaming=streaming)
+        except ValueError as e:  # datasets: Unknown split "x". Should be one of [...]
+            raise DataError(f"split {split!r} not in dataset {cfg.path!r} ({e})") from None
         except (FileNotFoundError, ConnectionError, OSError) as e:
             raise DataError(
                 f"could not load dataset {cfg.path!r} ({type(e).__name__}: {e}). Without internet access, "
                 "point data.path at a local folder of split files, e.g. --set data.path=../shared/data/multi30k"
             ) from None
-        if split not in available:
-            raise DataError(f"split {split!r} not in dataset {cfg.path!r}; splits: {', '.join(available)}")
-        dataset = available[split]
     return to_pairs(dataset, cfg.src_lang, cfg.tgt_lang)
 
 
-def to_pairs(dataset: datasets.Dataset, src_lang: str, tgt_lang: str) -> datasets.Dataset:
+def to_pairs(dataset: datasets.Dataset | datasets.IterableDataset, src_lang: str, tgt_lang: str):
     """Map either layout onto columns `src` and `tgt`."""
-    columns = dataset.column_names
+    columns = dataset.column_names or list(next(iter(dataset), {}))  # a stream may not know its columns before reading
     if src_lang in columns and tgt_lang in columns:
         dataset = dataset.select_columns([src_lang, tgt_lang])
         return dataset.rename_columns({src_lang: "src", tgt_lang: "tgt"})
     if "translation" in columns:
-        feature = dataset.features["translation"]  # datasets.Translation (wmt14) or a dict of Values
+        # datasets.Translation (wmt14), a dict of Values, or in a stream of unknown features the first example's keys
+        feature = dataset.features["translation"] if dataset.features else next(iter(dataset))["translation"]
         languages = set(getattr(feature, "languages", None) or feature.keys())
         for lang in (src_lang, tgt_lang):
             if lang not in languages:
@@ -150,13 +152,18 @@ class FilterReport:
                 f"{self.too_long} longer than data.max_len, {self.bad_ratio} past data.max_ratio")
 
 
-def filter_pairs(tokenized: datasets.Dataset, max_len: int, max_ratio: float) -> tuple[datasets.Dataset, FilterReport]:
-    """Drop pairs by rule, each pair counted under the first rule it breaks."""
-    src_len, tgt_len = lengths(tokenized)
+def broken_rules(src_len: np.ndarray, tgt_len: np.ndarray, max_len: int, max_ratio: float) -> tuple[np.ndarray, ...]:
+    """Per pair (subword counts of each side), the first filter rule it breaks: masks empty, too_long, bad_ratio."""
     shorter, longer = np.minimum(src_len, tgt_len), np.maximum(src_len, tgt_len)
     empty = shorter == 0  # blank lines encode to no pieces at all
     too_long = ~empty & (longer > max_len)
     bad_ratio = ~empty & ~too_long & (max_ratio > 0) & (longer > max_ratio * shorter)
+    return empty, too_long, bad_ratio
+
+
+def filter_pairs(tokenized: datasets.Dataset, max_len: int, max_ratio: float) -> tuple[datasets.Dataset, FilterReport]:
+    """Drop pairs by rule, each pair counted under the first rule it breaks."""
+    empty, too_long, bad_ratio = broken_rules(*lengths(tokenized), max_len, max_ratio)
     keep = np.flatnonzero(~(empty | too_long | bad_ratio))
     return tokenized.select(keep), FilterReport(len(keep), int(empty.sum()), int(too_long.sum()), int(bad_ratio.sum()))
 
@@ -183,6 +190,15 @@ class Batch:
     def n_tgt_tokens(self) -> int:
         return int((self.tgt_out != 0).sum())
 
+    @property
+    def padding(self) -> tuple[int, int]:
+        """Padding positions and all positions, source and target (by the outputs: real up to each eos) together."""
+        pads = int((self.src == PAD_ID).sum()) + int((self.tgt_out == PAD_ID).sum())
+        return pads, self.src.numel() + self.tgt_out.numel()
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device))
+
 
 class TrainBatches:
     """Token-budget batches over a tokenized dataset, reshuffled each epoch from (seed, epoch)."""
@@ -197,19 +213,57 @@ class TrainBatches:
     def epoch(self, epoch: int) -> list[np.ndarray]:
         return bucketed_batches(self.sizes, self.max_tokens, self.seed, epoch)
 
-    def padding_fraction(self, epoch: int) -> float:
-        """The share of source and target positions in the epoch's batches that are padding."""
-        padded = sum(len(b) * (self.src_sizes[b].max() + self.tgt_sizes[b].max()) for b in self.epoch(epoch))
-        return 1 - (self.src_sizes.sum() + self.tgt_sizes.sum()) / padded
-
     def collate(self, indices: np.ndarray) -> Batch:
         rows = self.dataset[indices]
         return Batch(source_tensor(rows["src_ids"]), *target_tensors(rows["tgt_ids"]))
 
-    def from_position(self, epoch: int, start: int) -> Iterator[tuple[int, int, Batch]]:
-        """Endless, epoch after epoch, from batch `start` of `epoch`: (epoch, index in epoch, batch)."""
+    def from_position(self, position: dict) -> Iterator[tuple[dict, Batch]]:
+        """Endless, epoch after epoch, from `position` ({} is the start): (the position after it, batch)."""
+        epoch, start = position.get("epoch", 0), position.get("batch_in_epoch", 0)
         while True:
             for index, indices in enumerate(self.epoch(epoch)):
                 if index >= start:
-                    yield epoch, index, self.collate(indices)
+                    yield {"epoch": epoch, "batch_in_epoch": index + 1}, self.collate(indices)
             epoch, start = epoch + 1, 0
+
+
+class StreamBatches:
+    """Token-budget batches over a stream of pairs too large to hold or to store: the stream is
+    shuffled through a buffer (a new order each epoch), read a pool at a time, and each pool is
+    tokenized, filtered, sorted by length, cut by budget, and its batches shuffled.
+
+    A position is (epoch, pairs read before the current pool, batches of it taken): resuming
+    skips that many pairs of the same shuffled stream, so it goes on with the very same batches.
+    """
+
+    def __init__(self, pairs: datasets.IterableDataset, tokenizer: Tokenizer, max_tokens: int, seed: int, max_len: int,
+                 max_ratio: float, pool_size: int = 100_000, shuffle_buffer: int = 10_000):
+        self.pairs, self.tokenizer, self.max_tokens, self.seed = pairs, tokenizer, max_tokens, seed
+        self.max_len, self.max_ratio, self.pool_size, self.shuffle_buffer = max_len, max_ratio, pool_size, shuffle_buffer
+
+    def _pool_batches(self, pool: list[dict], epoch: int, read_before: int) -> list[Batch]:
+        src_ids = self.tokenizer.encode([pair["src"] or "" for pair in pool])
+        tgt_ids = self.tokenizer.encode([pair["tgt"] or "" for pair in pool])
+        src_len, tgt_len = np.array([len(x) for x in src_ids]), np.array([len(x) for x in tgt_ids])
+        keep = np.flatnonzero(~np.logical_or.reduce(broken_rules(src_len, tgt_len, self.max_len, self.max_ratio)))
+        sizes = np.maximum(src_len, tgt_len) + 1
+        batches = chunk_by_budget(keep[np.argsort(sizes[keep], kind="stable")], sizes, self.max_tokens)
+        order = np.random.default_rng([self.seed, epoch, read_before]).permutation(len(batches))
+        return [Batch(source_tensor([src_ids[i] for i in batches[b]]), *target_tensors([tgt_ids[i] for i in batches[b]])) for b in order]
+
+    def from_position(self, position: dict) -> Iterator[tuple[dict, Batch]]:
+        epoch, read, start = position.get("epoch", 0), position.get("pairs_read", 0), position.get("batch_in_pool", 0)
+        while True:
+            stream = self.pairs.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+            stream.set_epoch(epoch)
+            pairs, any_batch = iter(stream.skip(read)), read > 0
+            while pool := list(islice(pairs, self.pool_size)):
+                batches = self._pool_batches(pool, epoch, read)
+                for index in range(start, len(batches)):
+                    last = index + 1 == len(batches)
+                    after = {"epoch": epoch, "pairs_read": read + len(pool) * last, "batch_in_pool": 0 if last else index + 1}
+                    yield after, batches[index]
+                read, start, any_batch = read + len(pool), 0, any_batch or bool(batches)
+            if not any_batch:
+                raise DataError("the training stream holds no pair that passes the filters (data.max_len, data.max_ratio)")
+            epoch, read = epoch + 1, 0

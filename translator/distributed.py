@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import RecipeError
+
 
 @dataclass(frozen=True)
 class World:
@@ -32,6 +34,14 @@ class World:
         tensor = torch.tensor([value], dtype=torch.float64)
         dist.all_reduce(tensor)
         return float(tensor.item())
+
+    def gather(self, value) -> list:
+        """Every rank's value, by rank, on every rank."""
+        if self.size == 1:
+            return [value]
+        values = [None] * self.size
+        dist.all_gather_object(values, value)
+        return values
 
     def from_main(self, value):
         """Rank 0's value, on every rank (e.g. the validation verdicts only rank 0 computes)."""
@@ -57,18 +67,29 @@ class World:
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         if self.size == 1:
             return True
-        digests = [None] * self.size
-        dist.all_gather_object(digests, digest.hexdigest())
-        return len(set(digests)) == 1
+        return len(set(self.gather(digest.hexdigest()))) == 1
 
 
-def join() -> World:
+def pick_device(requested: str) -> torch.device:
+    """"auto" is the GPU when torch sees one, else the CPU; under torchrun each process takes GPU LOCAL_RANK."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RecipeError(f"train.device: {requested!r}, but torch sees no CUDA device on this machine (use auto or cpu)")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def join(device: torch.device) -> World:
     """The world torchrun describes in the environment (WORLD_SIZE, RANK, MASTER_ADDR, ...), or a world of one."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return World(dist.get_rank(), size)
 
 

@@ -30,8 +30,8 @@ from .checkpoint import (
     CHECKPOINTS, SPM, WEIGHTS, average_weights, load_training_checkpoint, save_model_dir, save_training_checkpoint, save_weights, training_checkpoints,
 )
 from .config import Recipe, RecipeError, TrainConfig
-from .data import Batch, TrainBatches, filter_pairs, load_split, tokenize
-from .distributed import World, join, leave
+from .data import Batch, StreamBatches, TrainBatches, filter_pairs, load_split, tokenize
+from .distributed import World, join, leave, pick_device
 from .evaluate import Scores, evaluate, score
 from .model import Transformer
 from .tokenizer import PAD_ID, Tokenizer, interleave
@@ -64,11 +64,14 @@ def loss_fn(model: torch.nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, tgt
 
 
 def train_step(
-    model: torch.nn.Module, optimizer, scheduler, batches: list[Batch], autocast, cfg: TrainConfig, world: World = World()
+    model: torch.nn.Module, optimizer, scheduler, batches: list[Batch], autocast, cfg: TrainConfig, world: World = World(),
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, int]:
     """One update from one or more batches (gradient accumulation, and under DDP every rank's
     batches); the loss is the mean over all their target tokens, as if they were one batch.
-    Returns this rank's mean loss and token count."""
+    `scaler` (fp16) scales the loss up so small gradients survive, and skips the update on
+    overflow. Returns this rank's mean loss and token count."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)  # disabled, every call passes through
     n_local = sum(batch.n_tgt_tokens for batch in batches)
     n_tokens = world.sum(n_local)
     optimizer.zero_grad(set_to_none=True)
@@ -81,11 +84,13 @@ def train_step(
                 loss = loss_fn(model, batch.src, batch.tgt_in, batch.tgt_out, cfg.label_smoothing)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()}")
-            (loss * (batch.n_tgt_tokens * world.size / n_tokens)).backward()  # x size: DDP divides by it
+            scaler.scale(loss * (batch.n_tgt_tokens * world.size / n_tokens)).backward()  # x size: DDP divides by it
         total += loss.item() * batch.n_tgt_tokens
     if cfg.clip_norm > 0:
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
     scheduler.step()
     return total / n_local, n_local
 
@@ -108,7 +113,7 @@ def validate(translator: Translator, batches: TrainBatches, pairs: datasets.Data
     model = translator.model.eval()
     total, tokens = 0.0, 0
     for indices in batches.epoch(0):
-        batch = batches.collate(indices)
+        batch = batches.collate(indices).to(translator.device)
         with autocast():
             loss = loss_fn(model, batch.src, batch.tgt_in, batch.tgt_out, 0.0)
         n = batch.n_tgt_tokens
@@ -125,14 +130,26 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     bitwise the same as a run that was never interrupted); without it, refuse an `out_dir`
     that already holds a run. SIGINT and SIGTERM save a checkpoint, then raise KeyboardInterrupt.
     """
-    world = join()
+    device = pick_device(recipe.train.device)
+    world = join(device)
     try:
-        return _train(recipe, progress, resume, world)
+        return _train(recipe, progress, resume, world, device)
     finally:
         leave(world)
 
 
-def _train(recipe: Recipe, progress: bool, resume: bool, world: World) -> dict[str, Scores]:
+def generator_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's random generators that training draws from (dropout)."""
+    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+
+
+def set_generator_states(states: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def _train(recipe: Recipe, progress: bool, resume: bool, world: World, device: torch.device) -> dict[str, Scores]:
     recipe = resolved(recipe)
     cfg, out = recipe.train, Path(recipe.out_dir)
     say = log if world.is_main else (lambda message: None)  # one voice: rank 0's
@@ -142,42 +159,60 @@ def _train(recipe: Recipe, progress: bool, resume: bool, world: World) -> dict[s
         torch.set_num_threads(cfg.threads)
 
     with world.main_first():  # rank 0 downloads, trains the tokenizer and fills the caches; the rest reuse them
-        train_pairs = load_split(recipe.data, recipe.data.train_split)
+        streaming = recipe.data.streaming
+        train_pairs = load_split(recipe.data, recipe.data.train_split, streaming)
         valid_pairs = load_split(recipe.data, recipe.data.valid_split)
-        say(f"data: {len(train_pairs)} training pairs, {len(valid_pairs)} validation pairs from {recipe.data.path}")
+        say(f"data: {'a stream of' if streaming else len(train_pairs)} training pairs, {len(valid_pairs)} validation pairs from {recipe.data.path}")
         tok = recipe.tokenizer
         if checkpoint or not world.is_main:
             tokenizer = Tokenizer.load(out / SPM)
         else:
+            sample = train_pairs.shuffle(seed=recipe.seed).take(tok.input_sentence_size) if streaming else train_pairs
             tokenizer = Tokenizer.train(
-                sentences(train_pairs), tok.vocab_size, tok.model_type, tok.character_coverage, tok.input_sentence_size, recipe.seed
+                sentences(sample), tok.vocab_size, tok.model_type, tok.character_coverage, tok.input_sentence_size, recipe.seed
             )
             out.mkdir(parents=True, exist_ok=True)
             tokenizer.save(out / SPM)
         say(f"tokenizer: SentencePiece {tok.model_type}, {tokenizer.vocab_size} pieces")
-        train_tokens, report = filter_pairs(tokenize(train_pairs, tokenizer, recipe.data.num_proc), recipe.data.max_len, recipe.data.max_ratio)
-        say(f"filter: {report}")
-        train_batches = TrainBatches(train_tokens, cfg.max_tokens, recipe.seed)
+        if streaming:
+            train_batches = StreamBatches(train_pairs, tokenizer, cfg.max_tokens, recipe.seed, recipe.data.max_len, recipe.data.max_ratio)
+            say("filter: applied to each pool as the stream is read")
+        else:
+            train_tokens, report = filter_pairs(tokenize(train_pairs, tokenizer, recipe.data.num_proc), recipe.data.max_len, recipe.data.max_ratio)
+            say(f"filter: {report}")
+            train_batches = TrainBatches(train_tokens, cfg.max_tokens, recipe.seed)
         valid_batches = TrainBatches(tokenize(valid_pairs, tokenizer), cfg.max_tokens, recipe.seed)
 
-    model = Transformer(recipe.model, tokenizer.vocab_size)
-    say(f"{model.num_parameters() / 1e6:.2f} M parameters")
+    model = Transformer(recipe.model, tokenizer.vocab_size).to(device)
+    say(f"{model.num_parameters() / 1e6:.2f} M parameters, on {device}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt_schedule(cfg.warmup_steps))
-    position = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_bleu": -1.0, "stale_validations": 0}
+    position = {"step": 0, "data_position": {}, "padding": [0, 0, 0], "best_bleu": -1.0, "best_step": None, "stale_validations": 0}
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    rng = None
     if checkpoint:
         position = load_training_checkpoint(checkpoint, model, optimizer)
         scheduler.load_state_dict(position.pop("scheduler"))
+        scaler_state = position.pop("grad_scaler", {})
+        if scaler_state:  # a run saved without fp16 has none
+            scaler.load_state_dict(scaler_state)
         python_rng = position.pop("python_rng")
         random.setstate((python_rng[0], tuple(python_rng[1]), python_rng[2]))
+        rng = position.pop("rng")
         say(f"resuming from {checkpoint} (step {position['step']})")
     elif world.is_main:
         save_model_dir(out, model, recipe, tokenizer)  # config and tokenizer now; weights are replaced by each better one
+    if rng is not None and len(rng) == world.size:
+        set_generator_states(rng[world.rank], device)  # dropout goes on exactly where it stopped
+    elif world.size > 1 or rng is not None:  # each rank its own dropout masks
+        torch.manual_seed(recipe.seed + 7919 * world.rank + position["step"])
+        if rng is not None:
+            say(f"the checkpoint was written by {len(rng)} processes, not {world.size}: dropout masks are drawn afresh")
     if world.size > 1:
-        torch.manual_seed(recipe.seed + 7919 * world.rank + position["step"])  # each rank its own dropout masks
         say(f"data parallel: {world.size} processes, each update reads {world.size} x {cfg.accum_steps} batches")
-    trained = DistributedDataParallel(model) if world.size > 1 else model  # DDP starts from rank 0's weights
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.precision == "bf16" else nullcontext
+    trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world.size > 1 else model
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
     translator = Translator(model, tokenizer, recipe)
     metrics = _metrics_log(out / "metrics.jsonl", up_to_step=position["step"]) if world.is_main else None
     board = _tensorboard(out) if world.is_main else None
@@ -191,31 +226,38 @@ def _train(recipe: Recipe, progress: bool, resume: bool, world: World) -> dict[s
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     board.add_scalar(key, value, entry["step"])
 
-    def save_checkpoint(step: int, epoch: int, batch_in_epoch: int) -> None:
+    def save_checkpoint(step: int, data_position: dict) -> None:
+        rng = world.gather(generator_states(device))  # every rank takes part; rank 0 writes
         if not world.is_main:
             return
-        state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_bleu": best_bleu,
-                 "stale_validations": stale_validations, "scheduler": scheduler.state_dict(), "python_rng": random.getstate()}
-        save_training_checkpoint(out, step, model, optimizer, state, cfg.keep_checkpoints)
+        state = {"step": step, "data_position": data_position, "padding": padding, "best_bleu": best_bleu, "best_step": best_step,
+                 "stale_validations": stale_validations, "scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict(),
+                 "python_rng": random.getstate()}
+        save_training_checkpoint(out, step, model, optimizer, state, cfg.keep_checkpoints, best_step, rng)
 
-    best_bleu, stale_validations, first_step = position["best_bleu"], position["stale_validations"], position["step"] + 1
-    converged = False
+    best_bleu, best_step, stale_validations = position["best_bleu"], position.get("best_step"), position["stale_validations"]
+    first_step = position["step"] + 1
+    converged = improved = False
     bar = tqdm(total=cfg.max_steps, initial=first_step - 1, desc="training", unit="step", disable=not (progress and world.is_main), file=sys.stderr)
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
     train_start = time.perf_counter()
     model.train()
-    batches = train_batches.from_position(position["epoch"], position["batch_in_epoch"])
+    batches = train_batches.from_position(position["data_position"])
+    padding = position["padding"]  # [epoch, padding positions, all positions] of the epoch so far
     step = first_step - 1  # stays so when a finished run is resumed
     with _stop_requests() as stop:
         for step in range(first_step, cfg.max_steps + 1):
             # Every rank walks the same stream of batches and takes its own accum_steps of each update's share.
             positions_and_batches = [next(batches) for _ in range(world.size * cfg.accum_steps)]
-            for new_epoch in sorted({e for e, i, _ in positions_and_batches if i == 0}) if world.is_main else ():
-                record({"step": step, "epoch": new_epoch, "padding": train_batches.padding_fraction(new_epoch)})
-            epoch, index, _ = positions_and_batches[-1]
-            mine = [b for _, _, b in positions_and_batches[world.rank * cfg.accum_steps:(world.rank + 1) * cfg.accum_steps]]
+            for data_position, batch in positions_and_batches:
+                if data_position["epoch"] != padding[0]:  # an epoch ended: log its share of padding
+                    record({"step": step, "epoch": padding[0], "padding": padding[1] / max(padding[2], 1)})
+                    padding = [data_position["epoch"], 0, 0]
+                padding = [padding[0], *np.add(padding[1:], batch.padding).tolist()]
+            data_position = positions_and_batches[-1][0]
+            mine = [b.to(device) for _, b in positions_and_batches[world.rank * cfg.accum_steps:(world.rank + 1) * cfg.accum_steps]]
             try:
-                loss, n_tokens = train_step(trained, optimizer, scheduler, mine, autocast, cfg, world)
+                loss, n_tokens = train_step(trained, optimizer, scheduler, mine, autocast, cfg, world, scaler)
             except FloatingPointError as e:
                 if cfg.on_nan == "stop":
                     raise FloatingPointError(f"{e} at step {step}; the last good checkpoint is in {out / CHECKPOINTS}") from None
@@ -232,22 +274,24 @@ def _train(recipe: Recipe, progress: bool, resume: bool, world: World) -> dict[s
                 record(entry)
                 bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tgt_tokens_per_s']:.0f}")
                 window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+            improved = False
             if (step % cfg.valid_every == 0 or step == cfg.max_steps) and world.is_main:
                 valid_loss, valid = validate(translator, valid_batches, valid_pairs, autocast)
                 improved = valid.bleu > best_bleu
                 stale_validations = 0 if improved else stale_validations + 1
                 converged = cfg.patience is not None and stale_validations >= cfg.patience
-                if improved:
-                    best_bleu = valid.bleu
+                if improved:  # the model directory's weights, and a training checkpoint kept past keep_checkpoints
+                    best_bleu, best_step = valid.bleu, step
                     save_weights(model, out / WEIGHTS)
                 record({"step": step, "valid_loss": valid_loss, "valid_bleu": valid.bleu, "valid_chrf": valid.chrf, "best": improved})
                 say(f"step {step}: valid loss {valid_loss:.3f}, greedy BLEU {valid.bleu:.2f}, chrF {valid.chrf:.2f}{' (best)' if improved else ''}")
             if world.size > 1:  # every rank must agree on stopping
                 if step % cfg.valid_every == 0 or step == cfg.max_steps:
-                    best_bleu, stale_validations, converged = world.from_main((best_bleu, stale_validations, converged))
+                    best_bleu, best_step, stale_validations, converged, improved = world.from_main(
+                        (best_bleu, best_step, stale_validations, converged, improved))
                 stop = ["signal"] * int(world.sum(len(stop)) > 0) or stop
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop or converged:
-                save_checkpoint(step, epoch, index + 1)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop or converged or improved:
+                save_checkpoint(step, data_position)
             if converged:
                 say(f"early stop at step {step}: no better validation BLEU in {cfg.patience} validations")
                 break
@@ -269,7 +313,7 @@ def _train(recipe: Recipe, progress: bool, resume: bool, world: World) -> dict[s
         say(f"model weights: the mean of {', '.join(p.name for p in averaged)}")
     say(f"trained {step} steps in {time.perf_counter() - train_start:.0f} s; best validation BLEU {best_bleu:.2f}")
 
-    best = Translator.from_pretrained(out)
+    best = Translator.from_pretrained(out, device)
     results = {"greedy": evaluate(best, recipe.data.test_split, beam_size=1)}
     if recipe.decode.beam_size > 1:
         results[f"beam{recipe.decode.beam_size}"] = evaluate(best, recipe.data.test_split)
