@@ -475,3 +475,13 @@ def test_streamed_batches_resume_from_any_position(streamed, cut):
     resumed = list(itertools.islice(stream.from_position(straight[cut - 1][0]), 30 - cut))
     for (pos_a, a), (pos_b, b) in zip(straight[cut:], resumed):
         assert pos_a == pos_b and torch.equal(a.src, b.src) and torch.equal(a.tgt_out, b.tgt_out)
+
+
+def test_a_streaming_recipe_reads_whole_splits_through_a_stream(tmp_path):
+    data = rows(30, seed=2)
+    write_split(tmp_path, "validation", "jsonl", data)
+    cfg = DataConfig(path=str(tmp_path), src_lang="de", tgt_lang="en", streaming=True)
+    whole = load_split(cfg, "validation")
+    assert isinstance(whole, datasets.Dataset)
+    assert whole["src"] == [r["de"] for r in data] and whole["tgt"] == [r["en"] for r in data]
+    assert isinstance(load_split(cfg, "validation", streaming=True), datasets.IterableDataset)

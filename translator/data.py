@@ -76,7 +76,12 @@ def _load_local(builder: str, file: str, streaming: bool) -> datasets.Dataset | 
 
 def load_split(cfg: DataConfig, split: str, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
     """One split with string columns `src` and `tgt`: a `datasets.Dataset`, or with `streaming`
-    an `IterableDataset` read as it is iterated (nothing downloaded or prepared up front)."""
+    an `IterableDataset` read as it is iterated (nothing downloaded or prepared up front).
+
+    Under `data.streaming` a whole split (validation, test) is read through a stream too, so
+    that loading it never downloads the rest of a dataset too large for the disk."""
+    whole_through_stream = cfg.streaming and not streaming
+    streaming = streaming or cfg.streaming
     folder = Path(cfg.path).expanduser()
     if folder.is_dir():
         builder, split_files = _local_split_files(folder)
@@ -95,7 +100,8 @@ def load_split(cfg: DataConfig, split: str, streaming: bool = False) -> datasets
                 f"could not load dataset {cfg.path!r} ({type(e).__name__}: {e}). Without internet access, "
                 "point data.path at a local folder of split files, e.g. --set data.path=../shared/data/multi30k"
             ) from None
-    return to_pairs(dataset, cfg.src_lang, cfg.tgt_lang)
+    pairs = to_pairs(dataset, cfg.src_lang, cfg.tgt_lang)
+    return datasets.Dataset.from_list(list(pairs)) if whole_through_stream else pairs
 
 
 def to_pairs(dataset: datasets.Dataset | datasets.IterableDataset, src_lang: str, tgt_lang: str):

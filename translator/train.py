@@ -235,7 +235,7 @@ def _train(recipe: Recipe, progress: bool, resume: bool, world: World, device: t
                  "python_rng": random.getstate()}
         save_training_checkpoint(out, step, model, optimizer, state, cfg.keep_checkpoints, best_step, rng)
 
-    best_bleu, best_step, stale_validations = position["best_bleu"], position.get("best_step"), position["stale_validations"]
+    best_bleu, best_step, stale_validations = position["best_bleu"], position["best_step"], position["stale_validations"]
     first_step = position["step"] + 1
     converged = improved = False
     bar = tqdm(total=cfg.max_steps, initial=first_step - 1, desc="training", unit="step", disable=not (progress and world.is_main), file=sys.stderr)
@@ -253,7 +253,8 @@ def _train(recipe: Recipe, progress: bool, resume: bool, world: World, device: t
                 if data_position["epoch"] != padding[0]:  # an epoch ended: log its share of padding
                     record({"step": step, "epoch": padding[0], "padding": padding[1] / max(padding[2], 1)})
                     padding = [data_position["epoch"], 0, 0]
-                padding = [padding[0], *np.add(padding[1:], batch.padding).tolist()]
+                pads, positions = batch.padding
+                padding = [padding[0], padding[1] + pads, padding[2] + positions]
             data_position = positions_and_batches[-1][0]
             mine = [b.to(device) for _, b in positions_and_batches[world.rank * cfg.accum_steps:(world.rank + 1) * cfg.accum_steps]]
             try:
