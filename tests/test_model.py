@@ -1,5 +1,8 @@
 """The Transformer: incremental decoding equals full recomputation, and the parts are what the recipe says."""
 
+from dataclasses import replace
+
+import pytest
 import torch
 
 from translator.config import ModelConfig
@@ -59,6 +62,18 @@ def test_dropout_is_active_in_training_and_off_in_eval():
     assert not torch.allclose(model(src, tgt), model(src, tgt))
     model.eval()
     assert torch.equal(model(src, tgt), model(src, tgt))
+
+
+@pytest.mark.parametrize("knob", ["dropout", "attention_dropout", "activation_dropout"])
+def test_each_dropout_knob_alone_makes_training_random(knob):
+    torch.manual_seed(0)
+    off = {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0}
+    cfg = ModelConfig(d_model=32, n_heads=4, d_ff=64, encoder_layers=1, decoder_layers=1, max_positions=64, **off)
+    src, tgt = torch.randint(4, 50, (2, 6)), torch.randint(4, 50, (2, 5))
+    quiet = Transformer(cfg, vocab_size=50).train()
+    assert torch.equal(quiet(src, tgt), quiet(src, tgt))
+    noisy = Transformer(replace(cfg, **{knob: 0.3}), vocab_size=50).train()
+    assert not torch.equal(noisy(src, tgt), noisy(src, tgt))
 
 
 def test_embeddings_are_shared_and_the_recipe_size_has_about_7_6m_parameters():

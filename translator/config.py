@@ -62,14 +62,17 @@ class ModelConfig:
     d_ff: int = 1024
     encoder_layers: int = 3
     decoder_layers: int = 3
-    dropout: float = 0.1
+    dropout: float = 0.1  # on embeddings and on every sublayer's output (Vaswani et al., 5.4)
+    attention_dropout: float = 0.1  # on attention weights
+    activation_dropout: float = 0.1  # inside the feed-forward, after the ReLU
     max_positions: int = 1024  # longest source or target the sinusoidal table covers
 
     def validate(self) -> None:
         for key in ("d_model", "n_heads", "d_ff", "encoder_layers", "decoder_layers", "max_positions"):
             _check(getattr(self, key) > 0, f"model.{key}", getattr(self, key), "a positive integer")
         _check(self.d_model % self.n_heads == 0, "model.d_model", self.d_model, f"a multiple of model.n_heads={self.n_heads}")
-        _check(0 <= self.dropout < 1, "model.dropout", self.dropout, "in [0, 1)")
+        for key in ("dropout", "attention_dropout", "activation_dropout"):
+            _check(0 <= getattr(self, key) < 1, f"model.{key}", getattr(self, key), "in [0, 1)")
 
 
 @dataclass(frozen=True)
