@@ -1,4 +1,4 @@
-"""Training throughput on real Multi30k batches, printed as a table.
+"""Training throughput of the Multi30k recipe (its model and batch settings) on real Multi30k batches, printed as a table.
 
     python bench/train.py                    # the Multi30k recipe's model, fp32 and bf16
     python bench/train.py --peer             # also run Joey NMT's train.sh now (about 12 minutes)
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from translator.config import DataConfig, ModelConfig, TrainConfig
+from translator.config import ModelConfig, TrainConfig, load_recipe
 from translator.data import TrainBatches, filter_pairs, load_split, tokenize
 from translator.model import Transformer
 from translator.tokenizer import Tokenizer, interleave
@@ -91,12 +91,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     joey = run_peer() if args.peer else None
-    cfg, model_cfg = TrainConfig(), ModelConfig()
-    data = DataConfig(path=args.data, src_lang="de", tgt_lang="en")
+    recipe = load_recipe(ROOT / "recipes" / "multi30k_de_en.yaml", [f"data.path={args.data}"])
+    cfg, model_cfg, data = recipe.train, recipe.model, recipe.data
     pairs = load_split(data, "train")
-    tokenizer = Tokenizer.train(interleave(pairs["src"], pairs["tgt"]), 8000)
+    tokenizer = Tokenizer.train(interleave(pairs["src"], pairs["tgt"]), recipe.tokenizer.vocab_size, seed=recipe.seed)
     tokens, _ = filter_pairs(tokenize(pairs, tokenizer), data.max_len, data.max_ratio)
-    batches = TrainBatches(tokens, cfg.max_tokens, seed=1)
+    batches = TrainBatches(tokens, cfg.max_tokens, recipe.seed)
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
 
     rows = []

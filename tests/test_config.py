@@ -337,3 +337,10 @@ def test_recipe_from_dict_validates_nested_sections():
 def test_leaf_configs_default_valid():
     for cls in (DataConfig, ModelConfig, TrainConfig, DecodeConfig):
         cls().validate()
+
+
+def test_attention_and_activation_dropout_follow_model_dropout_unless_set():
+    model = load_recipe(TINY, ["model.dropout=0.2"]).model
+    assert model.attention_dropout == model.activation_dropout == 0.2
+    model = load_recipe(TINY, ["model.dropout=0.2", "model.activation_dropout=0"]).model
+    assert (model.attention_dropout, model.activation_dropout) == (0.2, 0.0)

@@ -63,9 +63,14 @@ class ModelConfig:
     encoder_layers: int = 3
     decoder_layers: int = 3
     dropout: float = 0.1  # on embeddings and on every sublayer's output (Vaswani et al., 5.4)
-    attention_dropout: float = 0.1  # on attention weights
-    activation_dropout: float = 0.1  # inside the feed-forward, after the ReLU
+    attention_dropout: float | None = None  # on attention weights (None: model.dropout)
+    activation_dropout: float | None = None  # inside the feed-forward, after the ReLU (None: model.dropout)
     max_positions: int = 1024  # longest source or target the sinusoidal table covers
+
+    def __post_init__(self):
+        for key in ("attention_dropout", "activation_dropout"):
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, self.dropout)  # frozen: resolved once, here
 
     def validate(self) -> None:
         for key in ("d_model", "n_heads", "d_ff", "encoder_layers", "decoder_layers", "max_positions"):
