@@ -192,6 +192,11 @@ class Batch:
     tgt_in: torch.Tensor  # (B, T)
     tgt_out: torch.Tensor  # (B, T)
 
+    @classmethod
+    def of(cls, src_ids: list[list[int]], tgt_ids: list[list[int]]) -> Batch:
+        """Padded tensors from token lists without specials."""
+        return cls(source_tensor(src_ids), *target_tensors(tgt_ids))
+
     @property
     def n_tgt_tokens(self) -> int:
         return int((self.tgt_out != 0).sum())
@@ -212,8 +217,7 @@ class TrainBatches:
     def __init__(self, tokenized: datasets.Dataset, max_tokens: int, seed: int):
         self.dataset = tokenized.select_columns(["src_ids", "tgt_ids"])
         src_len, tgt_len = lengths(tokenized)
-        self.src_sizes, self.tgt_sizes = src_len + 1, tgt_len + 1  # + eos (source) / + bos (target input)
-        self.sizes = np.maximum(self.src_sizes, self.tgt_sizes)
+        self.sizes = np.maximum(src_len, tgt_len) + 1  # + eos (source) / + bos (target input)
         self.max_tokens, self.seed = max_tokens, seed
 
     def epoch(self, epoch: int) -> list[np.ndarray]:
@@ -221,7 +225,7 @@ class TrainBatches:
 
     def collate(self, indices: np.ndarray) -> Batch:
         rows = self.dataset[indices]
-        return Batch(source_tensor(rows["src_ids"]), *target_tensors(rows["tgt_ids"]))
+        return Batch.of(rows["src_ids"], rows["tgt_ids"])
 
     def from_position(self, position: dict) -> Iterator[tuple[dict, Batch]]:
         """Endless, epoch after epoch, from `position` ({} is the start): (the position after it, batch)."""
@@ -247,7 +251,8 @@ class StreamBatches:
         self.pairs, self.tokenizer, self.max_tokens, self.seed = pairs, tokenizer, max_tokens, seed
         self.max_len, self.max_ratio, self.pool_size, self.shuffle_buffer = max_len, max_ratio, pool_size, shuffle_buffer
 
-    def _pool_batches(self, pool: list[dict], epoch: int, read_before: int) -> list[Batch]:
+    def _pool_batches(self, pool: list[dict], epoch: int, read_before: int) -> tuple[list[list[int]], list[list[int]], list[np.ndarray]]:
+        """The pool's token ids (source, target) and its batches as index arrays into them, in the order to take them."""
         src_ids = self.tokenizer.encode([pair["src"] or "" for pair in pool])
         tgt_ids = self.tokenizer.encode([pair["tgt"] or "" for pair in pool])
         src_len, tgt_len = np.array([len(x) for x in src_ids]), np.array([len(x) for x in tgt_ids])
@@ -255,7 +260,7 @@ class StreamBatches:
         sizes = np.maximum(src_len, tgt_len) + 1
         batches = chunk_by_budget(keep[np.argsort(sizes[keep], kind="stable")], sizes, self.max_tokens)
         order = np.random.default_rng([self.seed, epoch, read_before]).permutation(len(batches))
-        return [Batch(source_tensor([src_ids[i] for i in batches[b]]), *target_tensors([tgt_ids[i] for i in batches[b]])) for b in order]
+        return src_ids, tgt_ids, [batches[b] for b in order]
 
     def from_position(self, position: dict) -> Iterator[tuple[dict, Batch]]:
         epoch, read, start = position.get("epoch", 0), position.get("pairs_read", 0), position.get("batch_in_pool", 0)
@@ -264,11 +269,11 @@ class StreamBatches:
             stream.set_epoch(epoch)
             pairs, any_batch = iter(stream.skip(read)), read > 0
             while pool := list(islice(pairs, self.pool_size)):
-                batches = self._pool_batches(pool, epoch, read)
-                for index in range(start, len(batches)):
+                src_ids, tgt_ids, batches = self._pool_batches(pool, epoch, read)
+                for index in range(start, len(batches)):  # collated as taken: a resume builds none it skips
                     last = index + 1 == len(batches)
                     after = {"epoch": epoch, "pairs_read": read + len(pool) * last, "batch_in_pool": 0 if last else index + 1}
-                    yield after, batches[index]
+                    yield after, Batch.of([src_ids[i] for i in batches[index]], [tgt_ids[i] for i in batches[index]])
                 read, start, any_batch = read + len(pool), 0, any_batch or bool(batches)
             if not any_batch:
                 raise DataError("the training stream holds no pair that passes the filters (data.max_len, data.max_ratio)")
