@@ -94,5 +94,13 @@ def join(device: torch.device) -> World:
 
 
 def leave(world: World) -> None:
+    """Every rank leaves the process group at the same point, once training's collectives are done.
+
+    Destroying the group is itself collective: a rank that tears down its connections while
+    another still holds them (e.g. rank 1 exiting while rank 0 runs the test evaluation) can
+    abort with SIGABRT in gloo. After an error, no rank calls this: its peers may be waiting
+    in a collective, and torchrun stops them when this process fails.
+    """
     if world.size > 1 and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

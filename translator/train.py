@@ -131,11 +131,7 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     that already holds a run. SIGINT and SIGTERM save a checkpoint, then raise KeyboardInterrupt.
     """
     device = pick_device(recipe.train.device)
-    world = join(device)
-    try:
-        return _train(recipe, progress, resume, world, device)
-    finally:
-        leave(world)
+    return _train(recipe, progress, resume, join(device), device)
 
 
 def generator_states(device: torch.device) -> dict[str, torch.Tensor]:
@@ -299,12 +295,14 @@ def _train(recipe: Recipe, progress: bool, resume: bool, world: World, device: t
             if stop:
                 bar.close()
                 say(f"stopped by {stop[0]} after step {step}; continue with: translator train RECIPE --resume")
+                leave(world)  # every rank agreed to stop here
                 raise KeyboardInterrupt
     bar.close()
     if not world.weights_agree(model):
         raise RuntimeError(f"the {world.size} processes ended with different weights")
     if world.size > 1:
         say(f"weights identical on all {world.size} processes")
+    leave(world)
     if not world.is_main:
         return {}
     if cfg.average_last:
