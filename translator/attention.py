@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .dropout import dropout
 
 
 class KV(NamedTuple):
@@ -139,7 +140,7 @@ class MultiHeadAttention(nn.Module):
         scores = q @ kv.k.transpose(-2, -1) / math.sqrt(self.head_size)  # (B, H, G*T, L)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        weights = F.dropout(scores.softmax(dim=-1), self.dropout, self.training)
+        weights = dropout(scores.softmax(dim=-1), self.dropout, self.training)
         y = weights @ kv.v  # (B, H, G*T, Dh)
         y = y.view(-1, H, G, T, Dh).permute(0, 2, 3, 1, 4).reshape(rows, T, H * Dh)  # heads side by side: (B*G, T, D)
         return self.out_proj(y)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .attention import KV, KVCache, MultiHeadAttention, causal_mask, padding_mask
 from .config import ModelConfig
+from .dropout import Dropout
 
 
 class SinusoidalPositions(nn.Module):
@@ -44,7 +45,7 @@ class SinusoidalPositions(nn.Module):
 
 class FeedForward(nn.Sequential):
     def __init__(self, cfg: ModelConfig):
-        super().__init__(nn.Linear(cfg.d_model, cfg.d_ff), nn.ReLU(), nn.Dropout(cfg.activation_dropout), nn.Linear(cfg.d_ff, cfg.d_model))
+        super().__init__(nn.Linear(cfg.d_model, cfg.d_ff), nn.ReLU(), Dropout(cfg.activation_dropout), nn.Linear(cfg.d_ff, cfg.d_model))
 
 
 class EncoderLayer(nn.Module):
@@ -54,7 +55,7 @@ class EncoderLayer(nn.Module):
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
         self.ffn_norm = nn.LayerNorm(cfg.d_model)
         self.ffn = FeedForward(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, src_mask: Tensor) -> Tensor:
         h = self.self_attn_norm(x)
@@ -72,7 +73,7 @@ class DecoderLayer(nn.Module):
         self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
         self.ffn_norm = nn.LayerNorm(cfg.d_model)
         self.ffn = FeedForward(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, past: KVCache | None, memory_kv: KV, src_mask: Tensor) -> tuple[Tensor, KVCache]:
         """x: (B, T, D) new positions; past: their predecessors' K/V. Returns x and all K/V so far."""
@@ -116,7 +117,7 @@ class Transformer(nn.Module):
         # One table for source, target and output: the SentencePiece vocabulary is joint.
         self.embedding = nn.Embedding(vocab_size, cfg.d_model, padding_idx=pad_id)
         self.positions = SinusoidalPositions(cfg.d_model, cfg.max_positions)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.encoder_norm = nn.LayerNorm(cfg.d_model)
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))

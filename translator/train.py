@@ -21,7 +21,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -33,6 +32,7 @@ from .config import Recipe, RecipeError, TrainConfig
 from .data import Batch, StreamBatches, TrainBatches, filter_pairs, load_split, tokenize
 from .distributed import World, join, leave, pick_device
 from .evaluate import Scores, evaluate, score
+from .loss import cross_entropy
 from .model import Transformer
 from .tokenizer import PAD_ID, Tokenizer, interleave
 
@@ -60,7 +60,7 @@ def inverse_sqrt_schedule(warmup_steps: int):
 def loss_fn(model: torch.nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """Mean cross-entropy per real target token (padding ignored)."""
     logits = model(src, tgt_in)  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=PAD_ID, label_smoothing=label_smoothing)
+    return cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), label_smoothing, ignore_index=PAD_ID)
 
 
 def train_step(

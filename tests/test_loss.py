@@ -1,0 +1,54 @@
+"""The blockwise label-smoothed cross-entropy has F.cross_entropy's value and gradient."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from translator import loss as loss_module
+from translator.loss import cross_entropy
+
+PAD = 0
+
+
+def logits_and_targets(rows=37, vocab=50, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=g) * 4).to(dtype).requires_grad_()
+    target = torch.randint(1, vocab, (rows,), generator=g)
+    target[::5] = PAD  # padding positions: no loss, no gradient
+    return logits, target
+
+
+def value_and_grad(fn, logits, target, eps):
+    logits.grad = None
+    value = fn(logits, target)
+    (value * 3.0).backward()  # a loss scale other than 1 reaches the gradient
+    return value.detach(), logits.grad.clone()
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("block_elements", [1, 64, 1 << 20])  # a row a block, a few rows a block, all rows in one
+def test_value_and_gradient_equal_torch_cross_entropy(monkeypatch, eps, block_elements):
+    monkeypatch.setattr(loss_module, "BLOCK_ELEMENTS", block_elements)
+    logits, target = logits_and_targets()
+    ours = value_and_grad(lambda x, t: cross_entropy(x, t, eps, ignore_index=PAD), logits, target, eps)
+    torch_ = value_and_grad(lambda x, t: F.cross_entropy(x, t, ignore_index=PAD, label_smoothing=eps), logits, target, eps)
+    torch.testing.assert_close(ours[0], torch_[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours[1], torch_[1], rtol=1e-5, atol=1e-7)
+    assert ours[1][target == PAD].abs().sum() == 0
+
+
+def test_bf16_logits_get_a_bf16_gradient_close_to_the_fp32_one():
+    logits, target = logits_and_targets(dtype=torch.bfloat16)
+    ours_value, ours_grad = value_and_grad(lambda x, t: cross_entropy(x, t, 0.1, ignore_index=PAD), logits, target, 0.1)
+    assert ours_grad.dtype == torch.bfloat16
+    exact = logits.detach().float().requires_grad_()
+    ref_value, ref_grad = value_and_grad(lambda x, t: F.cross_entropy(x, t, ignore_index=PAD, label_smoothing=0.1), exact, target, 0.1)
+    torch.testing.assert_close(ours_value, ref_value, rtol=1e-6, atol=1e-6)  # computed in fp32 from the same bf16 values
+    torch.testing.assert_close(ours_grad.float(), ref_grad, rtol=1e-2, atol=1e-5)  # one bf16 rounding
+
+
+def test_without_gradients_only_the_value_is_computed():
+    logits, target = logits_and_targets()
+    with torch.no_grad():
+        value = cross_entropy(logits, target, 0.1, ignore_index=PAD)
+    torch.testing.assert_close(value, F.cross_entropy(logits.detach(), target, ignore_index=PAD, label_smoothing=0.1))

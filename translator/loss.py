@@ -1,0 +1,55 @@
+"""Label-smoothed cross-entropy over the vocabulary, its gradient computed in the same pass.
+
+`F.cross_entropy` makes about eight passes over the (N, V) logits: the cast to fp32, the
+log-softmax, the smoothing term's sum, and in backward a zero-fill, a scatter, an add and the
+log-softmax gradient. At a Multi30k batch (4k target tokens x 8k pieces, 130 MB in fp32) that
+was a quarter of a CPU training step. Here the rows go through in blocks that stay in cache,
+and the gradient of each row's loss
+
+    loss = -(1 - eps) log p[target] - (eps / V) sum_j log p[j]
+    d loss / d logits = p - (1 - eps) onehot(target) - eps / V
+
+is written once, in the logits' dtype, while its block is at hand.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK_ELEMENTS = 1 << 20  # fp32 elements per block of rows: 4 MB, within this CPU's L2 + L3 slice
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float, ignore_index: int) -> torch.Tensor:
+    """The mean over the rows whose target is not `ignore_index`: the value and gradient of
+    `F.cross_entropy(logits, target, ignore_index=..., label_smoothing=...)`. logits (N, V), target (N,)."""
+    return _SmoothedCrossEntropy.apply(logits, target, label_smoothing, ignore_index)
+
+
+class _SmoothedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, eps: float, ignore_index: int) -> torch.Tensor:
+        rows, vocab = logits.shape
+        counted = target != ignore_index  # (N,)
+        n = counted.sum()
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        block = max(1, BLOCK_ELEMENTS // vocab)
+        for start in range(0, rows, block):
+            part = slice(start, start + block)
+            gold = target[part, None].clamp(min=0)  # (b, 1); an ignored row's index is never used
+            weight = counted[part, None]  # (b, 1)
+            log_probs = torch.log_softmax(logits[part].float(), dim=-1)  # (b, V)
+            gold_log_prob = log_probs.gather(-1, gold)
+            row_loss = -(1 - eps) * gold_log_prob - (eps / vocab) * log_probs.sum(-1, keepdim=True)
+            total += (row_loss * weight).sum()
+            if grad is not None:
+                probs = log_probs.exp_().sub_(eps / vocab)
+                probs.scatter_add_(-1, gold, torch.full_like(gold_log_prob, eps - 1))
+                grad[part] = probs.mul_(weight / n)
+        ctx.save_for_backward(grad)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None
