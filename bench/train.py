@@ -28,7 +28,7 @@ from translator.config import ModelConfig, TrainConfig, load_recipe
 from translator.data import TrainBatches, filter_pairs, load_split, tokenize
 from translator.model import Transformer
 from translator.tokenizer import Tokenizer, interleave
-from translator.train import inverse_sqrt_schedule, train_step
+from translator.train import optimizer_and_schedule, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT.parent / "shared" / "bench-peers"
@@ -58,8 +58,7 @@ def run_peer() -> float:
 
 
 def measure(model: Transformer, model_cfg: ModelConfig, batches: TrainBatches, precision: str, steps: int, warmup: int, cfg: TrainConfig) -> dict:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, inverse_sqrt_schedule(cfg.warmup_steps))
+    optimizer, scheduler = optimizer_and_schedule(model, cfg)
     stream = batches.from_position({})
     amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
     tgt_tokens = src_tokens = padded = real = macs = 0

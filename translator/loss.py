@@ -34,11 +34,15 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         block = max(1, BLOCK_ELEMENTS // vocab)
+        # Two fp32 buffers serve every block: fresh 4 MB tensors would each be mapped and faulted in anew.
+        as_float = torch.empty(min(block, rows), vocab, dtype=torch.float32, device=logits.device)
+        log_probs_buffer = torch.empty_like(as_float)
         for start in range(0, rows, block):
-            part = slice(start, start + block)
+            end = min(start + block, rows)
+            part = slice(start, end)
             gold = target[part, None].clamp(min=0)  # (b, 1); an ignored row's index is never used
             weight = counted[part, None]  # (b, 1)
-            log_probs = torch.log_softmax(logits[part].float(), dim=-1)  # (b, V)
+            log_probs = torch.log_softmax(as_float[: end - start].copy_(logits[part]), dim=-1, out=log_probs_buffer[: end - start])  # (b, V)
             gold_log_prob = log_probs.gather(-1, gold)
             row_loss = -(1 - eps) * gold_log_prob - (eps / vocab) * log_probs.sum(-1, keepdim=True)
             total += (row_loss * weight).sum()
