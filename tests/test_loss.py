@@ -52,3 +52,15 @@ def test_without_gradients_only_the_value_is_computed():
     with torch.no_grad():
         value = cross_entropy(logits, target, 0.1, ignore_index=PAD)
     torch.testing.assert_close(value, F.cross_entropy(logits.detach(), target, ignore_index=PAD, label_smoothing=0.1))
+
+
+def test_fp16_gradients_take_the_loss_scale_before_they_are_rounded_to_fp16():
+    """GradScaler's scale reaches the logits' gradient in backward: tiny entries must survive it."""
+    logits, target = logits_and_targets(dtype=torch.float16)
+    scale = 2.0**16
+    (cross_entropy(logits, target, 0.0, ignore_index=PAD) * scale).backward()
+    ours = logits.grad.float() / scale
+    exact = logits.detach().float().requires_grad_()
+    F.cross_entropy(exact, target, ignore_index=PAD).backward()
+    assert exact.grad.abs().min() < 1e-8  # entries fp16 cannot hold unscaled
+    torch.testing.assert_close(ours, exact.grad, rtol=2e-3, atol=1e-12)

@@ -9,7 +9,8 @@ and the gradient of each row's loss
     loss = -(1 - eps) log p[target] - (eps / V) sum_j log p[j]
     d loss / d logits = p - (1 - eps) onehot(target) - eps / V
 
-is written once, in the logits' dtype, while its block is at hand.
+is written once, while its block is at hand: in the logits' dtype, except for fp16, whose
+loss scale only arrives in backward (kept in fp32 until then, or small gradients would flush to 0).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         rows, vocab = logits.shape
         counted = target != ignore_index  # (N,)
         n = counted.sum()
-        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        grad_dtype = torch.float32 if logits.dtype == torch.float16 else logits.dtype
+        grad = torch.empty_like(logits, dtype=grad_dtype) if ctx.needs_input_grad[0] else None
+        ctx.logits_dtype = logits.dtype
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         block = max(1, BLOCK_ELEMENTS // vocab)
         # Two fp32 buffers serve every block: fresh 4 MB tensors would each be mapped and faulted in anew.
@@ -56,4 +59,4 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None
+        return (grad * grad_loss.to(grad.dtype)).to(ctx.logits_dtype), None, None, None
