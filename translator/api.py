@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .batching import chunk_by_budget, source_tensor
+from .batching import sorted_batches, source_tensor
 from .checkpoint import load_model_dir, save_model_dir
 from .config import DecodeConfig, Recipe, recipe_from_dict
 from .model import Transformer
@@ -115,8 +115,7 @@ class Translator:
         # Blank input has nothing to translate: it maps to "" rather than to whatever the model invents.
         todo = np.array([i for i, s in enumerate(sentences) if s.strip()], dtype=np.int64)
         sizes = np.array([len(ids) + 1 for ids in src_ids], dtype=np.int64)
-        order = todo[np.argsort(sizes[todo], kind="stable")]
-        batches = chunk_by_budget(order, sizes, decode.max_tokens)
+        batches = sorted_batches(todo, sizes, decode.max_tokens)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=decode.precision == "bf16")
         for indices in tqdm(batches, desc="translating", unit="batch", disable=not progress):
             src = source_tensor([src_ids[i] for i in indices]).to(self.device)

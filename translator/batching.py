@@ -30,6 +30,11 @@ def chunk_by_budget(order: np.ndarray, sizes: np.ndarray, max_tokens: int) -> li
     return batches
 
 
+def sorted_batches(indices: np.ndarray, sizes: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """A pool of examples sorted by size, then cut by budget: neighbours in a batch have similar lengths."""
+    return chunk_by_budget(indices[np.argsort(sizes[indices], kind="stable")], sizes, max_tokens)
+
+
 def bucketed_batches(sizes: np.ndarray, max_tokens: int, seed: int, epoch: int, pool_size: int = 100_000) -> list[np.ndarray]:
     """One epoch of training batches: shuffle, sort inside large random pools, cut by budget, shuffle the batches.
 
@@ -39,9 +44,7 @@ def bucketed_batches(sizes: np.ndarray, max_tokens: int, seed: int, epoch: int, 
     order = rng.permutation(len(sizes))
     batches = []
     for start in range(0, len(order), pool_size):
-        pool = order[start:start + pool_size]
-        pool = pool[np.argsort(sizes[pool], kind="stable")]
-        batches.extend(chunk_by_budget(pool, sizes, max_tokens))
+        batches.extend(sorted_batches(order[start:start + pool_size], sizes, max_tokens))
     return [batches[i] for i in rng.permutation(len(batches))]
 
 

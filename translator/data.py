@@ -19,7 +19,7 @@ import datasets
 import numpy as np
 import torch
 
-from .batching import bucketed_batches, chunk_by_budget, source_tensor, target_tensors
+from .batching import bucketed_batches, sorted_batches, source_tensor, target_tensors
 from .config import DataConfig
 from .tokenizer import PAD_ID, Tokenizer
 
@@ -258,7 +258,7 @@ class StreamBatches:
         src_len, tgt_len = np.array([len(x) for x in src_ids]), np.array([len(x) for x in tgt_ids])
         keep = np.flatnonzero(~np.logical_or.reduce(broken_rules(src_len, tgt_len, self.max_len, self.max_ratio)))
         sizes = np.maximum(src_len, tgt_len) + 1
-        batches = chunk_by_budget(keep[np.argsort(sizes[keep], kind="stable")], sizes, self.max_tokens)
+        batches = sorted_batches(keep, sizes, self.max_tokens)
         order = np.random.default_rng([self.seed, epoch, read_before]).permutation(len(batches))
         return src_ids, tgt_ids, [batches[b] for b in order]
 

@@ -229,13 +229,13 @@ def _train(recipe: Recipe, progress: bool, resume: bool, world: World, device: t
                     board.add_scalar(key, value, entry["step"])
 
     def save_checkpoint(step: int, data_position: dict) -> None:
-        rng = world.gather(generator_states(device))  # every rank takes part; rank 0 writes
+        generators = world.gather(generator_states(device))  # every rank takes part; rank 0 writes
         if not world.is_main:
             return
         state = {"step": step, "data_position": data_position, "padding": padding, "best_bleu": best_bleu, "best_step": best_step,
                  "stale_validations": stale_validations, "scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict(),
                  "python_rng": random.getstate()}
-        save_training_checkpoint(out, step, model, optimizer, state, cfg.keep_checkpoints, best_step, rng)
+        save_training_checkpoint(out, step, model, optimizer, state, cfg.keep_checkpoints, best_step, generators)
 
     best_bleu, best_step, stale_validations = position["best_bleu"], position["best_step"], position["stale_validations"]
     first_step = position["step"] + 1
