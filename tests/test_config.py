@@ -129,7 +129,7 @@ def test_unknown_key_without_near_match_lists_valid_keys():
         ("train.lr=true", "train.lr", "a number"),
         ("train.lr=fast", "train.lr", "a number"),
         ("train.lr=[0.1]", "train.lr", "a number"),
-        ("train.precision=fp8", "train.precision", "one of 'fp32', 'bf16', 'fp16'"),
+        ("train.precision=fp8", "train.precision", "one of 'auto', 'fp32', 'bf16', 'fp16'"),
         ("tokenizer.model_type=wordpiece", "tokenizer.model_type", "one of 'unigram', 'bpe'"),
         ("train.betas=0.9", "train.betas", "a list of 2 values"),
         ("train.betas=[0.9, 0.98, 0.999]", "train.betas", "a list of 2 values"),

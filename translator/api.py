@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .batching import sorted_batches, source_tensor
 from .checkpoint import load_model_dir, save_model_dir
 from .config import DecodeConfig, Recipe, recipe_from_dict
+from .devices import Precision, pick_device, resolve_precision
 from .model import Transformer
 from .search import Hypothesis, Sampling, beam_search, greedy_search, max_output_lengths, sample
 from .tokenizer import PAD_ID, Tokenizer
@@ -37,8 +38,11 @@ class Translator:
         self.device = next(model.parameters()).device
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Translator:
-        """Load a model directory written by training or `save_pretrained` (no pickle involved)."""
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "auto") -> Translator:
+        """Load a model directory written by training or `save_pretrained` (no pickle involved).
+        device: "auto" (the GPU when torch sees one), "cpu", "cuda" or a torch.device."""
+        if isinstance(device, str) and device in ("auto", "cpu", "cuda"):
+            device = pick_device(device, key="device")
         recipe, model, tokenizer = load_model_dir(path, device)
         return cls(model, tokenizer, recipe)
 
@@ -64,7 +68,8 @@ class Translator:
             beam_size: 1 is greedy search; default from the recipe's `decode` section.
             alpha: GNMT length penalty for beam search; default from the recipe.
             max_tokens: source tokens per batch (sentences are sorted by length into batches).
-            precision: "fp32" or "bf16" (matmuls in bfloat16: faster, may change a few words).
+            precision: "auto" (default: bf16 where this CPU or GPU runs it natively, else fp32
+                on a CPU and fp16 on a GPU), "fp32", "bf16" or "fp16".
             n_best: if given, return for each sentence a list of `n_best` `Translation`s
                 (text and score), best first, instead of the text alone.
             sampling: draw tokens at random (temperature, top-k, top-p, seed) instead of
@@ -94,6 +99,10 @@ class Translator:
             outputs = hypotheses
         return outputs[0] if single else outputs
 
+    def precision(self, requested: str | None = None) -> Precision:
+        """The precision decoding runs at on this translator's device, and why ("auto" resolved here)."""
+        return resolve_precision(requested or self.recipe.decode.precision, self.device)
+
     def _decode_config(self, **overrides) -> DecodeConfig:
         """The recipe's decode section with the caller's non-None arguments, validated like the recipe."""
         values = asdict(self.recipe.decode) | {k: v for k, v in overrides.items() if v is not None}
@@ -116,7 +125,8 @@ class Translator:
         todo = np.array([i for i, s in enumerate(sentences) if s.strip()], dtype=np.int64)
         sizes = np.array([len(ids) + 1 for ids in src_ids], dtype=np.int64)
         batches = sorted_batches(todo, sizes, decode.max_tokens)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=decode.precision == "bf16")
+        precision = self.precision(decode.precision)
+        autocast = torch.autocast(self.device.type, dtype=precision.dtype, enabled=precision.dtype is not None)
         for indices in tqdm(batches, desc="translating", unit="batch", disable=not progress):
             src = source_tensor([src_ids[i] for i in indices]).to(self.device)
             max_lens = max_output_lengths(src, PAD_ID, decode.max_len_a, decode.max_len_b, limit)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dropout import dropout
@@ -135,12 +136,19 @@ class MultiHeadAttention(nn.Module):
         rows, H, T, Dh = q.shape
         G = rows // kv.k.size(0)
         q = q.view(-1, G, H, T, Dh).transpose(1, 2).reshape(-1, H, G * T, Dh)  # (B, H, G*T, Dh)
-        # Written out rather than F.scaled_dot_product_attention: on CPU, for decoding's one query
-        # a row and for bf16, the fused kernel measured 1.5-6x slower than these two matmuls.
-        scores = q @ kv.k.transpose(-2, -1) / math.sqrt(self.head_size)  # (B, H, G*T, L)
+        y = self._attend(q, kv, mask)  # (B, H, G*T, Dh)
+        y = y.view(-1, H, G, T, Dh).permute(0, 2, 3, 1, 4).reshape(rows, T, H * Dh)  # heads side by side: (B*G, T, D)
+        return self.out_proj(y)
+
+    def _attend(self, q: Tensor, kv: KV, mask: Tensor | None) -> Tensor:
+        """softmax(Q K^T / sqrt(Dh)) V: (B, H, T, Dh) queries over (B, H, L, Dh) keys and values."""
+        if q.is_cuda:  # fused kernels (flash / memory-efficient attention) on GPUs
+            p = self.dropout if self.training else 0.0
+            return F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=mask, dropout_p=p)
+        # Written out on the CPU: for decoding's one query a row and for bf16, the fused kernel
+        # measured 1.5-6x slower than these two matmuls.
+        scores = q @ kv.k.transpose(-2, -1) / math.sqrt(self.head_size)  # (B, H, T, L)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         weights = dropout(scores.softmax(dim=-1), self.dropout, self.training)
-        y = weights @ kv.v  # (B, H, G*T, Dh)
-        y = y.view(-1, H, G, T, Dh).permute(0, 2, 3, 1, 4).reshape(rows, T, H * Dh)  # heads side by side: (B*G, T, D)
-        return self.out_proj(y)
+        return weights @ kv.v

@@ -92,7 +92,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     clip_norm: float = 1.0
     on_nan: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop (the last checkpoint stays good) or skip that update with a warning
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"  # autocast; fp16 (for GPUs) adds a gradient scaler
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: the fastest that keeps quality here (devices.py); fp16 adds a gradient scaler
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when torch sees one; under torchrun, GPU LOCAL_RANK
     log_every: int = 50
     valid_every: int = 500
@@ -123,7 +123,7 @@ class DecodeConfig:
     max_len_a: float = 1.5  # output length limit: a * source_length + b
     max_len_b: int = 10
     max_tokens: int = 8192  # per inference batch: source sentences x longest source
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: matmuls in bfloat16 (autocast), about 2x faster on CPUs with avx512_bf16
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the CPU or GPU runs it natively, else fp32 (CPU) or fp16 (GPU)
 
     def validate(self) -> None:
         _check(self.beam_size >= 1, "decode.beam_size", self.beam_size, "at least 1")

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .config import RecipeError
 
 
 @dataclass(frozen=True)
@@ -68,17 +67,6 @@ class World:
         for tensor in model.state_dict().values():
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return len(set(self.gather(digest.hexdigest()))) == 1
-
-
-def pick_device(requested: str) -> torch.device:
-    """"auto" is the GPU when torch sees one, else the CPU; under torchrun each process takes GPU LOCAL_RANK."""
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RecipeError(f"train.device: {requested!r}, but torch sees no CUDA device on this machine (use auto or cpu)")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def join(device: torch.device) -> World:

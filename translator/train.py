@@ -30,7 +30,8 @@ from .checkpoint import (
 )
 from .config import Recipe, RecipeError, TrainConfig
 from .data import Batch, StreamBatches, TrainBatches, filter_pairs, load_split, tokenize
-from .distributed import World, join, leave, pick_device
+from .devices import pick_device, resolve_precision
+from .distributed import World, join, leave
 from .evaluate import Scores, evaluate, score
 from .loss import cross_entropy
 from .model import Transformer
@@ -190,7 +191,9 @@ def _train(recipe: Recipe, progress: bool, resume: bool, world: World, device: t
     say(f"{model.num_parameters() / 1e6:.2f} M parameters, on {device}")
     optimizer, scheduler = optimizer_and_schedule(model, cfg)
     position = {"step": 0, "data_position": {}, "padding": [0, 0, 0], "best_bleu": -1.0, "best_step": None, "stale_validations": 0}
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    precision = resolve_precision(cfg.precision, device)
+    say(f"precision: {precision}")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
     rng = None
     if checkpoint:
         position = load_training_checkpoint(checkpoint, model, optimizer)
@@ -213,8 +216,7 @@ def _train(recipe: Recipe, progress: bool, resume: bool, world: World, device: t
     if world.size > 1:
         say(f"data parallel: {world.size} processes, each update reads {world.size} x {cfg.accum_steps} batches")
     trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world.size > 1 else model
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+    autocast = (lambda: torch.autocast(device.type, dtype=precision.dtype)) if precision.dtype else nullcontext
     translator = Translator(model, tokenizer, recipe)
     metrics = _metrics_log(out / "metrics.jsonl", up_to_step=position["step"]) if world.is_main else None
     board = _tensorboard(out) if world.is_main else None
@@ -237,6 +239,7 @@ def _train(recipe: Recipe, progress: bool, resume: bool, world: World, device: t
                  "python_rng": random.getstate()}
         save_training_checkpoint(out, step, model, optimizer, state, cfg.keep_checkpoints, best_step, generators)
 
+    record({"step": position["step"], "precision": precision.name, "precision_reason": precision.reason, "device": str(device)})
     best_bleu, best_step, stale_validations = position["best_bleu"], position["best_step"], position["stale_validations"]
     first_step = position["step"] + 1
     converged = improved = False
