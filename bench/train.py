@@ -1,13 +1,18 @@
-"""Training throughput of the Multi30k recipe (its model and batch settings) on real Multi30k batches, printed as a table.
+"""Training throughput on real Multi30k batches (the Multi30k recipe's batch settings), printed as a table.
 
-    python bench/train.py                    # the Multi30k recipe's model, fp32 and bf16
-    python bench/train.py --peer             # also run Joey NMT's train.sh now (about 12 minutes)
+    python bench/train.py                         # the recipe's model, each precision, on this machine
+    python bench/train.py --reference             # and PyTorch's nn.Transformer of the same size, in this run
+    python bench/train.py --size base --device cuda --reference   # Transformer-base (d512, 6+6, ff2048) on a GPU
+    python bench/train.py --peer                  # also Joey NMT's train.sh now (about 12 minutes)
 
-Per precision: target and source+target tokens/s (real tokens, padding excluded), achieved
-GFLOP/s (matmul FLOPs of the padded batches, forward + backward = 3x forward) and its fraction
-of the matmul peak measured here, padding fraction, peak RSS. With --peer,
-`../shared/bench-peers/train.sh` runs first (install.sh and prepare.sh must have run) and the
-ratio to Joey NMT's target tokens/s is printed from the same run.
+It prints where it ran (CPU model and flags, or the GPU) and the precision `auto` picks there;
+the table has one row per precision, the `auto` one marked. Per precision: target and
+source+target tokens/s (real tokens, padding excluded), achieved GFLOP/s and its share of the
+matmul peak measured here for that precision, counting only useful FLOPs (each sentence's own
+length, no padding; forward + backward = 3x forward), padding fraction, peak RSS. --reference runs
+`../shared/bench-peers/torch_reference.py` (unpadded batches of 256 x 16 tokens) with the same
+size, device and threads, and prints our tokens/s over its own at the same precision and at
+its fastest.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,29 +32,46 @@ import torch
 
 from translator.config import ModelConfig, TrainConfig, load_recipe
 from translator.data import TrainBatches, filter_pairs, load_split, tokenize
+from translator.devices import describe, pick_device, resolve_precision
 from translator.model import Transformer
 from translator.tokenizer import Tokenizer, interleave
 from translator.train import optimizer_and_schedule, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT.parent / "shared" / "bench-peers"
+SIZES = {"recipe": {}, "base": {"d_model": 512, "n_heads": 8, "d_ff": 2048, "encoder_layers": 6, "decoder_layers": 6}}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 10) -> float:
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     a @ b
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    synchronize(device)
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def forward_macs(cfg: ModelConfig, vocab: int, B: int, S: int, T: int) -> int:
-    """Multiply-accumulates of one forward pass over a padded (B, S) -> (B, T) batch."""
+def forward_macs(cfg: ModelConfig, vocab: int, S: int, T: int) -> int:
+    """Multiply-accumulates of one forward pass of a sentence pair of S source and T target positions."""
     D, F = cfg.d_model, cfg.d_ff
-    encoder = cfg.encoder_layers * B * S * (4 * D * D + 2 * D * F + 2 * S * D)
-    decoder = cfg.decoder_layers * B * (T * (4 * D * D + 2 * D * D + 2 * D * F + 2 * T * D + 2 * S * D) + S * 2 * D * D)
-    return encoder + decoder + B * T * D * vocab
+    encoder = cfg.encoder_layers * S * (4 * D * D + 2 * D * F + 2 * S * D)
+    decoder = cfg.decoder_layers * (T * (4 * D * D + 2 * D * D + 2 * D * F + 2 * T * D + 2 * S * D) + S * 2 * D * D)
+    return encoder + decoder + T * D * vocab
+
+
+def useful_macs(cfg: ModelConfig, vocab: int, batch) -> int:
+    """Forward MACs of each sentence at its own length (+ eos / bos): what padding-free training would compute."""
+    src_lens, tgt_lens = (batch.src != 0).sum(1).tolist(), (batch.tgt_out != 0).sum(1).tolist()
+    return sum(forward_macs(cfg, vocab, s, t) for s, t in zip(src_lens, tgt_lens))
 
 
 def run_peer() -> float:
@@ -57,16 +80,32 @@ def run_peer() -> float:
     return json.loads(out)["trg_tok_s"]
 
 
-def measure(model: Transformer, model_cfg: ModelConfig, batches: TrainBatches, precision: str, steps: int, warmup: int, cfg: TrainConfig) -> dict:
+def run_reference(cfg: ModelConfig, device: torch.device, threads: int, precisions: list[str]) -> dict[str, float]:
+    """Target tokens/s of PyTorch's nn.Transformer of the same size, by precision (it knows fp32 and bf16)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "reference.json"
+        modes = [p for p in precisions if p in ("fp32", "bf16")]
+        subprocess.run([sys.executable, str(PEERS / "torch_reference.py"), "--device", device.type, "--threads", str(threads),
+                        "--d-model", str(cfg.d_model), "--heads", str(cfg.n_heads), "--layers", str(cfg.encoder_layers),
+                        "--ff", str(cfg.d_ff), "--modes", *modes, "--out", str(out)], check=True, capture_output=True)
+        return {mode: r["tgt_tok_s_median"] for mode, r in json.loads(out.read_text())["modes"].items()}
+
+
+def measure(model: Transformer, model_cfg: ModelConfig, batches: TrainBatches, precision: str, steps: int, warmup: int,
+            cfg: TrainConfig, device: torch.device) -> dict:
     optimizer, scheduler = optimizer_and_schedule(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     stream = batches.from_position({})
-    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+    amp = (lambda: torch.autocast(device.type, dtype=DTYPES[precision])) if precision != "fp32" else nullcontext
     tgt_tokens = src_tokens = padded = real = macs = 0
     seconds = 0.0
     for step in range(warmup + steps):
         _, batch = next(stream)
+        batch = batch.to(device)
+        synchronize(device)
         start = time.perf_counter()
-        train_step(model, optimizer, scheduler, [batch], amp, cfg)  # the training loop's own update
+        train_step(model, optimizer, scheduler, [batch], amp, cfg, scaler=scaler)  # the training loop's own update
+        synchronize(device)
         elapsed = time.perf_counter() - start
         if step < warmup:
             continue
@@ -74,51 +113,64 @@ def measure(model: Transformer, model_cfg: ModelConfig, batches: TrainBatches, p
         n_src, n_tgt = int((batch.src != 0).sum()), batch.n_tgt_tokens
         tgt_tokens, src_tokens = tgt_tokens + n_tgt, src_tokens + n_src
         real, padded = real + n_src + n_tgt, padded + batch.src.numel() + batch.tgt_out.numel()
-        macs += forward_macs(model_cfg, model.embedding.num_embeddings, *batch.src.shape, batch.tgt_in.size(1))
+        macs += useful_macs(model_cfg, model.embedding.num_embeddings, batch)
     return {"tgt tok/s": tgt_tokens / seconds, "src+tgt tok/s": (src_tokens + tgt_tokens) / seconds,
-            "GFLOP/s": 3 * 2 * macs / seconds / 1e9, "padding": 1 - real / padded, "s/step": seconds / steps}
+            "useful GFLOP/s": 3 * 2 * macs / seconds / 1e9, "padding": 1 - real / padded, "s/step": seconds / steps}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "multi30k"))
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--size", default="recipe", choices=list(SIZES), help="recipe: the Multi30k recipe's model; base: Transformer-base")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--reference", action="store_true", help="run PyTorch's nn.Transformer of the same size in this run")
     parser.add_argument("--peer", action="store_true", help="run Joey NMT's train.sh in this run and print the ratio")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = pick_device(args.device, key="--device")
+    auto = resolve_precision("auto", device)
+    precisions = ["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"]
 
     joey = run_peer() if args.peer else None
     recipe = load_recipe(ROOT / "recipes" / "multi30k_de_en.yaml", [f"data.path={args.data}"])
-    cfg, model_cfg, data = recipe.train, recipe.model, recipe.data
+    cfg, data = recipe.train, recipe.data
+    model_cfg = ModelConfig(**{**recipe.model.__dict__, **SIZES[args.size]})
+    reference = run_reference(model_cfg, device, args.threads, precisions) if args.reference else {}
     pairs = load_split(data, "train")
     tokenizer = Tokenizer.train(interleave(pairs["src"], pairs["tgt"]), recipe.tokenizer.vocab_size, seed=recipe.seed)
     tokens, _ = filter_pairs(tokenize(pairs, tokenizer), data.max_len, data.max_ratio)
     batches = TrainBatches(tokens, cfg.max_tokens, recipe.seed)
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
 
     rows = []
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         torch.manual_seed(0)
-        model = Transformer(model_cfg, tokenizer.vocab_size)
-        row = {"precision": precision, **measure(model, model_cfg, batches, precision, args.steps, args.warmup, cfg)}
-        row["peak GFLOP/s"] = peaks[precision]
-        row["of peak"] = row["GFLOP/s"] / peaks[precision]
+        model = Transformer(model_cfg, tokenizer.vocab_size).to(device)
+        row = {"precision": precision + (" (auto)" if precision == auto.name else ""),
+               **measure(model, model_cfg, batches, precision, args.steps, args.warmup, cfg, device)}
+        peak = matmul_peak(DTYPES[precision], device)
+        row["peak GFLOP/s"], row["of peak"] = peak, row["useful GFLOP/s"] / peak
+        if precision in reference:
+            row["reference tgt tok/s"] = reference[precision]
+            row["x reference"] = row["tgt tok/s"] / reference[precision]
+        if reference:
+            row["x reference's fastest"] = row["tgt tok/s"] / max(reference.values())
         if joey:
-            row["Joey tgt tok/s"] = joey
-            row["x Joey"] = row["tgt tok/s"] / joey
+            row["Joey tgt tok/s"], row["x Joey"] = joey, row["tgt tok/s"] / joey
         rows.append(row)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    print(f"# translator training benchmark: Multi30k de-en, d_model 256, 3+3 layers, 4 heads, ff 1024, "
-          f"{cfg.max_tokens}-token batches, {args.threads} threads, {args.steps} timed steps, torch {torch.__version__}, "
-          f"peak RSS {rss:.0f} MiB")
-    columns = list(rows[0])
+    print(f"# translator training benchmark on {describe(device)}; auto picks {auto}")
+    print(f"# Multi30k de-en batches, d_model {model_cfg.d_model}, {model_cfg.encoder_layers}+{model_cfg.decoder_layers} layers, "
+          f"{model_cfg.n_heads} heads, ff {model_cfg.d_ff}, {cfg.max_tokens}-token batches, {args.steps} timed steps, "
+          f"torch {torch.__version__}, peak RSS {rss:.0f} MiB")
+    columns = list(dict.fromkeys(c for r in rows for c in r))
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for r in rows:
-        print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in columns) + " |")
+        print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns) + " |")
 
 
 if __name__ == "__main__":

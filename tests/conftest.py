@@ -15,6 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_RECIPE = ROOT / "recipes" / "tiny.yaml"
 MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
 
+# Tests of properties that must hold on every device take `device` from DEVICES: on a machine with a
+# GPU they run there too (fused attention, F.cross_entropy); elsewhere the CUDA case is skipped.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
 # A word-for-word "German -> English" toy language: learnable in a minute, real enough for BLEU.
 LEXICON = {
     "ein": "a", "der": "the", "mann": "man", "frau": "woman", "hund": "dog", "kind": "child",

@@ -1,10 +1,11 @@
 """Data-parallel training under torchrun (gloo on CPU): ranks agree, and two processes are one
-process that accumulates the same batches."""
+process that accumulates the same batches, dropout masks included."""
 
 import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,21 +38,22 @@ def torchrun(n):
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_accumulating_their_batches_and_resume_on_one(tmp_path, toy_corpus):
-    two = train_cli(torchrun(2), toy_corpus, tmp_path / "two")
+    """Bitwise: dropout masks are drawn from the global batch, and the loss scales are powers of two apart."""
+    two = train_cli(torchrun(2), toy_corpus, tmp_path / "two", "model.dropout=0.1")
     assert two.returncode == 0, two.stderr[-3000:]
     assert "weights identical on all 2 processes" in two.stderr
     assert two.stdout.count("test (greedy)") == 1  # only rank 0 reports
 
-    one = train_cli([sys.executable], toy_corpus, tmp_path / "one", "train.accum_steps=2")
+    one = train_cli([sys.executable], toy_corpus, tmp_path / "one", "model.dropout=0.1", "train.accum_steps=2")
     assert one.returncode == 0, one.stderr[-3000:]
     a = load_file(training_checkpoints(tmp_path / "two")[-1] / WEIGHTS)
     b = load_file(training_checkpoints(tmp_path / "one")[-1] / WEIGHTS)
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), "DDP shards or loss scaling differ from accumulation"
+    assert all(torch.equal(a[k], b[k]) for k in a), "DDP shards, dropout masks or loss scaling differ from accumulation"
 
     losses = [e["loss"] for e in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
     assert losses[-1] < losses[0]
 
-    more = train_cli([sys.executable], toy_corpus, tmp_path / "two", "train.max_steps=60", resume=True)  # another world size
+    more = train_cli([sys.executable], toy_corpus, tmp_path / "two", "model.dropout=0.1", "train.max_steps=60", resume=True)  # another world size
     assert more.returncode == 0, more.stderr[-3000:]
     assert training_checkpoints(tmp_path / "two")[-1].name == "step_00000060"
 
@@ -69,3 +71,19 @@ def test_two_processes_resume_bitwise_with_each_ranks_dropout_state(tmp_path, to
     a = load_file(training_checkpoints(tmp_path / "straight")[-1] / WEIGHTS)
     b = load_file(training_checkpoints(tmp_path / "stopped")[-1] / WEIGHTS)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("on_nan", ["skip", "stop"])
+def test_a_nan_on_one_rank_skips_or_stops_on_every_rank_without_hanging(tmp_path, toy_corpus, on_nan):
+    script = str(Path(__file__).with_name("nan_on_one_rank.py"))
+    command = [*torchrun(2), script, "train", str(TINY_RECIPE), "--quiet", *settings(toy_corpus, tmp_path / "run", f"train.on_nan={on_nan}")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)  # a hang fails here
+    if on_nan == "stop":
+        assert result.returncode != 0 and "loss is nan at step 5" in result.stderr
+        assert not training_checkpoints(tmp_path / "run")  # nothing was saved past the NaN
+        return
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "weights identical on all 2 processes" in result.stderr  # rank 0 skipped the update rank 1's NaN spoiled
+    skipped = [e for e in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "skipped" in e]
+    assert [e["step"] for e in skipped] == [5]

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import DEVICES
 from translator import loss as loss_module
 from translator.loss import cross_entropy
 
@@ -64,3 +65,34 @@ def test_fp16_gradients_take_the_loss_scale_before_they_are_rounded_to_fp16():
     F.cross_entropy(exact, target, ignore_index=PAD).backward()
     assert exact.grad.abs().min() < 1e-8  # entries fp16 cannot hold unscaled
     torch.testing.assert_close(ours, exact.grad, rtol=2e-3, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [1.0, 0.37, 1 / 3])  # accumulation and DDP weigh each batch's mean by its share of the tokens
+def test_a_scaled_low_precision_gradient_is_rounded_once_as_torch_rounds_it_under_autocast(dtype, scale):
+    """Training scales each batch's loss (its tokens' share, x world size); that scale must be in the
+    gradient before it is cast to bf16/fp16, as in F.cross_entropy under autocast (computed in fp32)."""
+    loss_scale = 2.0**16 if dtype == torch.float16 else 1.0  # GradScaler's, in backward
+    logits, target = logits_and_targets(rows=300, vocab=500, dtype=dtype)
+    (cross_entropy(logits, target, 0.1, ignore_index=PAD, scale=scale) * loss_scale).backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    with torch.autocast("cpu", dtype=dtype):
+        reference = F.cross_entropy(logits, target, ignore_index=PAD, label_smoothing=0.1)
+    (reference * scale * loss_scale).backward()
+    assert ours.dtype == logits.grad.dtype == dtype
+    differ = (ours != logits.grad).float().mean().item()
+    assert differ < 0.01, f"{differ:.1%} of the gradient's entries differ from torch's (a second rounding?)"
+    torch.testing.assert_close(ours.float(), logits.grad.float(), rtol=2**-7, atol=2.0**-24)  # one ulp (or one fp16 subnormal step) at most
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_loss_on_every_device_is_torch_cross_entropy_times_the_scale(device, dtype):
+    logits, target = logits_and_targets(dtype=dtype)
+    logits, target = logits.detach().to(device).requires_grad_(), target.to(device)
+    ours = value_and_grad(lambda x, t: cross_entropy(x, t, 0.1, ignore_index=PAD, scale=0.37), logits, target, 0.1)
+    exact = logits.detach().float().requires_grad_()
+    ref = value_and_grad(lambda x, t: 0.37 * F.cross_entropy(x, t, ignore_index=PAD, label_smoothing=0.1), exact, target, 0.1)
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[1].float(), ref[1], rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)

@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from conftest import DEVICES
 from translator.config import ModelConfig
 from translator.model import SinusoidalPositions, Transformer
 
@@ -17,13 +18,15 @@ def make_model(dropout=0.0) -> Transformer:
     return Transformer(cfg, vocab_size=50)
 
 
-def test_cached_step_by_step_logits_equal_full_recomputation_with_padded_sources():
-    model = make_model().eval()
+@pytest.mark.parametrize("device", DEVICES)
+def test_cached_step_by_step_logits_equal_full_recomputation_with_padded_sources(device):
+    model = make_model().eval().to(device)
     g = torch.Generator().manual_seed(1)
     src = torch.randint(4, 50, (3, 9), generator=g)
     src[0, 5:] = PAD
     src[2, 7:] = PAD
     tgt = torch.randint(4, 50, (3, 8), generator=g)
+    src, tgt = src.to(device), tgt.to(device)
     full = model(src, tgt)
     memory, src_mask = model.encode(src)
     state = model.start(memory, src_mask)
@@ -35,9 +38,10 @@ def test_cached_step_by_step_logits_equal_full_recomputation_with_padded_sources
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 
-def test_decoding_in_chunks_equals_one_pass():
-    model = make_model().eval()
-    src, tgt = torch.randint(4, 50, (2, 6)), torch.randint(4, 50, (2, 7))
+@pytest.mark.parametrize("device", DEVICES)
+def test_decoding_in_chunks_equals_one_pass(device):
+    model = make_model().eval().to(device)
+    src, tgt = torch.randint(4, 50, (2, 6), device=device), torch.randint(4, 50, (2, 7), device=device)
     memory, src_mask = model.encode(src)
     first, state = model.decode(tgt[:, :3], model.start(memory, src_mask))
     rest, _ = model.decode(tgt[:, 3:], state)

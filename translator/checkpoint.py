@@ -4,7 +4,7 @@
     model.safetensors    the weights
     sentencepiece.model  the joint subword model
     checkpoints/step_N/  training state to resume from: model.safetensors,
-                         optimizer.safetensors (Adam moments, every process's torch RNG), state.json (the rest)
+                         optimizer.safetensors (Adam moments), state.json (the rest)
 
 Every file is written atomically (temporary file in the same directory, fsync, rename), a
 training checkpoint as a whole directory, so a crash mid-write leaves the previous one intact.
@@ -30,6 +30,7 @@ from .tokenizer import Tokenizer
 FORMAT_VERSION = 1
 CONFIG, WEIGHTS, SPM = "config.json", "model.safetensors", "sentencepiece.model"
 CHECKPOINTS, OPTIMIZER, STATE = "checkpoints", "optimizer.safetensors", "state.json"
+REPLACED = ".replaced"  # suffix of a checkpoint directory stepping aside for a new one of the same step
 
 
 class CheckpointError(ValueError):
@@ -68,12 +69,17 @@ def save_weights(model: Transformer, path: Path) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format_version": str(FORMAT_VERSION)}))
 
 
-def save_model_dir(directory: str | Path, model: Transformer, recipe: Recipe, tokenizer: Tokenizer) -> None:
+def save_model_config(directory: str | Path, recipe: Recipe, tokenizer: Tokenizer) -> None:
+    """config.json and the SentencePiece model: a model directory still without weights (a run that has just started)."""
     directory = Path(directory)
     config = json.dumps({"format_version": FORMAT_VERSION, "recipe": recipe.to_dict()}, indent=2)
     atomic_write(directory / CONFIG, lambda tmp: Path(tmp).write_text(config + "\n", encoding="utf-8"))
     atomic_write(directory / SPM, lambda tmp: Path(tmp).write_bytes(tokenizer.model_proto))
-    save_weights(model, directory / WEIGHTS)
+
+
+def save_model_dir(directory: str | Path, model: Transformer, recipe: Recipe, tokenizer: Tokenizer) -> None:
+    save_model_config(directory, recipe, tokenizer)
+    save_weights(model, Path(directory) / WEIGHTS)
 
 
 def load_recipe_json(directory: Path) -> Recipe:
@@ -103,6 +109,9 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
     except (OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{directory / SPM}: cannot load the SentencePiece model ({e})") from None
     model = Transformer(recipe.model, tokenizer.vocab_size)
+    if not (directory / WEIGHTS).exists() and (directory / CONFIG).exists():
+        raise CheckpointError(f"{directory / WEIGHTS} not found: this model directory holds no trained weights yet (its training "
+                              "stopped before the first validation); continue it with translator train RECIPE --resume, or train it again")
     try:
         state = load_file(directory / WEIGHTS, device=str(device))  # safetensors: tensors only, never code
     except (OSError, SafetensorError) as e:
@@ -121,14 +130,10 @@ def training_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save_training_checkpoint(
-    run_dir: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer, state: dict, keep: int,
-    best_step: int | None = None, rng: list[dict[str, torch.Tensor]] | None = None,
+    run_dir: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer, state: dict, keep: int, best_step: int | None = None,
 ) -> Path:
     """Write checkpoints/step_N as a whole (temporary directory, fsync, rename), then keep the
-    newest `keep` and the one of `best_step` (the best validation BLEU so far).
-
-    `rng` holds each process's random generator states by rank ({"torch": ..., "cuda": ...});
-    by default this process's torch generator."""
+    newest `keep` and the one of `best_step` (the best validation BLEU so far)."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -136,17 +141,11 @@ def save_training_checkpoint(
     try:
         save_file(_tensors(model), tmp / WEIGHTS)
         optim = optimizer.state_dict()
-        tensors = {f"{i}.{name}": value for i, slots in optim["state"].items() for name, value in slots.items()}
-        for rank, generators in enumerate(rng or [{"torch": torch.get_rng_state()}]):
-            tensors.update({f"rng.{name}.{rank}": value for name, value in generators.items()})
-        save_file(tensors, tmp / OPTIMIZER)
+        save_file({f"{i}.{name}": value for i, slots in optim["state"].items() for name, value in slots.items()}, tmp / OPTIMIZER)
         (tmp / STATE).write_text(json.dumps({**state, "optimizer_groups": optim["param_groups"]}), encoding="utf-8")
         for file in (WEIGHTS, OPTIMIZER, STATE):
             _fsync(tmp / file)
-        if final.exists():
-            shutil.rmtree(final)  # the same step saved again (an interrupted save, then a resume)
-        os.rename(tmp, final)
-        _fsync(root)
+        _rename_over(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -157,25 +156,54 @@ def save_training_checkpoint(
     return final
 
 
+def _rename_over(new: Path, final: Path) -> None:
+    """Put directory `new` in the place of `final`, which may exist (the same step saved again).
+
+    A directory cannot be renamed over a full one, so the old one first steps aside under a
+    hidden name; a crash between the two renames leaves it there, whole, and
+    `clean_interrupted_writes` puts it back. At no moment is a complete step_N lost.
+    """
+    aside = final.with_name(f".{final.name}{REPLACED}")
+    if final.exists():
+        os.rename(final, aside)
+    os.rename(new, final)
+    _fsync(final.parent)  # make the renames durable
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def clean_interrupted_writes(run_dir: Path) -> list[str]:
+    """Remove what a killed process left half-written in a run (hidden temporary files and checkpoint
+    directories), putting back a checkpoint that was stepping aside for its replacement. Returns what was done."""
+    done = []
+    root = run_dir / CHECKPOINTS
+    for aside in sorted(root.glob(f".step_*{REPLACED}")) if root.is_dir() else []:
+        final = aside.with_name(aside.name[1 : -len(REPLACED)])
+        if not final.exists():
+            os.rename(aside, final)
+            done.append(f"restored {final.name}")
+    leftovers = [*(root.glob(".step_*") if root.is_dir() else []), *run_dir.glob(".*.tmp")]
+    for path in sorted(leftovers):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        done.append(f"removed {path.name}")
+    return done
+
+
 def load_training_checkpoint(path: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore weights and optimizer in place; return the rest of the state (step, data position, ...),
-    with the generator states by rank under "rng" (restoring them is the caller's: it knows its rank)."""
+    """Restore weights and optimizer in place; return the rest of the state (step, data position, ...)."""
     try:
         model.load_state_dict(load_file(path / WEIGHTS))
         tensors = load_file(path / OPTIMIZER)
         state = json.loads((path / STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError, SafetensorError, RuntimeError) as e:
         raise CheckpointError(f"{path}: cannot load the training checkpoint ({e})") from None
-    rng: dict[int, dict[str, torch.Tensor]] = {}
-    for key in [k for k in tensors if k.startswith("rng.")]:
-        _, name, rank = key.split(".")
-        rng.setdefault(int(rank), {})[name] = tensors.pop(key)
     slots: dict[int, dict] = {}
     for key, value in tensors.items():
+        if key.startswith("rng."):  # random generator states of checkpoints older than keyed dropout: no longer needed
+            continue
         index, name = key.split(".", 1)
         slots.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": slots, "param_groups": state.pop("optimizer_groups")})
-    return {**state, "rng": [rng[rank] for rank in sorted(rng)]}
+    return state
 
 
 def average_weights(directories: list[Path]) -> dict[str, torch.Tensor]:

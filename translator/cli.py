@@ -10,6 +10,7 @@ import argparse
 import itertools
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -154,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"translator {args.verb}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or training stopped by SIGINT/SIGTERM after saving a checkpoint
         print(f"translator {args.verb}: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signal", signal.SIGINT)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     except Exception as e:  # a runtime failure: one line, the traceback with --debug
         if debug:
             raise

@@ -101,6 +101,7 @@ class TrainConfig:
     patience: int | None = None  # stop after this many validations without a better BLEU (None: never)
     average_last: int = 0  # at the end, the model's weights become the mean of the last N checkpoints (0: the best by BLEU)
     threads: int | None = None  # torch intra-op threads; None keeps torch's default (one per core)
+    rdrop_alpha: float = 0.0  # R-Drop (Liang et al., 2021): each batch twice under two dropout masks, + alpha x their symmetric KL (0: off)
 
     def validate(self) -> None:
         for key in ("max_tokens", "accum_steps", "max_steps", "log_every", "valid_every", "checkpoint_every", "keep_checkpoints"):
@@ -111,6 +112,7 @@ class TrainConfig:
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "in [0, 1)")
         _check(self.clip_norm >= 0, "train.clip_norm", self.clip_norm, "zero (off) or more")
         _check(self.threads is None or self.threads > 0, "train.threads", self.threads, "a positive integer or null")
+        _check(self.rdrop_alpha >= 0, "train.rdrop_alpha", self.rdrop_alpha, "zero (off) or more")
         _check(self.patience is None or self.patience > 0, "train.patience", self.patience, "a positive integer or null")
         _check(self.average_last == 0 or 2 <= self.average_last <= self.keep_checkpoints, "train.average_last",
                self.average_last, f"0, or 2 to train.keep_checkpoints={self.keep_checkpoints}")
@@ -146,6 +148,8 @@ class Recipe:
 
     def validate(self) -> None:
         _check(self.seed >= 0, "seed", self.seed, "zero or more")
+        _check(self.data.max_len + 1 <= self.model.max_positions, "data.max_len", self.data.max_len,
+               f"at most model.max_positions - 1 = {self.model.max_positions - 1} (a sentence takes one more position for bos/eos)")
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

@@ -22,17 +22,23 @@ import torch.distributed as dist
 class World:
     rank: int = 0
     size: int = 1
+    device: torch.device = torch.device("cpu")  # where collectives' tensors live: NCCL reduces GPU tensors only
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def sum(self, value: float) -> float:
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's `tensor` (on this world's device) added up, in place, on every rank; no host sync."""
+        if self.size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is true on any rank (e.g. a signal reached one of them)."""
         if self.size == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(tensor)
-        return float(tensor.item())
+            return flag
+        return bool(self.sum_(torch.tensor([float(flag)], device=self.device)).item())
 
     def gather(self, value) -> list:
         """Every rank's value, by rank, on every rank."""
@@ -69,7 +75,7 @@ class World:
         return len(set(self.gather(digest.hexdigest()))) == 1
 
 
-def join(device: torch.device) -> World:
+def join(device: torch.device = torch.device("cpu")) -> World:
     """The world torchrun describes in the environment (WORLD_SIZE, RANK, MASTER_ADDR, ...), or a world of one."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
@@ -78,7 +84,7 @@ def join(device: torch.device) -> World:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return World(dist.get_rank(), size)
+    return World(dist.get_rank(), size, device)
 
 
 def leave(world: World) -> None:

@@ -9,26 +9,38 @@ and the gradient of each row's loss
     loss = -(1 - eps) log p[target] - (eps / V) sum_j log p[j]
     d loss / d logits = p - (1 - eps) onehot(target) - eps / V
 
-is written once, while its block is at hand: in the logits' dtype, except for fp16, whose
-loss scale only arrives in backward (kept in fp32 until then, or small gradients would flush to 0).
+is written once, while its block is at hand, with the caller's `scale` (gradient accumulation,
+data parallelism) already in, so a bf16 gradient is rounded once, as F.cross_entropy's under
+autocast is. fp16's gradient stays in fp32 until GradScaler's loss scale arrives in backward
+(or small gradients would flush to 0). On GPUs F.cross_entropy is a fused kernel and is used as is.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 BLOCK_ELEMENTS = 1 << 20  # fp32 elements per block of rows: 4 MB, so a block stays in cache
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float, ignore_index: int) -> torch.Tensor:
-    """The mean over the rows whose target is not `ignore_index`: the value and gradient of
-    `F.cross_entropy(logits, target, ignore_index=..., label_smoothing=...)`. logits (N, V), target (N,)."""
-    return _SmoothedCrossEntropy.apply(logits, target, label_smoothing, ignore_index)
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float, ignore_index: int, scale: float = 1.0) -> torch.Tensor:
+    """`scale` times the mean over the rows whose target is not `ignore_index`: the value and gradient of
+    `scale * F.cross_entropy(logits, target, ignore_index=..., label_smoothing=...)`. logits (N, V), target (N,)."""
+    if logits.device.type != "cpu":
+        return scale * F.cross_entropy(logits.float(), target, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    return _SmoothedCrossEntropy.apply(logits, target, label_smoothing, ignore_index, scale)
+
+
+def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """R-Drop's consistency term (Liang et al., 2021): (KL(p_a || p_b) + KL(p_b || p_a)) / 2 per counted row,
+    summed over the rows. logits (N, V) of the same inputs under two dropout masks; counted (N,) bool."""
+    log_a, log_b = F.log_softmax(logits_a[counted].float(), dim=-1), F.log_softmax(logits_b[counted].float(), dim=-1)
+    return 0.5 * ((log_a.exp() - log_b.exp()) * (log_a - log_b)).sum()
 
 
 class _SmoothedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, eps: float, ignore_index: int) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, eps: float, ignore_index: int, scale: float) -> torch.Tensor:
         rows, vocab = logits.shape
         counted = target != ignore_index  # (N,)
         n = counted.sum()
@@ -52,11 +64,11 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
             if grad is not None:
                 probs = log_probs.exp_().sub_(eps / vocab)
                 probs.scatter_add_(-1, gold, torch.full_like(gold_log_prob, eps - 1))
-                grad[part] = probs.mul_(weight / n)
+                grad[part] = probs.mul_(weight * (scale / n))
         ctx.save_for_backward(grad)
-        return total / n
+        return total * scale / n
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_loss.to(grad.dtype)).to(ctx.logits_dtype), None, None, None
+        return (grad * grad_loss.to(grad.dtype)).to(ctx.logits_dtype), None, None, None, None

@@ -1,21 +1,23 @@
 """The training loop: recipe in, model directory out.
 
-    load splits -> train SentencePiece -> tokenize and filter -> token-budget batches
-    -> AdamW + warmup/inverse-sqrt -> validate (loss, greedy BLEU) -> keep the best -> test
+    setup   load splits -> train SentencePiece -> tokenize and filter -> token-budget batches
+            -> model, AdamW + warmup/inverse-sqrt (restored from the newest checkpoint with --resume)
+    loop    one update a step -> log -> validate (loss, greedy BLEU), keep the best -> checkpoint
+    finish  average checkpoints if asked -> test BLEU/chrF
+
+Everything a run needs lives in a `Run`, built once by `setup`; everything that changes from
+step to step lives in one `TrainingState`, saved and restored with each checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import random
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import datasets
@@ -26,26 +28,147 @@ from tqdm.auto import tqdm
 
 from .api import Translator
 from .checkpoint import (
-    CHECKPOINTS, SPM, WEIGHTS, average_weights, load_training_checkpoint, save_model_dir, save_training_checkpoint, save_weights, training_checkpoints,
+    CHECKPOINTS, CONFIG, SPM, WEIGHTS, average_weights, clean_interrupted_writes, load_recipe_json, load_training_checkpoint,
+    save_model_config, save_training_checkpoint, save_weights, training_checkpoints,
 )
 from .config import Recipe, RecipeError, TrainConfig
 from .data import Batch, StreamBatches, TrainBatches, filter_pairs, load_split, tokenize
-from .devices import pick_device, resolve_precision
+from .devices import Precision, pick_device, resolve_precision
 from .distributed import World, join, leave
 from .evaluate import Scores, evaluate, score
-from .loss import cross_entropy
+from .loss import cross_entropy, symmetric_kl
 from .model import Transformer
+from .runlog import RunLog
 from .tokenizer import PAD_ID, Tokenizer, interleave
 
+# Recipe keys a resumed run may change: they do not touch the weights' path (the rest would break
+# the promise that a resumed run ends bitwise where an uninterrupted one does).
+RESUMABLE_CHANGES = (
+    "name", "out_dir", "data.num_proc", "data.valid_split", "data.test_split", "train.max_steps", "train.on_nan", "train.device",
+    "train.log_every", "train.valid_every", "train.checkpoint_every", "train.keep_checkpoints", "train.patience",
+    "train.average_last", "train.threads", "decode.",
+)
 
-def log(message: str) -> None:
-    tqdm.write(message, file=sys.stderr)
+
+@dataclass
+class TrainingState:
+    """A run's progress: all that changes from step to step besides the tensors, saved as one value."""
+
+    step: int = 0  # updates done
+    data_position: dict = field(default_factory=dict)  # where the batch stream goes on (TrainBatches / StreamBatches)
+    best_bleu: float = -1.0  # the best validation BLEU so far, and its step
+    best_step: int | None = None
+    stale_validations: int = 0  # validations since the best (train.patience)
+    padding: list[int] = field(default_factory=lambda: [0, 0, 0])  # [epoch, padding positions, all positions] of this epoch so far
+    precision: str | None = None  # what the run trains at (auto is resolved on the machine that started it)
+    scheduler: dict = field(default_factory=dict)
+    grad_scaler: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainingState:
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+@dataclass
+class Run:
+    """What training works with, built once by `setup`."""
+
+    recipe: Recipe
+    out: Path
+    world: World
+    device: torch.device
+    precision: Precision
+    tokenizer: Tokenizer
+    model: Transformer
+    trained: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    train_batches: TrainBatches | StreamBatches
+    valid_batches: TrainBatches
+    valid_pairs: datasets.Dataset
+    log: RunLog
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.precision.dtype) if self.precision.dtype else nullcontext()
+
+
+def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[str, Scores]:
+    """Train from a recipe; write the model directory to `recipe.out_dir`; return test scores.
+
+    With `resume`, continue from the newest checkpoint in `out_dir/checkpoints` (the result is
+    bitwise the same as a run that was never interrupted); without it, refuse an `out_dir`
+    that already holds a run. SIGINT and SIGTERM save a checkpoint, then raise `Stopped`.
+    """
+    device = pick_device(recipe.train.device)
+    run, state = setup(resolved(recipe), join(device), device, resume)
+    loop(run, state, progress)
+    return finish(run, state)
+
+
+class Stopped(KeyboardInterrupt):
+    """Training stopped by a signal after saving a checkpoint; `signal` is its number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signal = signum
+
+
+# --- setup ---------------------------------------------------------------------------------------
+
+def setup(recipe: Recipe, world: World, device: torch.device, resume: bool) -> tuple[Run, TrainingState]:
+    out, cfg = Path(recipe.out_dir), recipe.train
+    log = RunLog(out, enabled=world.is_main)
+    say = log.say
+    checkpoint = world.from_main(_checkpoint_to_resume(recipe, resume, say) if world.is_main else None)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(recipe.seed)  # the initial weights
+    tokenizer, train_batches, valid_batches, valid_pairs = load_data(recipe, world, from_checkpoint=checkpoint is not None, say=say)
+    model = Transformer(recipe.model, tokenizer.vocab_size).to(device)
+    optimizer, scheduler = optimizer_and_schedule(model, cfg)
+    precision = resolve_precision(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
+    state = TrainingState(precision=precision.name)
+    if checkpoint:
+        state = _restore(checkpoint, model, optimizer, scheduler, scaler, precision, say)
+    log.open(up_to_step=state.step)
+    say(f"{model.num_parameters() / 1e6:.2f} M parameters, on {device}; precision: {precision}")
+    log.record({"step": state.step, "precision": precision.name, "precision_reason": precision.reason, "device": str(device)})
+    if world.size > 1:
+        say(f"data parallel: {world.size} processes, each update reads {world.size} x {cfg.accum_steps} batches")
+    trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world.size > 1 else model
+    run = Run(recipe, out, world, device, precision, tokenizer, model, trained, optimizer, scheduler, scaler,
+              train_batches, valid_batches, valid_pairs, log)
+    return run, state
+
+
+def load_data(recipe: Recipe, world: World, from_checkpoint: bool, say) -> tuple[Tokenizer, TrainBatches | StreamBatches, TrainBatches, datasets.Dataset]:
+    """The tokenizer (trained, or the run's own when resuming), training batches, validation batches and pairs."""
+    out, data, tok, cfg = Path(recipe.out_dir), recipe.data, recipe.tokenizer, recipe.train
+    with world.main_first():  # rank 0 downloads, trains the tokenizer and fills the caches; the rest reuse them
+        train_pairs = load_split(data, data.train_split, data.streaming)
+        valid_pairs = load_split(data, data.valid_split)
+        say(f"data: {'a stream of' if data.streaming else len(train_pairs)} training pairs, {len(valid_pairs)} validation pairs from {data.path}")
+        if from_checkpoint or not world.is_main:
+            tokenizer = Tokenizer.load(out / SPM)
+        else:
+            sample = train_pairs.shuffle(seed=recipe.seed).take(tok.input_sentence_size) if data.streaming else train_pairs
+            tokenizer = Tokenizer.train(sentences(sample), tok.vocab_size, tok.model_type, tok.character_coverage, tok.input_sentence_size, recipe.seed)
+            save_model_config(out, recipe, tokenizer)  # weights only once trained: until then the folder can be started again
+        say(f"tokenizer: SentencePiece {tok.model_type}, {tokenizer.vocab_size} pieces")
+        if data.streaming:
+            train_batches = StreamBatches(train_pairs, tokenizer, cfg.max_tokens, recipe.seed, data.max_len, data.max_ratio)
+            say("filter: applied to each pool as the stream is read")
+        else:
+            train_tokens, report = filter_pairs(tokenize(train_pairs, tokenizer, data.num_proc), data.max_len, data.max_ratio)
+            say(f"filter: {report}")
+            train_batches = TrainBatches(train_tokens, cfg.max_tokens, recipe.seed)
+        # The validation loss needs pairs that fit the position table; BLEU translates them all (truncating).
+        valid_tokens, report = filter_pairs(tokenize(valid_pairs, tokenizer), recipe.model.max_positions - 1, 0)
+        if report.kept < len(valid_pairs):
+            say(f"validation loss: {report.kept} of {len(valid_pairs)} pairs ({report.too_long} longer than model.max_positions, {report.empty} empty left out)")
+    return tokenizer, train_batches, TrainBatches(valid_tokens, cfg.max_tokens, recipe.seed), valid_pairs
 
 
 def optimizer_and_schedule(model: torch.nn.Module, cfg: TrainConfig):
@@ -65,44 +188,6 @@ def inverse_sqrt_schedule(warmup_steps: int):
     return multiplier
 
 
-def loss_fn(model: torch.nn.Module, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Mean cross-entropy per real target token (padding ignored)."""
-    logits = model(src, tgt_in)  # (B, T, V)
-    return cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), label_smoothing, ignore_index=PAD_ID)
-
-
-def train_step(
-    model: torch.nn.Module, optimizer, scheduler, batches: list[Batch], autocast, cfg: TrainConfig, world: World = World(),
-    scaler: torch.amp.GradScaler | None = None,
-) -> tuple[float, int]:
-    """One update from one or more batches (gradient accumulation, and under DDP every rank's
-    batches); the loss is the mean over all their target tokens, as if they were one batch.
-    `scaler` (fp16) scales the loss up so small gradients survive, and skips the update on
-    overflow. Returns this rank's mean loss and token count."""
-    scaler = scaler or torch.amp.GradScaler(enabled=False)  # disabled, every call passes through
-    n_local = sum(batch.n_tgt_tokens for batch in batches)
-    n_tokens = world.sum(n_local)
-    optimizer.zero_grad(set_to_none=True)
-    total = 0.0
-    for i, batch in enumerate(batches):
-        # DDP averages gradients over ranks at the last backward only (no_sync before it)
-        sync = i == len(batches) - 1 or not isinstance(model, DistributedDataParallel)
-        with nullcontext() if sync else model.no_sync():
-            with autocast():
-                loss = loss_fn(model, batch.src, batch.tgt_in, batch.tgt_out, cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()}")
-            scaler.scale(loss * (batch.n_tgt_tokens * world.size / n_tokens)).backward()  # x size: DDP divides by it
-        total += loss.item() * batch.n_tgt_tokens
-    if cfg.clip_norm > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    return total / n_local, n_local
-
-
 def sentences(pairs: datasets.Dataset) -> Iterator[str]:
     """Source and target text, streamed in chunks (never the whole corpus as a list)."""
     for chunk in pairs.iter(batch_size=10_000):
@@ -115,264 +200,288 @@ def resolved(recipe: Recipe) -> Recipe:
     return replace(recipe, data=replace(recipe.data, path=str(path.resolve()))) if path.is_dir() else recipe
 
 
+def _checkpoint_to_resume(recipe: Recipe, resume: bool, say) -> Path | None:
+    """The checkpoint to go on from; a run folder that holds one (or trained weights) is never overwritten."""
+    out = Path(recipe.out_dir)
+    for done in clean_interrupted_writes(out) if out.is_dir() else []:
+        say(f"{out}: {done} (left by an interrupted write)")
+    checkpoints = training_checkpoints(out)
+    if not resume:
+        if checkpoints or (out / WEIGHTS).exists():
+            raise RecipeError(f"out_dir: {out} already holds a run; pass --resume to continue it, or choose another out_dir")
+        return None
+    if not checkpoints:
+        raise RecipeError(f"out_dir: {out} holds no checkpoint to resume from (train without --resume to start it afresh)")
+    changed = _changed_keys(load_recipe_json(out), recipe)
+    fixed = [c for c in changed if not c[0].startswith(RESUMABLE_CHANGES)]
+    if fixed:
+        key, old, new = fixed[0]
+        raise RecipeError(f"{key}: the run was trained with {old!r}, the recipe now says {new!r}; a resumed run must keep it "
+                          "to go on as it would have (set it back, or train in another out_dir)")
+    for key, old, new in changed:
+        say(f"resume: {key} changed from {old!r} to {new!r}")
+    save_model_config(out, recipe, Tokenizer.load(out / SPM))  # the model directory follows the recipe's allowed changes
+    return checkpoints[-1]
+
+
+def _changed_keys(old: Recipe, new: Recipe) -> list[tuple[str, object, object]]:
+    def flat(values: dict, prefix: str = "") -> dict:
+        items = {}
+        for key, value in values.items():
+            items.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+        return items
+    before, after = flat(old.to_dict()), flat(new.to_dict())
+    return [(key, before.get(key), after[key]) for key in after if before.get(key) != after[key]]
+
+
+def _restore(checkpoint: Path, model, optimizer, scheduler, scaler, precision: Precision, say) -> TrainingState:
+    state = TrainingState.from_dict(load_training_checkpoint(checkpoint, model, optimizer))
+    scheduler.load_state_dict(state.scheduler)
+    if state.grad_scaler:  # a run saved without fp16 has none
+        scaler.load_state_dict(state.grad_scaler)
+    if state.precision not in (None, precision.name):
+        say(f"warning: the run trained in {state.precision} and goes on in {precision} (not bitwise what it would have been)")
+    say(f"resuming from {checkpoint} (step {state.step})")
+    return replace(state, precision=precision.name)
+
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+def loop(run: Run, state: TrainingState, progress: bool) -> None:
+    """Train from `state.step` to train.max_steps (or early stopping), updating `state` in place."""
+    cfg, world = run.recipe.train, run.world
+    batches = run.train_batches.from_position(state.data_position)
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="training", unit="step", disable=not (progress and world.is_main))
+    window = Window()
+    run.trained.train()
+    with _stop_requests() as signals:
+        while state.step < cfg.max_steps:
+            state.step += 1
+            # Every rank walks the same stream of batches and takes its own accum_steps of each update's share.
+            update = [next(batches) for _ in range(world.size * cfg.accum_steps)]
+            state.data_position = update[-1][0]
+            _count_padding(run, state, [batch for _, batch in update])
+            window.add(*_update(run, state, [batch for _, batch in update]))
+            bar.update()
+            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+                bar.set_postfix(window.log(run, state.step))
+            improved = converged = False
+            if state.step % cfg.valid_every == 0 or state.step == cfg.max_steps:
+                improved, converged = validate_and_keep_best(run, state)
+            stop = world.any(bool(signals))
+            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps or stop or converged or improved:
+                save_checkpoint(run, state)
+            if converged:
+                run.log.say(f"early stop at step {state.step}: no better validation BLEU in {cfg.patience} validations")
+                break
+            if stop:
+                bar.close()
+                by = signal.Signals(signals[0]).name if signals else "a signal to another process"
+                run.log.say(f"stopped by {by} after step {state.step}; "
+                            "continue with: translator train RECIPE --resume")
+                leave(world)  # every rank agreed to stop here
+                raise Stopped(signals[0] if signals else signal.SIGTERM)
+    bar.close()
+
+
+def _update(run: Run, state: TrainingState, batches: list[Batch]) -> tuple[float, int]:
+    """One optimizer update from this rank's share of the batches; a non-finite loss stops or skips it
+    (train.on_nan), on every rank alike. Returns the update's mean loss and target tokens (all ranks)."""
+    cfg, world = run.recipe.train, run.world
+    n_tokens = sum(batch.n_tgt_tokens for batch in batches)  # every rank holds every batch of the update
+    share = range(world.rank * cfg.accum_steps, (world.rank + 1) * cfg.accum_steps)
+    keys = [dropout_key(run.recipe.seed, state.step, i) for i in share]  # the same masks on any number of processes
+    mine = [batches[i].to(run.device) for i in share]
+    try:
+        loss = train_step(run.trained, run.optimizer, run.scheduler, mine, run.autocast, cfg, world, run.scaler, n_tokens, keys)
+    except FloatingPointError as e:
+        if cfg.on_nan == "stop":
+            raise FloatingPointError(f"{e} at step {state.step}; the last good checkpoint is in {run.out / CHECKPOINTS}") from None
+        run.log.say(f"warning: {e} at step {state.step}; update skipped (train.on_nan=skip)")
+        run.log.record({"step": state.step, "skipped": str(e)})
+        return 0.0, 0
+    return loss, n_tokens
+
+
+def dropout_key(seed: int, step: int, batch: int) -> int:
+    """The seed of the dropout masks for batch `batch` of update `step`: drawn from the global batch, not the
+    process, N processes draw the masks one process accumulating N batches draws, and a resumed run the same ones."""
+    return int(np.random.SeedSequence([seed, step, batch]).generate_state(1, np.uint64)[0])
+
+
+def train_step(
+    model: torch.nn.Module, optimizer, scheduler, batches: list[Batch], autocast, cfg: TrainConfig, world: World = World(),
+    scaler: torch.amp.GradScaler | None = None, n_tokens: int | None = None, dropout_keys: list[int] | None = None,
+) -> float:
+    """One update from one or more batches (gradient accumulation; under DDP this rank's share): the
+    loss is the mean over all `n_tokens` target tokens of the update (default: these batches'), as if
+    they were one batch. `scaler` (fp16) scales the loss so small gradients survive, and skips the
+    update on overflow. Returns the update's mean loss over every rank.
+
+    Every rank runs every backward (so DDP's gradient all-reduce never waits for a rank that
+    gave up); then one all-reduce of [loss, non-finite count], the only host sync of the step,
+    lets all ranks agree: a non-finite loss on any rank raises FloatingPointError on every rank."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)  # disabled, every call passes through
+    n_tokens = n_tokens or sum(batch.n_tgt_tokens for batch in batches)
+    optimizer.zero_grad(set_to_none=True)
+    stats = torch.zeros(2, device=batches[0].src.device)  # [loss x tokens / n_tokens, non-finite losses], summed over ranks
+    for i, batch in enumerate(batches):
+        if dropout_keys:
+            torch.manual_seed(dropout_keys[i])
+        # DDP averages gradients over ranks at the last backward only (no_sync before it)
+        sync = i == len(batches) - 1 or not isinstance(model, DistributedDataParallel)
+        with nullcontext() if sync else model.no_sync():
+            with autocast():
+                loss = loss_fn(model, batch, cfg, scale=batch.n_tgt_tokens * world.size / n_tokens)  # x size: DDP divides by it
+            scaler.scale(loss).backward()
+        stats += torch.stack([loss.detach().float() / world.size, (~torch.isfinite(loss.detach())).float()])
+    if cfg.clip_norm > 0:
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        if not scaler.is_enabled():  # fp16 overflows are the scaler's to skip; elsewhere a non-finite gradient is a NaN
+            stats[1] += (~torch.isfinite(norm)).float()
+    mean_loss, non_finite = world.sum_(stats).tolist()
+    if non_finite:
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"loss is {mean_loss}" if not math.isfinite(mean_loss) else "gradient is not finite")
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return mean_loss
+
+
+def loss_fn(model: torch.nn.Module, batch: Batch, cfg: TrainConfig, scale: float = 1.0) -> torch.Tensor:
+    """`scale` x the mean label-smoothed cross-entropy per real target token (padding ignored).
+
+    With train.rdrop_alpha, the batch goes through twice (two dropout masks, one forward of both
+    copies) and the loss adds alpha x the symmetric KL between the two predictions (R-Drop)."""
+    target = batch.tgt_out.flatten()
+    if not cfg.rdrop_alpha:
+        logits = model(batch.src, batch.tgt_in)  # (B, T, V)
+        return cross_entropy(logits.flatten(0, 1), target, cfg.label_smoothing, ignore_index=PAD_ID, scale=scale)
+    logits = model(batch.src.repeat(2, 1), batch.tgt_in.repeat(2, 1)).flatten(0, 1)  # (2 B T, V)
+    first, second = logits.chunk(2)
+    counted = target != PAD_ID
+    consistency = symmetric_kl(first, second, counted) / counted.sum().clamp(min=1)
+    return cross_entropy(logits, target.repeat(2), cfg.label_smoothing, ignore_index=PAD_ID, scale=scale) + scale * cfg.rdrop_alpha * consistency
+
+
+class Window:
+    """Loss and throughput since the last log line."""
+
+    def __init__(self):
+        self.loss, self.tokens, self.start, self.first = 0.0, 0, time.perf_counter(), time.perf_counter()
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss, self.tokens = self.loss + loss * tokens, self.tokens + tokens
+
+    def log(self, run: Run, step: int) -> dict:
+        if not self.tokens:
+            return {}
+        now = time.perf_counter()
+        entry = {"step": step, "loss": self.loss / self.tokens, "lr": run.scheduler.get_last_lr()[0],
+                 "tgt_tokens_per_s": self.tokens / (now - self.start), "elapsed_s": now - self.first}
+        run.log.record(entry)
+        self.loss, self.tokens, self.start = 0.0, 0, now
+        return {"loss": f"{entry['loss']:.3f}", "lr": f"{entry['lr']:.2e}", "tok_s": f"{entry['tgt_tokens_per_s']:.0f}"}
+
+
+def _count_padding(run: Run, state: TrainingState, batches: list[Batch]) -> None:
+    """Add the update's padding to its epoch's count; log an epoch's share of padding as it ends."""
+    epoch = state.data_position["epoch"]
+    if epoch != state.padding[0]:
+        run.log.record({"step": state.step, "epoch": state.padding[0], "padding": state.padding[1] / max(state.padding[2], 1)})
+        state.padding = [epoch, 0, 0]
+    for batch in batches:
+        pads, positions = batch.padding
+        state.padding = [epoch, state.padding[1] + pads, state.padding[2] + positions]
+
+
+# --- validation, checkpoints ---------------------------------------------------------------------
+
+def validate_and_keep_best(run: Run, state: TrainingState) -> tuple[bool, bool]:
+    """Validate on rank 0; a better BLEU becomes the model directory's weights. Returns (improved, converged), on every rank."""
+    patience = run.recipe.train.patience
+    improved = False
+    if run.world.is_main:
+        valid_loss, valid = validate(Translator(run.model, run.tokenizer, run.recipe), run.valid_batches, run.valid_pairs, run.autocast)
+        run.model.train()
+        improved = valid.bleu > state.best_bleu
+        state.stale_validations = 0 if improved else state.stale_validations + 1
+        if improved:
+            state.best_bleu, state.best_step = valid.bleu, state.step
+            save_weights(run.model, run.out / WEIGHTS)
+        run.log.record({"step": state.step, "valid_loss": valid_loss, "valid_bleu": valid.bleu, "valid_chrf": valid.chrf, "best": improved})
+        run.log.say(f"step {state.step}: valid loss {valid_loss:.3f}, greedy BLEU {valid.bleu:.2f}, chrF {valid.chrf:.2f}{' (best)' if improved else ''}")
+    verdict = (state.best_bleu, state.best_step, state.stale_validations, improved)
+    state.best_bleu, state.best_step, state.stale_validations, improved = run.world.from_main(verdict)
+    return improved, patience is not None and state.stale_validations >= patience
+
+
 @torch.no_grad()
 def validate(translator: Translator, batches: TrainBatches, pairs: datasets.Dataset, autocast) -> tuple[float, Scores]:
     """Teacher-forced loss per target token, and greedy BLEU/chrF through the same path as `evaluate`."""
     model = translator.model.eval()
     total, tokens = 0.0, 0
+    cfg = replace(translator.recipe.train, label_smoothing=0.0, rdrop_alpha=0.0)
     for indices in batches.epoch(0):
         batch = batches.collate(indices).to(translator.device)
         with autocast():
-            loss = loss_fn(model, batch.src, batch.tgt_in, batch.tgt_out, 0.0)
+            loss = loss_fn(model, batch, cfg)
         n = batch.n_tgt_tokens
         total, tokens = total + loss.item() * n, tokens + n
     scores = score(translator.translate(list(pairs["src"]), beam_size=1), list(pairs["tgt"]))
-    model.train()
     return total / max(tokens, 1), scores
 
 
-def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[str, Scores]:
-    """Train from a recipe; write the model directory to `recipe.out_dir`; return test scores.
-
-    With `resume`, continue from the newest checkpoint in `out_dir/checkpoints` (the result is
-    bitwise the same as a run that was never interrupted); without it, refuse an `out_dir`
-    that already holds a run. SIGINT and SIGTERM save a checkpoint, then raise KeyboardInterrupt.
-    """
-    device = pick_device(recipe.train.device)
-    return _train(recipe, progress, resume, join(device), device)
+def save_checkpoint(run: Run, state: TrainingState) -> None:
+    if run.world.is_main:
+        state.scheduler, state.grad_scaler = run.scheduler.state_dict(), run.scaler.state_dict()
+        cfg = run.recipe.train
+        save_training_checkpoint(run.out, state.step, run.model, run.optimizer, asdict(state), cfg.keep_checkpoints, state.best_step)
 
 
-def generator_states(device: torch.device) -> dict[str, torch.Tensor]:
-    """This process's random generators that training draws from (dropout)."""
-    return {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+# --- the end -------------------------------------------------------------------------------------
 
-
-def set_generator_states(states: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"], device)
-
-
-def _train(recipe: Recipe, progress: bool, resume: bool, world: World, device: torch.device) -> dict[str, Scores]:
-    recipe = resolved(recipe)
-    cfg, out = recipe.train, Path(recipe.out_dir)
-    say = log if world.is_main else (lambda message: None)  # one voice: rank 0's
-    checkpoint = world.from_main(_checkpoint_to_resume(out, resume) if world.is_main else None)
-    seed_everything(recipe.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-
-    with world.main_first():  # rank 0 downloads, trains the tokenizer and fills the caches; the rest reuse them
-        streaming = recipe.data.streaming
-        train_pairs = load_split(recipe.data, recipe.data.train_split, streaming)
-        valid_pairs = load_split(recipe.data, recipe.data.valid_split)
-        say(f"data: {'a stream of' if streaming else len(train_pairs)} training pairs, {len(valid_pairs)} validation pairs from {recipe.data.path}")
-        tok = recipe.tokenizer
-        if checkpoint or not world.is_main:
-            tokenizer = Tokenizer.load(out / SPM)
-        else:
-            sample = train_pairs.shuffle(seed=recipe.seed).take(tok.input_sentence_size) if streaming else train_pairs
-            tokenizer = Tokenizer.train(
-                sentences(sample), tok.vocab_size, tok.model_type, tok.character_coverage, tok.input_sentence_size, recipe.seed
-            )
-            out.mkdir(parents=True, exist_ok=True)
-            tokenizer.save(out / SPM)
-        say(f"tokenizer: SentencePiece {tok.model_type}, {tokenizer.vocab_size} pieces")
-        if streaming:
-            train_batches = StreamBatches(train_pairs, tokenizer, cfg.max_tokens, recipe.seed, recipe.data.max_len, recipe.data.max_ratio)
-            say("filter: applied to each pool as the stream is read")
-        else:
-            train_tokens, report = filter_pairs(tokenize(train_pairs, tokenizer, recipe.data.num_proc), recipe.data.max_len, recipe.data.max_ratio)
-            say(f"filter: {report}")
-            train_batches = TrainBatches(train_tokens, cfg.max_tokens, recipe.seed)
-        valid_batches = TrainBatches(tokenize(valid_pairs, tokenizer), cfg.max_tokens, recipe.seed)
-
-    model = Transformer(recipe.model, tokenizer.vocab_size).to(device)
-    say(f"{model.num_parameters() / 1e6:.2f} M parameters, on {device}")
-    optimizer, scheduler = optimizer_and_schedule(model, cfg)
-    position = {"step": 0, "data_position": {}, "padding": [0, 0, 0], "best_bleu": -1.0, "best_step": None, "stale_validations": 0}
-    precision = resolve_precision(cfg.precision, device)
-    say(f"precision: {precision}")
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
-    rng = None
-    if checkpoint:
-        position = load_training_checkpoint(checkpoint, model, optimizer)
-        scheduler.load_state_dict(position.pop("scheduler"))
-        scaler_state = position.pop("grad_scaler", {})
-        if scaler_state:  # a run saved without fp16 has none
-            scaler.load_state_dict(scaler_state)
-        python_rng = position.pop("python_rng")
-        random.setstate((python_rng[0], tuple(python_rng[1]), python_rng[2]))
-        rng = position.pop("rng")
-        say(f"resuming from {checkpoint} (step {position['step']})")
-    elif world.is_main:
-        save_model_dir(out, model, recipe, tokenizer)  # config and tokenizer now; weights are replaced by each better one
-    if rng is not None and len(rng) == world.size:
-        set_generator_states(rng[world.rank], device)  # dropout goes on exactly where it stopped
-    elif world.size > 1 or rng is not None:  # each rank its own dropout masks
-        torch.manual_seed(recipe.seed + 7919 * world.rank + position["step"])
-        if rng is not None:
-            say(f"the checkpoint was written by {len(rng)} processes, not {world.size}: dropout masks are drawn afresh")
-    if world.size > 1:
-        say(f"data parallel: {world.size} processes, each update reads {world.size} x {cfg.accum_steps} batches")
-    trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world.size > 1 else model
-    autocast = (lambda: torch.autocast(device.type, dtype=precision.dtype)) if precision.dtype else nullcontext
-    translator = Translator(model, tokenizer, recipe)
-    metrics = _metrics_log(out / "metrics.jsonl", up_to_step=position["step"]) if world.is_main else None
-    board = _tensorboard(out) if world.is_main else None
-
-    def record(entry: dict) -> None:
-        if metrics:
-            metrics.write(json.dumps(entry) + "\n")
-            metrics.flush()
-        if board and "step" in entry:
-            for key, value in entry.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    board.add_scalar(key, value, entry["step"])
-
-    def save_checkpoint(step: int, data_position: dict) -> None:
-        generators = world.gather(generator_states(device))  # every rank takes part; rank 0 writes
-        if not world.is_main:
-            return
-        state = {"step": step, "data_position": data_position, "padding": padding, "best_bleu": best_bleu, "best_step": best_step,
-                 "stale_validations": stale_validations, "scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict(),
-                 "python_rng": random.getstate()}
-        save_training_checkpoint(out, step, model, optimizer, state, cfg.keep_checkpoints, best_step, generators)
-
-    record({"step": position["step"], "precision": precision.name, "precision_reason": precision.reason, "device": str(device)})
-    best_bleu, best_step, stale_validations = position["best_bleu"], position["best_step"], position["stale_validations"]
-    first_step = position["step"] + 1
-    converged = improved = False
-    bar = tqdm(total=cfg.max_steps, initial=first_step - 1, desc="training", unit="step", disable=not (progress and world.is_main), file=sys.stderr)
-    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-    train_start = time.perf_counter()
-    model.train()
-    batches = train_batches.from_position(position["data_position"])
-    padding = position["padding"]  # [epoch, padding positions, all positions] of the epoch so far
-    step = first_step - 1  # stays so when a finished run is resumed
-    with _stop_requests() as stop:
-        for step in range(first_step, cfg.max_steps + 1):
-            # Every rank walks the same stream of batches and takes its own accum_steps of each update's share.
-            positions_and_batches = [next(batches) for _ in range(world.size * cfg.accum_steps)]
-            for data_position, batch in positions_and_batches:
-                if data_position["epoch"] != padding[0]:  # an epoch ended: log its share of padding
-                    record({"step": step, "epoch": padding[0], "padding": padding[1] / max(padding[2], 1)})
-                    padding = [data_position["epoch"], 0, 0]
-                pads, positions = batch.padding
-                padding = [padding[0], padding[1] + pads, padding[2] + positions]
-            data_position = positions_and_batches[-1][0]
-            mine = [b.to(device) for _, b in positions_and_batches[world.rank * cfg.accum_steps:(world.rank + 1) * cfg.accum_steps]]
-            try:
-                loss, n_tokens = train_step(trained, optimizer, scheduler, mine, autocast, cfg, world, scaler)
-            except FloatingPointError as e:
-                if cfg.on_nan == "stop":
-                    raise FloatingPointError(f"{e} at step {step}; the last good checkpoint is in {out / CHECKPOINTS}") from None
-                say(f"warning: {e} at step {step}; update skipped (train.on_nan=skip)")
-                record({"step": step, "skipped": str(e)})
-                optimizer.zero_grad(set_to_none=True)
-                loss, n_tokens = 0.0, 0
-            window_loss, window_tokens = window_loss + loss * n_tokens, window_tokens + n_tokens
-            bar.update()
-            if (step % cfg.log_every == 0 or step == cfg.max_steps) and window_tokens:
-                elapsed = time.perf_counter() - window_start
-                entry = {"step": step, "loss": window_loss / window_tokens, "lr": scheduler.get_last_lr()[0],
-                         "tgt_tokens_per_s": window_tokens / elapsed, "elapsed_s": time.perf_counter() - train_start}
-                record(entry)
-                bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{entry['lr']:.2e}", tok_s=f"{entry['tgt_tokens_per_s']:.0f}")
-                window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-            improved = False
-            if (step % cfg.valid_every == 0 or step == cfg.max_steps) and world.is_main:
-                valid_loss, valid = validate(translator, valid_batches, valid_pairs, autocast)
-                improved = valid.bleu > best_bleu
-                stale_validations = 0 if improved else stale_validations + 1
-                converged = cfg.patience is not None and stale_validations >= cfg.patience
-                if improved:  # the model directory's weights, and a training checkpoint kept past keep_checkpoints
-                    best_bleu, best_step = valid.bleu, step
-                    save_weights(model, out / WEIGHTS)
-                record({"step": step, "valid_loss": valid_loss, "valid_bleu": valid.bleu, "valid_chrf": valid.chrf, "best": improved})
-                say(f"step {step}: valid loss {valid_loss:.3f}, greedy BLEU {valid.bleu:.2f}, chrF {valid.chrf:.2f}{' (best)' if improved else ''}")
-            if world.size > 1:  # every rank must agree on stopping
-                if step % cfg.valid_every == 0 or step == cfg.max_steps:
-                    best_bleu, best_step, stale_validations, converged, improved = world.from_main(
-                        (best_bleu, best_step, stale_validations, converged, improved))
-                stop = ["signal"] * int(world.sum(len(stop)) > 0) or stop
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stop or converged or improved:
-                save_checkpoint(step, data_position)
-            if converged:
-                say(f"early stop at step {step}: no better validation BLEU in {cfg.patience} validations")
-                break
-            if stop:
-                bar.close()
-                say(f"stopped by {stop[0]} after step {step}; continue with: translator train RECIPE --resume")
-                leave(world)  # every rank agreed to stop here
-                raise KeyboardInterrupt
-    bar.close()
-    if not world.weights_agree(model):
+def finish(run: Run, state: TrainingState) -> dict[str, Scores]:
+    """Check the ranks agree, make the final weights (best or averaged), and score the test split."""
+    world, out, cfg = run.world, run.out, run.recipe.train
+    if not world.weights_agree(run.model):
         raise RuntimeError(f"the {world.size} processes ended with different weights")
     if world.size > 1:
-        say(f"weights identical on all {world.size} processes")
+        run.log.say(f"weights identical on all {world.size} processes")
     leave(world)
     if not world.is_main:
         return {}
     if cfg.average_last:
         averaged = training_checkpoints(out)[-cfg.average_last:]
-        model.load_state_dict(average_weights(averaged))
-        save_weights(model, out / WEIGHTS)
-        say(f"model weights: the mean of {', '.join(p.name for p in averaged)}")
-    say(f"trained {step} steps in {time.perf_counter() - train_start:.0f} s; best validation BLEU {best_bleu:.2f}")
-
-    best = Translator.from_pretrained(out, device)
-    results = {"greedy": evaluate(best, recipe.data.test_split, beam_size=1)}
-    if recipe.decode.beam_size > 1:
-        results[f"beam{recipe.decode.beam_size}"] = evaluate(best, recipe.data.test_split)
-    record({"test": {name: s.to_dict() for name, s in results.items()}})
-    metrics.close()
-    if board:
-        board.close()
+        run.model.load_state_dict(average_weights(averaged))
+        save_weights(run.model, out / WEIGHTS)
+        run.log.say(f"model weights: the mean of {', '.join(p.name for p in averaged)}")
+    elif not (out / WEIGHTS).exists():  # never validated (e.g. resumed past its last step): the last weights
+        save_weights(run.model, out / WEIGHTS)
+    run.log.say(f"trained {state.step} steps; best validation BLEU {state.best_bleu:.2f}")
+    best = Translator.from_pretrained(out, run.device)
+    test = run.recipe.data.test_split
+    results = {"greedy": evaluate(best, test, beam_size=1)}
+    if run.recipe.decode.beam_size > 1:
+        results[f"beam{run.recipe.decode.beam_size}"] = evaluate(best, test)
+    run.log.record({"test": {name: s.to_dict() for name, s in results.items()}})
+    run.log.close()
     return results
-
-
-def _checkpoint_to_resume(out: Path, resume: bool) -> Path | None:
-    checkpoints = training_checkpoints(out)
-    if resume:
-        if not checkpoints:
-            raise RecipeError(f"out_dir: {out} holds no checkpoint to resume from")
-        return checkpoints[-1]
-    if checkpoints or (out / WEIGHTS).exists():
-        raise RecipeError(f"out_dir: {out} already holds a run; pass --resume to continue it, or choose another out_dir")
-    return None
-
-
-def _tensorboard(out: Path):
-    """TensorBoard events in out_dir/tensorboard when tensorboard is installed (it is optional)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
-
-
-def _metrics_log(path: Path, up_to_step: int):
-    """Open metrics.jsonl for appending, dropping what a killed run logged after its last checkpoint."""
-    kept = []
-    if up_to_step and path.exists():
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line).get("step", 0) <= up_to_step]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metrics = path.open("w", encoding="utf-8")
-    metrics.write("".join(line + "\n" for line in kept))
-    return metrics
 
 
 @contextmanager
 def _stop_requests():
-    """A list that SIGINT/SIGTERM fill with the signal's name, so the loop can stop after a whole step."""
-    requests: list[str] = []
+    """A list that SIGINT/SIGTERM fill with the signal's number, so the loop can stop after a whole step."""
+    requests: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield requests  # signal handlers can only be set from the main thread
         return
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
-        signal.signal(sig, lambda signum, frame: requests.append(signal.Signals(signum).name))
+        signal.signal(sig, lambda signum, frame: requests.append(signum))
     try:
         yield requests
     finally:

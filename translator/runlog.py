@@ -1,0 +1,66 @@
+"""What a training run tells: one voice on stderr (rank 0's), metrics.jsonl, and TensorBoard events.
+
+Every logged step and validation is a JSON line in `out_dir/metrics.jsonl` (read by `translator plot`),
+and a scalar in `out_dir/tensorboard` when tensorboard is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+METRICS = "metrics.jsonl"
+
+
+class RunLog:
+    """Disabled (every rank but 0), it says and writes nothing."""
+
+    def __init__(self, out: Path, enabled: bool = True):
+        self.out, self.enabled = out, enabled
+        self.metrics = self.board = None
+
+    def open(self, up_to_step: int) -> None:
+        """Open metrics.jsonl for appending, dropping what a killed run logged after its last checkpoint (`up_to_step`)."""
+        if self.enabled:
+            self.metrics = _reopen(self.out / METRICS, up_to_step)
+            self.board = _tensorboard(self.out)
+
+    def say(self, message: str) -> None:
+        if self.enabled:
+            tqdm.write(message, file=sys.stderr)
+
+    def record(self, entry: dict) -> None:
+        if self.metrics:
+            self.metrics.write(json.dumps(entry) + "\n")
+            self.metrics.flush()
+        if self.board and "step" in entry:
+            for key, value in entry.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.board.add_scalar(key, value, entry["step"])
+
+    def close(self) -> None:
+        for sink in (self.metrics, self.board):
+            if sink:
+                sink.close()
+
+
+def _reopen(path: Path, up_to_step: int):
+    kept = []
+    if up_to_step and path.exists():
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line).get("step", 0) <= up_to_step]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metrics = path.open("w", encoding="utf-8")
+    metrics.write("".join(line + "\n" for line in kept))
+    return metrics
+
+
+def _tensorboard(out: Path):
+    """TensorBoard events in out_dir/tensorboard when tensorboard is installed (it is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
