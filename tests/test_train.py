@@ -86,3 +86,26 @@ def test_a_nan_loss_is_skipped_with_a_warning_when_the_recipe_says_so(tmp_path, 
     model = Transformer(recipe.model, Tokenizer.load(out / "sentencepiece.model").vocab_size)
     load_training_checkpoint(training_checkpoints(out)[-1], model, torch.optim.AdamW(model.parameters()))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_rdrop_adds_alpha_times_the_symmetric_kl_of_two_dropout_passes():
+    batch = make_batch([[5, 6, 7, 8], [9, 10]], [[11, 12, 13], [14, 15, 16, 17, 18]])
+    cfg = TrainConfig(label_smoothing=0.1, rdrop_alpha=5.0)
+    plain = TrainConfig(label_smoothing=0.1)
+    torch.manual_seed(0)
+    no_dropout = Transformer(ModelConfig(d_model=16, n_heads=2, d_ff=32, encoder_layers=1, decoder_layers=1, dropout=0.0), vocab_size=30)
+    # Without dropout both passes agree: no KL, and the loss is the plain one.
+    torch.testing.assert_close(training.loss_fn(no_dropout, batch, cfg), training.loss_fn(no_dropout, batch, plain))
+
+    model = Transformer(ModelConfig(d_model=16, n_heads=2, d_ff=32, encoder_layers=1, decoder_layers=1, dropout=0.3), vocab_size=30)
+    torch.manual_seed(1)
+    loss = training.loss_fn(model, batch, cfg)
+    torch.manual_seed(1)  # the same two masks, by hand
+    logits = model(batch.src.repeat(2, 1), batch.tgt_in.repeat(2, 1)).flatten(0, 1)
+    target = batch.tgt_out.flatten()
+    counted = target != 0
+    ce = torch.nn.functional.cross_entropy(logits, target.repeat(2), ignore_index=0, label_smoothing=0.1)
+    p, q = (x[counted].log_softmax(-1) for x in logits.chunk(2))
+    kl = torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum") + torch.nn.functional.kl_div(p, q, log_target=True, reduction="sum")
+    torch.testing.assert_close(loss, ce + 5.0 * kl / 2 / counted.sum())
+    assert kl > 0
