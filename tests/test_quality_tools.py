@@ -41,10 +41,14 @@ def test_averaging_checkpoints_of_different_models_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_average_last_checkpoints_at_the_end_and_through_the_cli(tmp_path, toy_corpus):
+def test_average_last_checkpoints_at_the_end_and_through_the_cli(tmp_path, toy_corpus, capfd):
     out = tmp_path / "run"
     train_tiny(toy_corpus, out, "train.max_steps=30", "train.checkpoint_every=10", "train.valid_every=30",
                "train.keep_checkpoints=3", "train.average_last=2")
+    assert "warning: the averaged checkpoints reach back to step 20 of 30" in capfd.readouterr().err  # early weights pull back
+    train_tiny(toy_corpus, tmp_path / "late", "train.max_steps=50", "train.checkpoint_every=5", "train.valid_every=50",
+               "train.keep_checkpoints=3", "train.average_last=3")
+    assert "warning: the averaged" not in capfd.readouterr().err  # steps 40, 45, 50: the last fifth
     step20, step30 = (load_file(p / WEIGHTS) for p in training_checkpoints(out)[-2:])
     final = load_file(out / WEIGHTS)
     assert all(torch.allclose(final[k], (step20[k] + step30[k]) / 2, atol=1e-6) for k in final)

@@ -178,7 +178,8 @@ def test_a_streamed_corpus_resumes_exactly(tmp_path, toy_corpus):
 
 @pytest.mark.slow
 def test_fp16_with_a_gradient_scaler_trains_and_resumes_with_its_scale(tmp_path, toy_corpus):
-    """fp16 is meant for GPUs; CPU autocast runs the same code path (scaler, unscale before clipping, skipped overflows)."""
+    """fp16 is meant for GPUs; CPU autocast runs the same code path (scaler, unscale before clipping), and the
+    scaler's state resumes with the run. A forced overflow is in test_train_reliability.py."""
     train_to(toy_corpus, tmp_path / "straight", 40, "train.precision=fp16")
     train_to(toy_corpus, tmp_path / "stopped", 20, "train.precision=fp16")
     state = json.loads((training_checkpoints(tmp_path / "stopped")[-1] / "state.json").read_text())

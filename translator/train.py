@@ -459,6 +459,10 @@ def finish(run: Run, state: TrainingState) -> dict[str, Scores]:
         run.model.load_state_dict(average_weights(averaged))
         save_weights(run.model, out / WEIGHTS)
         run.log.say(f"model weights: the mean of {', '.join(p.name for p in averaged)}")
+        oldest = int(averaged[0].name.split("_")[1])
+        if oldest < 0.8 * state.step:  # averaging helps with close, late checkpoints; early ones pull the weights back
+            run.log.say(f"warning: the averaged checkpoints reach back to step {oldest} of {state.step}; average checkpoints of the "
+                        "last fifth of a run (lower train.checkpoint_every or train.average_last)")
     elif not (out / WEIGHTS).exists():  # never validated (e.g. resumed past its last step): the last weights
         save_weights(run.model, out / WEIGHTS)
     run.log.say(f"trained {state.step} steps; best validation BLEU {state.best_bleu:.2f}")
