@@ -485,3 +485,28 @@ def test_a_streaming_recipe_reads_whole_splits_through_a_stream(tmp_path):
     assert isinstance(whole, datasets.Dataset)
     assert whole["src"] == [r["de"] for r in data] and whole["tgt"] == [r["en"] for r in data]
     assert isinstance(load_split(cfg, "validation", streaming=True), datasets.IterableDataset)
+
+
+def test_subword_sampling_draws_other_pieces_each_epoch_of_the_same_pairs_reproducibly(toy_corpus):
+    from translator.data import SampledTrainBatches
+
+    pairs = load_split(DataConfig(path=str(toy_corpus)), "train")
+    tokenizer = Tokenizer.train((x for p in zip(pairs["src"], pairs["tgt"]) for x in p), 60, seed=0)
+    tokenized = tokenize(pairs, tokenizer)
+    sampled = SampledTrainBatches(tokenized, 400, seed=3, tokenizer=tokenizer, sampling=0.1, max_len=40)
+    best = TrainBatches(tokenized, 400, seed=3)
+
+    def epoch_rows(batches, epoch):
+        return {int(i): (batch.src[row].tolist(), batch.tgt_out[row].tolist())
+                for indices in batches.epoch(epoch) for batch in [batches.collate(indices)] for row, i in enumerate(indices)}
+
+    first, second, plain = epoch_rows(sampled, 0), epoch_rows(sampled, 1), epoch_rows(best, 0)
+    assert first.keys() == second.keys() == plain.keys()  # every pair, every epoch
+    strip = lambda ids: [t for t in ids if t > EOS_ID]  # noqa: E731
+    decoded = lambda rows: {i: tuple(tokenizer.decode([strip(s), strip(t)])) for i, (s, t) in rows.items()}  # noqa: E731
+    assert decoded(first) == decoded(second) == decoded(plain)  # the same text...
+    assert sum(first[i] != plain[i] for i in first) > len(first) // 4  # ...in other pieces
+    assert sum(first[i] != second[i] for i in first) > len(first) // 4  # drawn anew each epoch
+    again = SampledTrainBatches(tokenized, 400, seed=3, tokenizer=tokenizer, sampling=0.1, max_len=40)
+    assert epoch_rows(again, 1) == second  # seeded by (seed, epoch): a resumed run sees the same pieces
+    assert all(len(strip(s)) <= 40 and len(strip(t)) <= 40 for s, t in first.values())

@@ -34,6 +34,7 @@ class DataConfig:
     max_len: int = 128  # training pairs with more subword tokens on either side are dropped
     num_proc: int | None = None  # processes for tokenizing with datasets.map (None: this one)
     max_ratio: float = 9.0  # training pairs whose longer side has more than this many times the shorter's tokens are dropped (0: off)
+    subword_sampling: float = 0.0  # training pairs segmented anew each epoch by sampling (unigram: alpha, e.g. 0.3-0.5; bpe: BPE-dropout, e.g. 0.1); 0: off
     streaming: bool = False  # read the training split as a stream (a corpus too large for the disk): pools of it are shuffled and bucketed as they arrive
 
     def validate(self) -> None:
@@ -41,6 +42,8 @@ class DataConfig:
         _check(self.max_len > 0, "data.max_len", self.max_len, "a positive number of tokens")
         _check(self.num_proc is None or self.num_proc >= 1, "data.num_proc", self.num_proc, "a positive integer or null")
         _check(self.max_ratio == 0 or self.max_ratio >= 1, "data.max_ratio", self.max_ratio, "0 (off) or at least 1")
+        _check(0 <= self.subword_sampling <= 1, "data.subword_sampling", self.subword_sampling, "in [0, 1] (0: off)")
+        _check(not (self.streaming and self.subword_sampling), "data.subword_sampling", self.subword_sampling, "0 with data.streaming")
 
 
 @dataclass(frozen=True)

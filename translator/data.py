@@ -237,6 +237,38 @@ class TrainBatches:
             epoch, start = epoch + 1, 0
 
 
+class SampledTrainBatches(TrainBatches):
+    """TrainBatches whose pairs are segmented anew each epoch, drawn from the SentencePiece model
+    (subword regularisation, Kudo 2018; BPE-dropout for bpe models): the same pairs, other pieces,
+    seeded by (seed, epoch) so a resumed run sees the very same ones. A sampled side longer than
+    `max_len` keeps its best segmentation. Batches are collated from the epoch asked for last."""
+
+    def __init__(self, tokenized: datasets.Dataset, max_tokens: int, seed: int, tokenizer: Tokenizer, sampling: float, max_len: int):
+        super().__init__(tokenized, max_tokens, seed)
+        self.texts = tokenized.select_columns(["src", "tgt"])
+        self.tokenizer, self.sampling, self.max_len = tokenizer, sampling, max_len
+        self.segmented: tuple[int, dict[str, list[list[int]]], np.ndarray] | None = None
+
+    def _segment(self, epoch: int) -> tuple[dict[str, list[list[int]]], np.ndarray]:
+        if self.segmented is None or self.segmented[0] != epoch:
+            ids = {}
+            for i, side in enumerate(("src", "tgt")):
+                seed = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0])
+                drawn = self.tokenizer.encode([text or "" for text in self.texts[side]], self.sampling, seed)
+                best = list(self.dataset[side + "_ids"])
+                ids[side] = [d if len(d) <= self.max_len else b for d, b in zip(drawn, best)]
+            sizes = np.maximum([len(x) for x in ids["src"]], [len(x) for x in ids["tgt"]]) + 1
+            self.segmented = (epoch, ids, sizes)
+        return self.segmented[1], self.segmented[2]
+
+    def epoch(self, epoch: int) -> list[np.ndarray]:
+        return bucketed_batches(self._segment(epoch)[1], self.max_tokens, self.seed, epoch)
+
+    def collate(self, indices: np.ndarray) -> Batch:
+        ids = self.segmented[1]
+        return Batch.of([ids["src"][i] for i in indices], [ids["tgt"][i] for i in indices])
+
+
 class StreamBatches:
     """Token-budget batches over a stream of pairs too large to hold or to store: the stream is
     shuffled through a buffer (a new order each epoch), read a pool at a time, and each pool is

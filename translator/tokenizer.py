@@ -62,8 +62,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts)
+    def encode(self, texts: list[str], sampling: float = 0.0, seed: int = 0) -> list[list[int]]:
+        """Pieces of each text: the best segmentation, or with `sampling` > 0 one drawn at random
+        (subword regularisation: unigram smoothing alpha, or the BPE-dropout probability), seeded."""
+        if not sampling:
+            return self.sp.encode(texts)
+        spm.set_random_generator_seed(seed)
+        return self.sp.encode(texts, enable_sampling=True, alpha=sampling, nbest_size=-1, num_threads=1)  # one thread: reproducible
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         return self.sp.decode(ids)

@@ -32,7 +32,7 @@ from .checkpoint import (
     save_model_config, save_training_checkpoint, save_weights, training_checkpoints,
 )
 from .config import Recipe, RecipeError, TrainConfig
-from .data import Batch, StreamBatches, TrainBatches, filter_pairs, load_split, tokenize
+from .data import Batch, SampledTrainBatches, StreamBatches, TrainBatches, filter_pairs, load_split, tokenize
 from .devices import Precision, pick_device, resolve_precision
 from .distributed import World, join, leave
 from .evaluate import Scores, evaluate, score
@@ -163,7 +163,8 @@ def load_data(recipe: Recipe, world: World, from_checkpoint: bool, say) -> tuple
         else:
             train_tokens, report = filter_pairs(tokenize(train_pairs, tokenizer, data.num_proc), data.max_len, data.max_ratio)
             say(f"filter: {report}")
-            train_batches = TrainBatches(train_tokens, cfg.max_tokens, recipe.seed)
+            train_batches = (SampledTrainBatches(train_tokens, cfg.max_tokens, recipe.seed, tokenizer, data.subword_sampling, data.max_len)
+                             if data.subword_sampling else TrainBatches(train_tokens, cfg.max_tokens, recipe.seed))
         # The validation loss needs pairs that fit the position table; BLEU translates them all (truncating).
         valid_tokens, report = filter_pairs(tokenize(valid_pairs, tokenizer), recipe.model.max_positions - 1, 0)
         if report.kept < len(valid_pairs):
