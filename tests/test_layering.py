@@ -13,6 +13,7 @@ FORBIDDEN = {
     "config": {"model", "data", "train", "api", "checkpoint", "evaluate", "cli", "tokenizer"},
     "tokenizer": {"model", "data", "train", "api", "checkpoint", "evaluate", "cli"},
     "checkpoint": {"data", "train", "api", "evaluate", "cli", "search"},
+    "attention_maps": {"search", "data", "train", "api", "checkpoint", "evaluate", "cli"},
     "api": {"train", "evaluate", "cli", "data"},
     "evaluate": {"train", "cli"},
     "train": {"cli"},

@@ -5,18 +5,20 @@
     t.translate(["Zwei Hunde.", "Ein Kind lacht."], beam_size=5)  # -> list[str], input order
     t.translate("Ein Hund.", beam_size=5, n_best=3)          # -> list[Translation], best first
     t.translate("Ein Hund.", sampling=Sampling(top_p=0.9, seed=1), n_best=4)  # 4 samples
+    t.translate("Ein Hund.", return_attention=True).attention  # AttentionMaps: the three modes' weights
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .attention_maps import AttentionMaps, attention_maps
 from .batching import sorted_batches, source_tensor
 from .checkpoint import load_model_dir, save_model_dir
 from .config import DecodeConfig, Recipe, recipe_from_dict
@@ -30,6 +32,7 @@ from .tokenizer import PAD_ID, Tokenizer
 class Translation:
     text: str
     score: float  # log-probability (beam search: divided by the length penalty)
+    attention: AttentionMaps | None = field(default=None, compare=False, repr=False)  # with return_attention=True
 
 
 class Translator:
@@ -61,6 +64,7 @@ class Translator:
         sampling: Sampling | None = None,
         truncate: bool = True,
         progress: bool = False,
+        return_attention: bool = False,
     ):
         """Translate one sentence (-> str) or a list (-> list[str], same order).
 
@@ -77,9 +81,12 @@ class Translator:
             truncate: cut sources longer than the model's positions (with a warning);
                 False raises a ValueError instead.
             progress: show a progress bar on stderr.
+            return_attention: return `Translation`s (with n_best too) whose `attention` holds the
+                pieces and the weights of encoder self-, decoder self- and cross-attention, every
+                layer and head (`AttentionMaps`); None for a blank sentence.
 
         Returns:
-            str, list[str], list[Translation] or list[list[Translation]].
+            str, list[str], Translation, list[Translation] or list[list[Translation]].
         """
         if not isinstance(sentences, (str, list, tuple)):
             raise TypeError(f"translate() takes a str or a list of str, got {type(sentences).__name__}: {sentences!r:.80}")
@@ -92,9 +99,9 @@ class Translator:
         k = 1 if n_best is None else n_best
         if k < 1 or (sampling is None and k > decode.beam_size):
             raise ValueError(f"n_best={n_best}: expected 1 to beam_size={decode.beam_size} (or any number of samples with sampling)")
-        hypotheses = self._translate(batch, decode, k, sampling, truncate, progress)
+        hypotheses = self._translate(batch, decode, k, sampling, truncate, progress, return_attention)
         if n_best is None:
-            outputs = [hyps[0].text for hyps in hypotheses]
+            outputs = [hyps[0] if return_attention else hyps[0].text for hyps in hypotheses]
         else:
             outputs = hypotheses
         return outputs[0] if single else outputs
@@ -109,7 +116,8 @@ class Translator:
         return recipe_from_dict({"decode": values}).decode
 
     def _translate(
-        self, sentences: list[str], decode: DecodeConfig, n_best: int, sampling: Sampling | None, truncate: bool, progress: bool
+        self, sentences: list[str], decode: DecodeConfig, n_best: int, sampling: Sampling | None, truncate: bool, progress: bool,
+        return_attention: bool = False,
     ) -> list[list[Translation]]:
         limit = self.recipe.model.max_positions
         src_ids = self.tokenizer.encode(sentences)
@@ -132,9 +140,10 @@ class Translator:
             max_lens = max_output_lengths(src, PAD_ID, decode.max_len_a, decode.max_len_b, limit)
             with autocast:
                 hypotheses = self._search(src, max_lens, decode, n_best, sampling)
-            for i, hyps in zip(indices, hypotheses):
-                texts = self.tokenizer.decode([h.tokens for h in hyps])
-                outputs[i] = [Translation(text, h.score) for text, h in zip(texts, hyps)]
+                for i, hyps in zip(indices, hypotheses):
+                    texts = self.tokenizer.decode([h.tokens for h in hyps])
+                    maps = [attention_maps(self.model, self.tokenizer, src_ids[i], h.tokens) if return_attention else None for h in hyps]
+                    outputs[i] = [Translation(text, h.score, m) for text, h, m in zip(texts, hyps, maps)]
         return outputs
 
     def _search(self, src, max_lens: list[int], decode: DecodeConfig, n_best: int, sampling: Sampling | None) -> list[list[Hypothesis]]:

@@ -132,13 +132,33 @@ class MultiHeadAttention(nn.Module):
         memory is never copied per hypothesis. The mask then must not depend on the query
         (a padding mask, as cross-attention's is).
         """
+        rows, T, _ = x.shape
+        H, Dh = self.n_heads, self.head_size
+        y = self._attend(self._queries(x, kv), kv, mask)  # (B, H, G*T, Dh)
+        G = rows // kv.k.size(0)
+        y = y.view(-1, H, G, T, Dh).permute(0, 2, 3, 1, 4).reshape(rows, T, H * Dh)  # heads side by side: (B*G, T, D)
+        return self.out_proj(y)
+
+    def weights(self, x: Tensor, kv: KV, mask: Tensor | None) -> Tensor:
+        """The attention weights `forward(x, kv, mask)` applies, dropout aside: (B, H, G*T, L).
+
+        For inspection (`attention_maps.capture_attention`): computed again from the same inputs,
+        written out on every device, so forward keeps its fused GPU kernel and pays nothing."""
+        return self._weights(self._queries(x, kv), kv, mask)
+
+    def _queries(self, x: Tensor, kv: KV) -> Tensor:
+        """(B*G, T, D) -> (B, H, G*T, Dh): the G query rows sharing one row of kv side by side."""
         q = self._split_heads(self.q_proj(x))  # (B*G, H, T, Dh)
         rows, H, T, Dh = q.shape
         G = rows // kv.k.size(0)
-        q = q.view(-1, G, H, T, Dh).transpose(1, 2).reshape(-1, H, G * T, Dh)  # (B, H, G*T, Dh)
-        y = self._attend(q, kv, mask)  # (B, H, G*T, Dh)
-        y = y.view(-1, H, G, T, Dh).permute(0, 2, 3, 1, 4).reshape(rows, T, H * Dh)  # heads side by side: (B*G, T, D)
-        return self.out_proj(y)
+        return q.view(-1, G, H, T, Dh).transpose(1, 2).reshape(-1, H, G * T, Dh)
+
+    def _weights(self, q: Tensor, kv: KV, mask: Tensor | None) -> Tensor:
+        """softmax(Q K^T / sqrt(Dh)) under mask: (B, H, T, L)."""
+        scores = q @ kv.k.transpose(-2, -1) / math.sqrt(self.head_size)  # (B, H, T, L)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(dim=-1)
 
     def _attend(self, q: Tensor, kv: KV, mask: Tensor | None) -> Tensor:
         """softmax(Q K^T / sqrt(Dh)) V: (B, H, T, Dh) queries over (B, H, L, Dh) keys and values."""
@@ -147,8 +167,4 @@ class MultiHeadAttention(nn.Module):
             return F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=mask, dropout_p=p)
         # Written out on the CPU: for decoding's one query a row and for bf16, the fused kernel
         # measured 1.5-6x slower than these two matmuls.
-        scores = q @ kv.k.transpose(-2, -1) / math.sqrt(self.head_size)  # (B, H, T, L)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        weights = dropout(scores.softmax(dim=-1), self.dropout, self.training)
-        return weights @ kv.v
+        return dropout(self._weights(q, kv, mask), self.dropout, self.training) @ kv.v

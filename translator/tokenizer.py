@@ -76,6 +76,10 @@ class Tokenizer:
     def pieces(self, text: str) -> list[str]:
         return self.sp.encode(text, out_type=str)
 
+    def id_pieces(self, ids: list[int]) -> list[str]:
+        """The pieces of token ids, specials included ("<s>", "</s>")."""
+        return [self.sp.id_to_piece(i) for i in ids]
+
 
 def interleave(*columns: Iterable[str]) -> Iterator[str]:
     """Source and target sentences alternately, so that a sample of the stream covers both languages."""
