@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   translator train recipes/multi30k_de_en.yaml --set data.path=../shared/data/multi30k
   translator translate runs/multi30k_de_en --set decode.precision=bf16 < input.de > output.en
   translator evaluate runs/multi30k_de_en --split test --beam-size 5 --output hyps.en
+  translator serve runs/multi30k_de_en --port 8000
 
 exit status: 0 ok, 1 runtime failure, 2 usage error (recipe, override, dataset or model directory)
 """
@@ -91,6 +92,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import Limits, serve  # FastAPI and uvicorn: only this command imports them
+    except ImportError as e:
+        raise RuntimeError(f"translator serve needs FastAPI and uvicorn: pip install 'translator[serve]' ({e})") from None
+    serve(load_translator(args), args.host, args.port, Limits(args.max_sentences, args.max_chars), args.batch_wait_ms)
+    return 0
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="translator", description="Train and run encoder-decoder Transformer translation models.",
@@ -98,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"translator {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for usage errors (or set TRANSLATOR_DEBUG=1)")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{train,translate,evaluate,average,plot}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{train,translate,evaluate,average,plot,serve}")
     overrides = dict(action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. data.path=DIR (repeatable)")
 
     train = verbs.add_parser("train", help="train a model from a YAML recipe",
@@ -140,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir")
     plot.add_argument("-o", "--output", default=None, help="the PNG to write (default: RUN_DIR/curves.png)")
     plot.set_defaults(run=cmd_plot)
+
+    serve = verbs.add_parser("serve", help="an HTTP translation service (LibreTranslate's POST /translate) and a page with attention maps",
+                             epilog="example: translator serve runs/multi30k_de_en --port 8000   (then open http://127.0.0.1:8000/)")
+    serve.add_argument("model_dir")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1; no authentication: put a reverse proxy in front)")
+    serve.add_argument("--port", type=int, choices=range(1, 65536), default=8000, metavar="PORT", help="default 8000")
+    serve.add_argument("--max-sentences", type=positive_int, default=100, help="sentences per request (default 100)")
+    serve.add_argument("--max-chars", type=positive_int, default=10_000, help="characters per request, all sentences together (default 10000)")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a request reaching an idle server waits for others to batch with (default 5)")
+    serve.add_argument("--set", **overrides)
+    serve.set_defaults(run=cmd_serve)
     return parser
 
 
