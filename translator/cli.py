@@ -107,6 +107,16 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"expected milliseconds from 0 to 10000, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="translator", description="Train and run encoder-decoder Transformer translation models.",
@@ -164,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, choices=range(1, 65536), default=8000, metavar="PORT", help="default 8000")
     serve.add_argument("--max-sentences", type=positive_int, default=100, help="sentences per request (default 100)")
     serve.add_argument("--max-chars", type=positive_int, default=10_000, help="characters per request, all sentences together (default 10000)")
-    serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a request reaching an idle server waits for others to batch with (default 5)")
+    serve.add_argument("--batch-wait-ms", type=milliseconds, default=5.0, help="how long a request reaching an idle server waits for others to batch with (default 5)")
     serve.add_argument("--set", **overrides)
     serve.set_defaults(run=cmd_serve)
     return parser

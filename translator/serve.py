@@ -85,6 +85,7 @@ class Batcher:
     def __init__(self, translator: Translator, wait_s: float):
         self.translator, self.wait_s = translator, wait_s
         self.queue: deque[Job] = deque()
+        self.decoding = 0  # requests in the batch being decoded
         self.arrived = asyncio.Event()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
 
@@ -97,8 +98,9 @@ class Batcher:
         self.arrived.set()
         return job.future
 
-    def pending(self) -> int:
-        return sum(not job.future.done() for job in self.queue)
+    def in_progress(self) -> int:
+        """Requests waiting or being decoded."""
+        return self.decoding + sum(not job.future.done() for job in self.queue)
 
     async def run(self) -> None:
         while True:
@@ -129,6 +131,7 @@ class Batcher:
     async def _decode(self, jobs: list[Job]) -> None:
         sentences = [s for job in jobs for s in job.sentences]
         loop = asyncio.get_running_loop()
+        self.decoding = len(jobs)
         try:
             results = await loop.run_in_executor(self.worker, lambda: self.translator.translate(sentences, **jobs[0].options))
         except Exception as e:  # noqa: BLE001 - the requests get the error, the server goes on
@@ -136,6 +139,8 @@ class Batcher:
                 if not job.future.done():
                     job.future.set_exception(e)
             return
+        finally:
+            self.decoding = 0
         start = 0
         for job in jobs:
             if not job.future.done():
@@ -167,7 +172,7 @@ def create_app(translator: Translator, limits: Limits = Limits(), batch_wait_ms:
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": translator.recipe.name, "source": data.src_lang, "target": data.tgt_lang,
-                "pending_requests": state["batcher"].pending()}
+                "requests_in_progress": state["batcher"].in_progress()}
 
     @app.get("/languages")
     async def languages() -> list[dict]:
@@ -303,4 +308,8 @@ def serve(translator: Translator, host: str, port: int, limits: Limits, batch_wa
     # uvicorn raises the signal again once it has shut down gracefully. By then every request
     # has been answered, so SIGTERM ends in an ordinary exit (status 0) instead of a kill.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.run(create_app(translator, limits, batch_wait_ms), host=host, port=port, log_level="info")
+    server = uvicorn.Server(uvicorn.Config(create_app(translator, limits, batch_wait_ms), host=host, port=port, log_level="info"))
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's way out when it cannot start (a port in use, say), after logging why
+        raise RuntimeError(f"could not serve on {host}:{port} (uvicorn's error above says why)") from None

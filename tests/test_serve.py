@@ -1,0 +1,258 @@
+"""`translator serve`: the API in process, the batching queue, and the real server (signals, a client that leaves)."""
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from translator import Sampling, Translator  # noqa: E402
+from translator.config import recipe_from_dict  # noqa: E402
+from translator.serve import Batcher, Limits, create_app  # noqa: E402
+
+SENTENCES = ["Ein mann sieht der hut.", "Der alte hund trägt ein ball und ein hut.", "Ein kind fährt.", "Die kleine frau sieht ein fahrrad."]
+PAIR = {"source": "de", "target": "en"}
+
+
+@pytest.fixture(scope="module")
+def client(tiny_translator):
+    with TestClient(create_app(tiny_translator, Limits(max_sentences=8, max_chars=400))) as c:
+        yield c
+
+
+def test_translate_answers_in_libretranslates_shape(client, tiny_translator):
+    one = client.post("/translate", json={"q": SENTENCES[1], **PAIR, "format": "text"})
+    assert one.status_code == 200 and one.json() == {"translatedText": tiny_translator.translate(SENTENCES[1])}
+    many = client.post("/translate", json={"q": SENTENCES, **PAIR})
+    assert many.json() == {"translatedText": tiny_translator.translate(SENTENCES)}
+
+
+def test_alternatives_are_the_n_best_with_scores(client, tiny_translator):
+    answer = client.post("/translate", json={"q": SENTENCES[:2], **PAIR, "alternatives": 2, "beam_size": 3, "alpha": 0.6}).json()
+    expected = tiny_translator.translate(SENTENCES[:2], beam_size=3, alpha=0.6, n_best=3)
+    assert answer["translatedText"] == [hyps[0].text for hyps in expected]
+    assert answer["alternatives"] == [[t.text for t in hyps[1:]] for hyps in expected]
+    assert answer["scores"] == [[round(t.score, 4) for t in hyps] for hyps in expected]
+    # Without beam_size, alternatives widen the recipe's beam to as many hypotheses as asked for.
+    wide = client.post("/translate", json={"q": SENTENCES[0], **PAIR, "alternatives": 4}).json()
+    assert [wide["translatedText"], *wide["alternatives"]] == [t.text for t in tiny_translator.translate(SENTENCES[0], beam_size=5, n_best=5)]
+
+
+def test_sampling_and_attention_are_extra_fields(client, tiny_translator):
+    answer = client.post("/translate", json={"q": SENTENCES[0], **PAIR, "sampling": {"temperature": 0.7, "seed": 3}, "alternatives": 1}).json()
+    drawn = tiny_translator.translate(SENTENCES[0], sampling=Sampling(temperature=0.7, seed=3), n_best=2)
+    assert [answer["translatedText"], *answer["alternatives"]] == [t.text for t in drawn]
+    maps = client.post("/translate", json={"q": SENTENCES[1], **PAIR, "attention": True}).json()["attention"]
+    expected = tiny_translator.translate(SENTENCES[1], return_attention=True).attention
+    assert maps["source"] == expected.source and maps["target"] == expected.target
+    assert len(maps["cross"][0][0]) == len(expected.target) and len(maps["cross"][0][0][0]) == len(expected.source)
+
+
+def test_languages_and_health_name_the_models_pair(client):
+    assert client.get("/languages").json() == [{"code": "de", "name": "de", "targets": ["en"]}]
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and (health["source"], health["target"]) == ("de", "en")
+    assert client.get("/").headers["content-type"].startswith("text/html")
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        (b"", 400, ["empty body"]),
+        (b'{"q": "Ein hund.", "source": ', 400, ["malformed JSON"]),
+        (b"[1, 2]", 400, ["JSON object"]),
+        (b'{"q": 3, "source": "de", "target": "en"}', 400, ["q:", "string"]),
+        (b'{"q": ["x", 3], "source": "de", "target": "en"}', 400, ["q:", "list of strings"]),
+        (b'{"q": "x", "source": "de"}', 400, ["target", "required"]),
+        (b'{"q": "x", "source": "de", "target": "en", "beam": 5}', 400, ["beam:", "unknown field", "beam_size"]),
+        (b'{"q": "x", "source": "de", "target": "en", "sampling": {"top_q": 1}}', 400, ["sampling.top_q", "top_p"]),
+        (b'{"q": "x", "source": "de", "target": "fr"}', 400, ["de/fr", "translates de to en"]),
+        (b'{"q": "x", "source": "en", "target": "de"}', 400, ["en/de", "translates de to en"]),
+        (b'{"q": "x", "source": "de", "target": "en", "format": "html"}', 400, ["format"]),
+        (b'{"q": "x", "source": "de", "target": "en", "beam_size": 0}', 400, ["beam_size", "at least 1"]),
+        (b'{"q": "x", "source": "de", "target": "en", "beam_size": true}', 400, ["beam_size"]),
+        (b'{"q": "x", "source": "de", "target": "en", "beam_size": 2, "alternatives": 2}', 400, ["n_best=3", "beam_size=2"]),
+        (b'{"q": "x", "source": "de", "target": "en", "alpha": "big"}', 400, ["alpha"]),
+        (b'{"q": "x", "source": "de", "target": "en", "sampling": {"top_p": 1.5}}', 400, ["top_p"]),
+        (b'{"q": ["x", "x", "x", "x", "x", "x", "x", "x", "x"], "source": "de", "target": "en"}', 400, ["9 sentences", "limit of 8", "--max-sentences"]),
+        (json.dumps({"q": "x" * 401, **PAIR}).encode(), 400, ["401 characters", "limit of 400", "--max-chars"]),
+    ],
+)
+def test_bad_requests_get_one_line_json_errors_and_the_server_goes_on(client, body, status, words):
+    answer = client.post("/translate", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == status
+    error = answer.json()["error"]
+    assert "\n" not in error and all(w in error for w in words), error
+    assert client.post("/translate", json={"q": "Ein hund.", **PAIR}).status_code == 200
+
+
+def test_oversized_bodies_are_refused_before_they_are_read(client):
+    limit = Limits(max_sentences=8, max_chars=400).max_body_bytes
+    declared = client.post("/translate", content=b"x" * (limit + 1), headers={"content-type": "application/json"})
+    assert declared.status_code == 413 and str(limit) in declared.json()["error"]
+    chunked = client.post("/translate", content=(b"x" * 4096 for _ in range(limit // 4096 + 2)), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413 and "--max-chars" in chunked.json()["error"]
+
+
+class CountingTranslator(Translator):
+    """The real Translator, recording the sentences of each call."""
+
+    def __init__(self, translator: Translator, max_tokens: int):
+        recipe = translator.recipe.to_dict()
+        recipe["decode"]["max_tokens"] = max_tokens
+        super().__init__(translator.model, translator.tokenizer, recipe_from_dict(recipe))
+        self.calls: list[list[str]] = []
+
+    def translate(self, sentences, **options):
+        if sentences:  # the empty call validates a request's options
+            self.calls.append(list(sentences))
+        return super().translate(sentences, **options)
+
+
+def run_jobs(translator, jobs, wait_s=0.02, cancel=()):
+    """Submit (sentences, options) jobs at once to a running Batcher; cancel some before decoding starts."""
+
+    async def main():
+        batcher = Batcher(translator, wait_s)
+        worker = asyncio.create_task(batcher.run())
+        futures = [batcher.submit(sentences, options) for sentences, options in jobs]
+        for i in cancel:
+            futures[i].cancel()
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        worker.cancel()
+        batcher.worker.shutdown()
+        return results
+
+    return asyncio.run(main())
+
+
+def options(**changes):
+    return {"beam_size": None, "alpha": None, "n_best": 1, "sampling": None, "return_attention": False, **changes}
+
+
+def test_waiting_requests_are_decoded_together_with_the_results_of_each_alone(tiny_translator):
+    translator = CountingTranslator(tiny_translator, max_tokens=8192)
+    jobs = [([s], options()) for s in SENTENCES * 3] + [(SENTENCES[:2], options())]
+    results = run_jobs(translator, jobs)
+    assert len(translator.calls) == 1 and len(translator.calls[0]) == 14
+    for (sentences, _), result in zip(jobs, results):
+        assert [hyps[0].text for hyps in result] == tiny_translator.translate(sentences)
+
+
+def test_a_batch_holds_equal_options_within_the_token_budget(tiny_translator):
+    budget = 3 * (max(len(ids) for ids in tiny_translator.tokenizer.encode(SENTENCES)) + 1)  # three sentences of the longest
+    translator = CountingTranslator(tiny_translator, max_tokens=budget)
+    seeded = Sampling(seed=1)
+    jobs = [([s], options()) for s in SENTENCES] + [([SENTENCES[0]], options(beam_size=1)), ([SENTENCES[1]], options(sampling=seeded)),
+                                                    ([SENTENCES[2]], options(sampling=seeded)), ([SENTENCES[3]], options(beam_size=1))]
+    results = run_jobs(translator, jobs)
+    sizes = sorted(len(call) for call in translator.calls)
+    assert sum(sizes) == 8 and max(sizes) <= 3
+    assert [SENTENCES[0], SENTENCES[3]] in translator.calls  # the two greedy requests, together
+    assert [SENTENCES[1]] in translator.calls and [SENTENCES[2]] in translator.calls  # sampled draws depend on the batch: alone
+    for (sentences, opts), result in zip(jobs, results):
+        alone = tiny_translator.translate(sentences, **opts)
+        assert [[t.text for t in hyps] for hyps in result] == [[t.text for t in hyps] for hyps in alone]
+        assert [t.score for hyps in result for t in hyps] == pytest.approx([t.score for hyps in alone for t in hyps], abs=1e-5)
+
+
+def test_a_request_whose_client_left_is_not_decoded(tiny_translator):
+    translator = CountingTranslator(tiny_translator, max_tokens=8192)
+    results = run_jobs(translator, [([s], options()) for s in SENTENCES], cancel=[1, 2])
+    assert translator.calls == [[SENTENCES[0], SENTENCES[3]]]
+    assert isinstance(results[1], asyncio.CancelledError) and results[3][0][0].text == tiny_translator.translate(SENTENCES[3])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir, *flags):
+    """`translator serve` in a subprocess on a free local port; returns it and its base URL once /health answers."""
+    import httpx
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "translator", "serve", str(model_dir), "--port", str(port), *flags],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited: {process.stderr.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError("server did not answer /health within 120 s")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    process, url = start_server(tiny_model_dir)
+    yield url
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+
+
+def test_clients_that_disconnect_mid_request_do_not_take_the_server_down(server, tiny_translator):
+    import httpx
+
+    host, port = server.removeprefix("http://").split(":")
+    body = json.dumps({"q": SENTENCES, **PAIR}).encode()
+    head = f"POST /translate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    for sent in (head[:20], head + body[:10], head + body):  # in the headers, in the body, waiting for the answer
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(sent)
+        time.sleep(0.1)
+    answer = httpx.post(f"{server}/translate", json={"q": SENTENCES[0], **PAIR}, timeout=30)
+    assert answer.status_code == 200 and answer.json()["translatedText"] == tiny_translator.translate(SENTENCES[0])
+
+
+def test_sigterm_answers_the_requests_in_flight_then_exits(tiny_model_dir, tiny_translator):
+    import httpx
+
+    # A request reaching an idle server waits 2 s for company: SIGTERM arrives while it waits.
+    process, url = start_server(tiny_model_dir, "--batch-wait-ms", "2000")
+    answers = []
+    client = threading.Thread(target=lambda: answers.append(httpx.post(f"{url}/translate", json={"q": SENTENCES, **PAIR}, timeout=60)))
+    client.start()
+    while httpx.get(f"{url}/health", timeout=5).json()["requests_in_progress"] == 0:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    client.join(timeout=60)
+    _, stderr = process.communicate(timeout=60)
+    assert answers and answers[0].status_code == 200, stderr
+    assert answers[0].json()["translatedText"] == tiny_translator.translate(SENTENCES)
+    assert process.returncode == 0, stderr
+
+
+def test_serve_command_errors(tiny_model_dir, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "translator", "serve", *args], capture_output=True, text=True, timeout=120)
+
+    missing = run(str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "nope" in missing.stderr and "Traceback" not in missing.stderr
+    assert run(str(tiny_model_dir), "--max-chars", "0").returncode == 2
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = run(str(tiny_model_dir), "--port", str(taken.getsockname()[1]))
+    assert busy.returncode == 1 and "address already in use" in busy.stderr
+
+
+def test_importing_translator_does_not_import_the_web_stack():
+    code = "import sys, translator; print(any(m.split('.')[0] in ('fastapi', 'uvicorn', 'starlette') for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
