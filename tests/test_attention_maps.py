@@ -103,3 +103,22 @@ def test_capture_on_the_gpu_equals_the_cpu(tiny_model_dir, tiny_translator):
     assert on_gpu.text == on_cpu.text
     for mode in ("encoder", "decoder", "cross"):
         torch.testing.assert_close(getattr(on_gpu.attention, mode), getattr(on_cpu.attention, mode), atol=1e-4, rtol=1e-3)
+
+
+def test_plot_attention_writes_a_png_and_refuses_bad_arguments_without_writing(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("matplotlib")
+
+    def plot(*args):
+        return subprocess.run([sys.executable, "-m", "translator", "plot", "--attention", str(tiny_model_dir), *args],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    written = plot(SENTENCE, "-o", "maps.png", "--head", "2")
+    assert written.returncode == 0, written.stderr
+    assert (tmp_path / "maps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for bad in ([SENTENCE, "--head", "3"], [SENTENCE, "--head", "first"], [], ["  "]):
+        failed = plot(*bad, "-o", "bad.png")
+        assert failed.returncode == 2 and failed.stderr.count("\n") == 1, failed.stderr
+        assert not (tmp_path / "bad.png").exists()

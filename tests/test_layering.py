@@ -14,7 +14,8 @@ FORBIDDEN = {
     "tokenizer": {"model", "data", "train", "api", "checkpoint", "evaluate", "cli"},
     "checkpoint": {"data", "train", "api", "evaluate", "cli", "search"},
     "attention_maps": {"search", "data", "train", "api", "checkpoint", "evaluate", "cli"},
-    "api": {"train", "evaluate", "cli", "data"},
+    "api": {"train", "evaluate", "cli", "data", "serve", "plot"},
+    "serve": {"train", "evaluate", "cli", "data", "plot"},  # the service needs only the Translator
     "evaluate": {"train", "cli"},
     "train": {"cli"},
 }

@@ -86,9 +86,23 @@ def cmd_average(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .plot import plot_run
+    from .plot import plot_attention, plot_run
 
-    print(plot_run(args.run_dir, args.output))
+    if not args.attention:
+        if args.sentence is not None:
+            raise RecipeError(f"translator plot RUN takes no sentence (got {args.sentence!r}); for attention maps: translator plot --attention MODEL_DIR SENTENCE")
+        print(plot_run(args.run_dir, args.output))
+        return 0
+    if args.sentence is None or not args.sentence.strip():
+        raise RecipeError("translator plot --attention MODEL_DIR SENTENCE: the sentence is missing or blank")
+    translator = load_translator(argparse.Namespace(model_dir=args.run_dir, set=args.set))
+    heads = translator.recipe.model.n_heads
+    if args.head != "mean" and not (args.head.isdigit() and 1 <= int(args.head) <= heads):
+        raise RecipeError(f"--head {args.head}: expected mean or a head from 1 to {heads}")
+    translation = translator.translate(args.sentence, beam_size=args.beam_size, return_attention=True)
+    head = None if args.head == "mean" else int(args.head) - 1
+    title = f"{args.sentence} -> {translation.text}"
+    print(plot_attention(translation.attention, args.output or "attention.png", head, title))
     return 0
 
 
@@ -161,10 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     average.add_argument("-o", "--output", required=True, help="the model directory to write")
     average.set_defaults(run=cmd_average)
 
-    plot = verbs.add_parser("plot", help="PNG training curves (loss, validation BLEU, learning rate) of a run",
-                            epilog="example: translator plot runs/multi30k_de_en")
-    plot.add_argument("run_dir")
-    plot.add_argument("-o", "--output", default=None, help="the PNG to write (default: RUN_DIR/curves.png)")
+    plot = verbs.add_parser("plot", help="PNG training curves of a run, or (--attention) a translation's attention maps",
+                            epilog='examples: translator plot runs/multi30k_de_en\n'
+                                   '          translator plot --attention runs/multi30k_de_en "Ein Mann fährt Fahrrad." -o attention.png',
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    plot.add_argument("run_dir", metavar="RUN_OR_MODEL_DIR")
+    plot.add_argument("sentence", nargs="?", default=None, help="with --attention: the sentence to translate")
+    plot.add_argument("--attention", action="store_true",
+                      help="draw the three attention modes (encoder self-, decoder self-, cross-attention) of SENTENCE's translation")
+    plot.add_argument("--head", default="mean", help="with --attention: a head (1, 2, ...) or mean (default)")
+    plot.add_argument("--beam-size", type=int, default=None, help="with --attention: 1 for greedy (default: the recipe's)")
+    plot.add_argument("--set", **overrides)
+    plot.add_argument("-o", "--output", default=None, help="the PNG to write (default: RUN_DIR/curves.png, or attention.png)")
     plot.set_defaults(run=cmd_plot)
 
     serve = verbs.add_parser("serve", help="an HTTP translation service (LibreTranslate's POST /translate) and a page with attention maps",

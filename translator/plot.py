@@ -1,13 +1,14 @@
-"""Training curves from a run's metrics.jsonl: loss, validation BLEU and learning rate, as one PNG."""
+"""PNG figures: a run's training curves (loss, validation BLEU, learning rate), and a translation's attention maps."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from .attention_maps import AttentionMaps
 
-def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
-    """Write the curves of `run_dir/metrics.jsonl` to `output` (default `run_dir/curves.png`)."""
+
+def _pyplot():
     try:
         import matplotlib
     except ImportError:
@@ -15,6 +16,12 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
+    """Write the curves of `run_dir/metrics.jsonl` to `output` (default `run_dir/curves.png`)."""
+    plt = _pyplot()
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -41,3 +48,28 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     figure.savefig(output, dpi=100)
     plt.close(figure)
     return output
+
+
+def plot_attention(maps: AttentionMaps, output: str | Path, head: int | None = None, title: str = "") -> Path:
+    """The three attention modes of one translation, a row per layer: encoder self-attention (source x source),
+    decoder self-attention (target x target) and cross-attention (target x source). head: 0-based, or None for the mean."""
+    plt = _pyplot()
+    layers = maps.encoder.size(0)
+    panels = [("encoder self-attention", maps.encoder, maps.source, maps.source),
+              ("decoder self-attention", maps.decoder, maps.target, maps.target_input),
+              ("cross-attention", maps.cross, maps.target, maps.source)]
+    inch = 0.22  # per piece
+    width = inch * (2 * len(maps.source) + len(maps.target)) + 6
+    figure, axes = plt.subplots(layers, 3, figsize=(width, layers * (inch * max(len(maps.source), len(maps.target)) + 2)), squeeze=False)
+    for layer in range(layers):
+        for ax, (title, weights, rows, cols) in zip(axes[layer], panels):
+            shown = weights[layer].mean(dim=0) if head is None else weights[layer, head]
+            ax.imshow(shown.numpy(), cmap="Blues", vmin=0, vmax=1)
+            ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=8)
+            ax.set_yticks(range(len(rows)), rows, fontsize=8)
+            ax.set_title(f"{title}, layer {layer + 1}", fontsize=10)
+    figure.suptitle(f"{title}  ({'mean over heads' if head is None else f'head {head + 1}'})", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(output, dpi=100)
+    plt.close(figure)
+    return Path(output)
