@@ -39,20 +39,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, *flags: str) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, *flags: str, stderr=subprocess.DEVNULL) -> tuple[subprocess.Popen, str]:
+    """`translator serve MODEL FLAGS` on a free local port, and its URL once /health answers (tests/test_serve.py uses it too)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "translator", "serve", model, "--host", HOST, "--port", str(port), *flags]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     url = f"http://{HOST}:{port}"
-    for _ in range(600):
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return process, url
         except httpx.TransportError:
             time.sleep(0.2)
     process.kill()
-    raise RuntimeError(f"{' '.join(command)}: no answer on /health after 2 minutes")
+    raise RuntimeError(f"{' '.join(command)}: exited or gave no answer on /health within 2 minutes")
 
 
 def stop_server(process: subprocess.Popen) -> None:

@@ -1,6 +1,7 @@
 """`translator serve`: the API in process, the batching queue, and the real server (signals, a client that leaves)."""
 
 import asyncio
+import importlib.util
 import json
 import signal
 import socket
@@ -15,6 +16,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from conftest import ROOT  # noqa: E402
 from translator import Sampling, Translator  # noqa: E402
 from translator.config import recipe_from_dict  # noqa: E402
 from translator.serve import Batcher, Limits, create_app  # noqa: E402
@@ -172,31 +174,17 @@ def test_a_request_whose_client_left_is_not_decoded(tiny_translator):
     assert isinstance(results[1], asyncio.CancelledError) and results[3][0][0].text == tiny_translator.translate(SENTENCES[3])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def load_bench():
+    """bench/serve.py, whose server launcher the tests share."""
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "serve.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def start_server(model_dir, *flags):
-    """`translator serve` in a subprocess on a free local port; returns it and its base URL once /health answers."""
-    import httpx
-
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "translator", "serve", str(model_dir), "--port", str(port), *flags],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited: {process.stderr.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    raise AssertionError("server did not answer /health within 120 s")
+    """`translator serve` in a subprocess on a free local port, its stderr kept; returns it and its URL once /health answers."""
+    return load_bench().start_server(str(model_dir), *flags, stderr=subprocess.PIPE)
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +234,7 @@ def test_serve_command_errors(tiny_model_dir, tmp_path):
     missing = run(str(tmp_path / "nope"))
     assert missing.returncode == 2 and "nope" in missing.stderr and "Traceback" not in missing.stderr
     assert run(str(tiny_model_dir), "--max-chars", "0").returncode == 2
-    with socket.socket() as taken:
+    with socket.socket() as taken:  # a port in use
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = run(str(tiny_model_dir), "--port", str(taken.getsockname()[1]))
