@@ -173,6 +173,102 @@ def test_empty_csv_cell_is_dropped_as_an_empty_side(tmp_path):
     assert (report.kept, report.empty) == (1, 1)
 
 
+# --- plain text: {split}.{lang} line-aligned files and {split}.tsv -------------------------------
+
+
+def write_line_aligned(folder: Path, split: str, data: list[dict[str, str]], newline: str = "\n") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for lang in data[0]:
+        (folder / f"{split}.{lang}").write_bytes("".join(r[lang] + newline for r in data).encode())
+
+
+def write_tsv(folder: Path, split: str, data: list[dict[str, str]], src: str = "de", tgt: str = "en") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{split}.tsv").write_text("".join(f"{r[src]}\t{r[tgt]}\n" for r in data), encoding="utf-8")
+
+
+# Lines a careless reader would split or change: a carriage return, Unicode line separators, a form feed.
+AWKWARD = [{"de": "Ein\rHund.", "en": "A\u2028dog."}, {"de": "Zwei\x0cKatzen.", "en": "Two\u0085cats."}, {"de": "", "en": "Nothing."}]
+
+
+@pytest.mark.parametrize("layout", ["line-aligned", "tsv"])
+def test_plain_text_loads_like_the_jsonl_layout(tmp_path, layout):
+    train, valid = [{"de": d, "en": e} for d, e in zip(DE, EN)] + AWKWARD + rows(20), rows(5, seed=1)
+    for split, data in (("train", train), ("validation", valid)):
+        write_split(tmp_path / "jsonl", split, "jsonl", data)
+        (write_line_aligned if layout == "line-aligned" else write_tsv)(tmp_path / "text", split, data)
+    for split in ("train", "validation"):
+        expected = load_split(DataConfig(path=str(tmp_path / "jsonl")), split)
+        pairs = load_split(DataConfig(path=str(tmp_path / "text")), split)
+        assert (pairs["src"][:], pairs["tgt"][:]) == (expected["src"][:], expected["tgt"][:])
+        streamed = list(load_split(DataConfig(path=str(tmp_path / "text")), split, streaming=True))
+        assert streamed == [{"src": s, "tgt": t} for s, t in zip(expected["src"], expected["tgt"])]
+    assert load_split(DataConfig(path=str(tmp_path / "text")), "train")["src"][:len(AWKWARD) + 3][3:] == [r["de"] for r in AWKWARD]
+
+
+def test_line_aligned_files_read_in_either_direction_and_windows_line_ends(tmp_path):
+    data = [{"de": d, "en": e, "fr": f} for d, e, f in zip(DE, EN, FR)]
+    write_line_aligned(tmp_path, "train", data, newline="\r\n")
+    pairs = load_split(DataConfig(path=str(tmp_path), src_lang="fr", tgt_lang="de"), "train")
+    assert (pairs["src"][:], pairs["tgt"][:]) == (FR, DE)
+
+
+def test_plain_text_filters_like_every_layout(tmp_path):
+    data = [{"de": "Ein Hund.", "en": "A dog."}, {"de": "Eine Katze.", "en": "   "}, {"de": "Hund " * 30, "en": "Dog."}]
+    write_line_aligned(tmp_path, "train", data)
+    tokenizer = Tokenizer.train(["Ein Hund.", "A dog.", "Eine Katze.", "Dog."] * 10, vocab_size=40)
+    _, report = filter_pairs(tokenize(load_split(DataConfig(path=str(tmp_path)), "train"), tokenizer), max_len=20, max_ratio=0)
+    assert (report.kept, report.empty, report.too_long) == (1, 1, 1)
+
+
+def test_edited_plain_text_file_is_read_again(tmp_path):
+    write_line_aligned(tmp_path, "train", [{"de": d, "en": e} for d, e in zip(DE, EN)])
+    assert load_split(DataConfig(path=str(tmp_path)), "train")["tgt"][:] == EN
+    write_line_aligned(tmp_path, "train", [{"de": d, "en": e.upper()} for d, e in zip(DE, EN)])
+    assert load_split(DataConfig(path=str(tmp_path)), "train")["tgt"][:] == [e.upper() for e in EN]
+
+
+def test_unequal_line_counts_name_both_files_and_counts(tmp_path):
+    write_line_aligned(tmp_path, "train", rows(5))
+    with open(tmp_path / "train.en", "a", encoding="utf-8") as f:
+        f.write("One line too many")  # no final newline: still a line
+    with pytest.raises(DataError, match=rf"{tmp_path}/train.de has 5 lines but {tmp_path}/train.en has 6"):
+        load_split(DataConfig(path=str(tmp_path)), "train")
+
+
+def test_line_aligned_split_without_its_target_file_names_it(tmp_path):
+    write_line_aligned(tmp_path, "train", rows(3))
+    (tmp_path / "test.de").write_text("Ein Hund.\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"split 'test': {tmp_path}/test.en is missing"):
+        load_split(DataConfig(path=str(tmp_path)), "test")
+    with pytest.raises(DataError, match=r"split 'dev' not found.*splits there: test, train"):
+        load_split(DataConfig(path=str(tmp_path)), "dev")
+
+
+@pytest.mark.parametrize("name", ["train.en", "train.tsv"])
+def test_plain_text_invalid_utf8_names_the_file_and_line(tmp_path, name):
+    lines = [b"Ein Hund.\tA dog.", b"Eine Katze.\tA cat.", b"Ein Hut.\tA \xff hat."]
+    if name == "train.en":
+        lines = [line.split(b"\t")[1] for line in lines]
+        (tmp_path / "train.de").write_bytes(b"a\nb\nc\n")
+    (tmp_path / name).write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=rf"{tmp_path}/{name}, line 3: not valid UTF-8"):
+        load_split(DataConfig(path=str(tmp_path)), "train")
+
+
+def test_tsv_line_without_exactly_one_tab_names_the_file_and_line(tmp_path):
+    (tmp_path / "train.tsv").write_text("Ein Hund.\tA dog.\nEine Katze. A cat.\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{tmp_path}/train.tsv, line 2: expected source<TAB>target, found 1 field"):
+        load_split(DataConfig(path=str(tmp_path)), "train")
+
+
+def test_plain_text_next_to_another_layout_is_an_error(tmp_path):
+    write_line_aligned(tmp_path, "train", rows(3))
+    write_split(tmp_path, "test", "jsonl", rows(3))
+    with pytest.raises(DataError, match=r"one layout, found train.de, train.en, test.jsonl"):
+        load_split(DataConfig(path=str(tmp_path)), "train")
+
+
 @pytest.mark.skipif(not MULTI30K.exists(), reason=f"Multi30k not found at {MULTI30K}")
 def test_multi30k_local_copy():
     cfg = DataConfig(path=str(MULTI30K), src_lang="de", tgt_lang="en")

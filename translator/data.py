@@ -4,6 +4,9 @@ tokenize (cached by `datasets`), filter, and serve token-budget batches.
 Two layouts are understood, both common on the hub:
   flat columns      {"de": "...", "en": "..."}                     (bentrevett/multi30k)
   translation dict  {"translation": {"de": "...", "en": "..."}}    (wmt14, iwslt2017, opus_books)
+and two of plain text in a local folder, read into the first:
+  line-aligned      train.de + train.en, one sentence a line       (Moses format from OPUS, fairseq, Joey NMT)
+  tab-separated     train.tsv: source<TAB>target a line            (Tatoeba exports)
 """
 
 from __future__ import annotations
@@ -74,6 +77,77 @@ def _load_local(builder: str, file: str, streaming: bool) -> datasets.Dataset | 
         raise DataError(f"{file}: cannot be read as {builder} ({e.__cause__ or e})") from e
 
 
+def plain_text_splits(folder: Path, src_lang: str, tgt_lang: str) -> dict[str, tuple[Path, ...]]:
+    """{split: (source file, target file)} for `{split}.{src_lang}` + `{split}.{tgt_lang}`, or
+    {split: (tsv file,)} for `{split}.tsv`; empty when the folder holds neither layout."""
+    files = [f for f in sorted(folder.iterdir()) if f.is_file()]
+    line_aligned = [f for f in files if f.suffix in (f".{src_lang}", f".{tgt_lang}")]
+    tab_separated = [f for f in files if f.suffix == ".tsv"]
+    others = [f.name for f in files if f.suffix in LOCAL_FORMATS]
+    if not (line_aligned or tab_separated):
+        return {}
+    if (line_aligned and tab_separated) or others:
+        found = ", ".join(f.name for f in line_aligned + tab_separated) + (", " if others else "") + ", ".join(others)
+        raise DataError(f"data.path {folder}: expected split files of one layout, found {found}")
+    if tab_separated:
+        return {f.stem: (f,) for f in tab_separated}
+    splits = {f.stem for f in line_aligned}
+    return {split: (folder / f"{split}.{src_lang}", folder / f"{split}.{tgt_lang}") for split in sorted(splits)}
+
+
+def _count_lines(file: Path) -> int:
+    """Lines as Python iterates them: newline-terminated, and a last one without its newline."""
+    count, last = 0, b"\n"
+    with open(file, "rb") as f:
+        while block := f.read(1 << 24):
+            count, last = count + block.count(b"\n"), block[-1:]
+    return count + (last != b"\n")
+
+
+def _read_plain_text(files: tuple[str, ...], src_lang: str, tgt_lang: str, stats: tuple) -> Iterator[dict[str, str]]:
+    """Rows {src_lang: ..., tgt_lang: ...} from line-aligned files or one TSV file. `stats` (size and
+    modification time) is there for `datasets`' cache key: an edited file is read again."""
+    streams = [open(file, encoding="utf-8", newline="\n") for file in files]
+    try:
+        for number, lines in enumerate(zip(*streams), start=1):
+            cells = [line.rstrip("\r\n") for line in lines]
+            if len(files) == 1:
+                cells = cells[0].split("\t")
+                if len(cells) != 2:
+                    raise DataError(f"{files[0]}, line {number}: expected source<TAB>target, found {len(cells)} field(s)")
+            yield {src_lang: cells[0], tgt_lang: cells[1]}
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+def load_plain_text(text_splits: dict[str, tuple[Path, ...]], split: str, folder: Path, src_lang: str, tgt_lang: str,
+                    streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
+    """One split of line-aligned or TSV files as a dataset of columns src_lang and tgt_lang (the flat layout)."""
+    if split not in text_splits:
+        raise DataError(f"split {split!r} not found in {folder}; splits there: {', '.join(text_splits)}")
+    files = text_splits[split]
+    for file in files:
+        if not file.is_file():
+            raise DataError(f"split {split!r}: {file} is missing (line-aligned splits need {split}.{src_lang} and {split}.{tgt_lang})")
+        if problem := _first_invalid_utf8_line(str(file)):
+            raise DataError(problem)
+    if len(files) == 2 and (counts := [_count_lines(f) for f in files])[0] != counts[1]:
+        raise DataError(f"split {split!r}: {files[0]} has {counts[0]} lines but {files[1]} has {counts[1]}; line-aligned files must match")
+    features = datasets.Features({src_lang: datasets.Value("string"), tgt_lang: datasets.Value("string")})
+    # Tuples, not lists: `datasets` would shard a list of files between generator calls.
+    stats = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    kwargs = {"files": tuple(str(f) for f in files), "src_lang": src_lang, "tgt_lang": tgt_lang, "stats": stats}
+    if streaming:
+        return datasets.IterableDataset.from_generator(_read_plain_text, features=features, gen_kwargs=kwargs)
+    try:
+        return datasets.Dataset.from_generator(_read_plain_text, features=features, gen_kwargs=kwargs)
+    except datasets.exceptions.DatasetGenerationError as e:
+        if isinstance(e.__cause__, DataError):  # a line of a TSV file without its tab: the message names it
+            raise e.__cause__ from None
+        raise
+
+
 def load_split(cfg: DataConfig, split: str, streaming: bool = False) -> datasets.Dataset | datasets.IterableDataset:
     """One split with string columns `src` and `tgt`: a `datasets.Dataset`, or with `streaming`
     an `IterableDataset` read as it is iterated (nothing downloaded or prepared up front).
@@ -83,7 +157,9 @@ def load_split(cfg: DataConfig, split: str, streaming: bool = False) -> datasets
     whole_through_stream = cfg.streaming and not streaming
     streaming = streaming or cfg.streaming
     folder = Path(cfg.path).expanduser()
-    if folder.is_dir():
+    if folder.is_dir() and (text_splits := plain_text_splits(folder, cfg.src_lang, cfg.tgt_lang)):
+        dataset = load_plain_text(text_splits, split, folder, cfg.src_lang, cfg.tgt_lang, streaming)
+    elif folder.is_dir():
         builder, split_files = _local_split_files(folder)
         if split not in split_files:
             raise DataError(f"split {split!r} not found in {folder}; splits there: {', '.join(split_files)}")
