@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import sacrebleu
 
-from translator.config import DataConfig
+from conftest import TINY_RECIPE
+from translator import Translator
+from translator.config import DataConfig, RecipeError, load_recipe
 from translator.evaluate import Scores, evaluate, score
 
 HYPS = [
@@ -65,6 +68,51 @@ def test_signatures():
     assert scores.bleu_signature in text and scores.chrf_signature in text
     assert set(scores.to_dict()) == {"bleu", "chrf", "bleu_signature", "chrf_signature", "bleu_detail"}
     json.dumps(scores.to_dict())  # plain values, for metrics.jsonl
+
+
+# Chinese is written without spaces: 13a would see each sentence as one or two "words".
+ZH_REFS = ["一个男人在骑自行车。", "两只狗在雪地里玩耍。", "街道是湿的。"]
+ZH_HYPS = ["一个男人骑自行车。", "两只狗在雪里玩。", "这条街道是湿的。"]
+
+
+def test_bleu_tokenizer_follows_the_target_language():
+    zh = score(ZH_HYPS, ZH_REFS, tgt_lang="zh")
+    assert "tok:zh" in zh.bleu_signature
+    assert zh.bleu == pytest.approx(sacrebleu.corpus_bleu(ZH_HYPS, [ZH_REFS], tokenize="zh").score, abs=1e-9)
+    assert zh.bleu != pytest.approx(score(ZH_HYPS, ZH_REFS, tgt_lang="en").bleu, abs=1)  # 13a scores Chinese near 0
+    assert "tok:13a" in score(HYPS, REFS, tgt_lang="de").bleu_signature
+    assert zh.chrf == score(ZH_HYPS, ZH_REFS).chrf  # chrF has no tokenizer
+
+
+def test_bleu_tokenizer_override_wins_over_the_language():
+    char = score(ZH_HYPS, ZH_REFS, tgt_lang="zh", tokenize="char")
+    assert "tok:char" in char.bleu_signature
+    assert char.bleu == pytest.approx(sacrebleu.corpus_bleu(ZH_HYPS, [ZH_REFS], tokenize="char").score, abs=1e-9)
+
+
+def test_bleu_tokenizer_that_needs_an_extra_says_which():
+    try:
+        import MeCab  # noqa: F401
+        pytest.skip("sacreBLEU's Japanese tokenizer is installed")
+    except ImportError:
+        pass
+    with pytest.raises(RecipeError, match=r"data.tgt_lang='ja'.*pip install sacrebleu\[ja\].*evaluate.tokenize"):
+        score(ZH_HYPS, ZH_REFS, tgt_lang="ja")
+
+
+def test_recipe_evaluate_tokenize_is_validated():
+    assert load_recipe(TINY_RECIPE, ["evaluate.tokenize=zh"]).evaluate.tokenize == "zh"
+    with pytest.raises(RecipeError, match=r"evaluate.tokenize: got 'mecab'"):
+        load_recipe(TINY_RECIPE, ["evaluate.tokenize=mecab"])
+
+
+def test_evaluate_scores_with_the_recipes_tokenizer(tiny_translator, toy_corpus):
+    recipe = tiny_translator.recipe
+    charred = Translator(tiny_translator.model, tiny_translator.tokenizer, replace(recipe, evaluate=replace(recipe.evaluate, tokenize="char")))
+    scores = evaluate(charred, "validation", beam_size=1)
+    greedy = tiny_translator.translate([r["de"] for r in read_split(toy_corpus, "validation")], beam_size=1)
+    assert "tok:char" in scores.bleu_signature
+    assert scores.bleu == score(greedy, [r["en"] for r in read_split(toy_corpus, "validation")], tokenize="char").bleu
 
 
 @pytest.mark.parametrize("n_hyps, n_refs", [(2, 3), (3, 2), (0, 1)])

@@ -41,14 +41,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def load_translator(args: argparse.Namespace):
-    """The model directory, with `--set` overrides applied to its recipe (data.*, decode.*), validated the same way."""
+    """The model directory, with `--set` overrides applied to its recipe (data.*, decode.*, evaluate.*), validated the same way."""
     from .api import Translator
 
     translator = Translator.from_pretrained(args.model_dir)
     if args.set:
         recipe = recipe_from_dict(apply_overrides(translator.recipe.to_dict(), args.set))
         if recipe.model != translator.recipe.model or recipe.tokenizer != translator.recipe.tokenizer:
-            raise RecipeError("--set can change data.* and decode.* of a trained model, not its model.* or tokenizer.*")
+            raise RecipeError("--set can change data.*, decode.* and evaluate.* of a trained model, not its model.* or tokenizer.*")
         translator.recipe = recipe
     return translator
 

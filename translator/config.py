@@ -138,6 +138,15 @@ class DecodeConfig:
         _check(self.max_tokens > 0, "decode.max_tokens", self.max_tokens, "a positive integer")
 
 
+# sacreBLEU's BLEU tokenizers (ja-mecab and ko-mecab need `pip install sacrebleu[ja]` / `sacrebleu[ko]`)
+BleuTokenizer = Literal["13a", "intl", "zh", "ja-mecab", "ko-mecab", "char", "none", "flores101", "flores200", "spm"]
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    tokenize: BleuTokenizer | None = None  # BLEU's tokenizer; None: sacreBLEU's choice for data.tgt_lang (zh, ja-mecab, ko-mecab, else 13a)
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str = "run"
@@ -148,6 +157,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def validate(self) -> None:
         _check(self.seed >= 0, "seed", self.seed, "zero or more")

@@ -8,7 +8,7 @@ from pathlib import Path
 from sacrebleu.metrics import BLEU, CHRF
 
 from .api import Translator
-from .config import DataConfig
+from .config import DataConfig, RecipeError
 from .data import load_split
 
 
@@ -30,11 +30,23 @@ class Scores:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def score(hypotheses: list[str], references: list[str]) -> Scores:
-    """Corpus BLEU (13a tokenizer, cased) and chrF of detokenized hypotheses against one reference each."""
+def bleu_metric(tgt_lang: str = "", tokenize: str | None = None) -> BLEU:
+    """sacreBLEU's BLEU with `tokenize`, or with the tokenizer sacreBLEU picks for the target language
+    (zh for Chinese, ja-mecab for Japanese, ko-mecab for Korean, 13a for the rest)."""
+    try:
+        return BLEU(tokenize=tokenize, trg_lang=tgt_lang)
+    except RuntimeError as e:  # mecab's dictionaries are extras of sacreBLEU
+        extra = "sacrebleu[ko]" if "Korean" in str(e) else "sacrebleu[ja]"
+        raise RecipeError(f"BLEU for data.tgt_lang={tgt_lang!r} (evaluate.tokenize={tokenize!r}) needs `pip install {extra}`, "
+                          "or another tokenizer, e.g. --set evaluate.tokenize=char") from None
+
+
+def score(hypotheses: list[str], references: list[str], tgt_lang: str = "", tokenize: str | None = None) -> Scores:
+    """Corpus BLEU (cased; tokenized as `bleu_metric` says) and chrF of detokenized hypotheses against one
+    reference each. chrF compares character n-grams and needs no tokenizer, in any language."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
-    bleu, chrf = BLEU(), CHRF()
+    bleu, chrf = bleu_metric(tgt_lang, tokenize), CHRF()
     bleu_result = bleu.corpus_score(hypotheses, [references])
     chrf_result = chrf.corpus_score(hypotheses, [references])
     return Scores(bleu_result.score, chrf_result.score, str(bleu.get_signature()), str(chrf.get_signature()), str(bleu_result))
@@ -57,8 +69,10 @@ def evaluate(
         beam_size: 1 for greedy; default the recipe's `decode.beam_size`.
         output: if given, write the hypotheses there, one a line.
     """
-    pairs = load_split(data or translator.recipe.data, split)
+    data = data or translator.recipe.data
+    bleu_metric(data.tgt_lang, translator.recipe.evaluate.tokenize)  # a missing tokenizer fails before translating
+    pairs = load_split(data, split)
     hypotheses = translator.translate(list(pairs["src"]), beam_size=beam_size, progress=progress)
     if output is not None:
         Path(output).write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
-    return score(hypotheses, list(pairs["tgt"]))
+    return score(hypotheses, list(pairs["tgt"]), data.tgt_lang, translator.recipe.evaluate.tokenize)

@@ -35,7 +35,7 @@ from .config import Recipe, RecipeError, TrainConfig
 from .data import Batch, SampledTrainBatches, StreamBatches, TrainBatches, filter_pairs, load_split, tokenize
 from .devices import Precision, pick_device, resolve_precision
 from .distributed import World, join, leave
-from .evaluate import Scores, evaluate, score
+from .evaluate import Scores, bleu_metric, evaluate, score
 from .loss import cross_entropy, symmetric_kl
 from .model import Transformer
 from .runlog import RunLog
@@ -46,7 +46,7 @@ from .tokenizer import PAD_ID, Tokenizer, interleave
 RESUMABLE_CHANGES = (
     "name", "out_dir", "data.num_proc", "data.valid_split", "data.test_split", "train.max_steps", "train.on_nan", "train.device",
     "train.log_every", "train.valid_every", "train.checkpoint_every", "train.keep_checkpoints", "train.patience",
-    "train.average_last", "train.threads", "decode.",
+    "train.average_last", "train.threads", "decode.", "evaluate.",
 )
 
 
@@ -118,6 +118,7 @@ class Stopped(KeyboardInterrupt):
 
 def setup(recipe: Recipe, world: World, device: torch.device, resume: bool) -> tuple[Run, TrainingState]:
     out, cfg = Path(recipe.out_dir), recipe.train
+    bleu_metric(recipe.data.tgt_lang, recipe.evaluate.tokenize)  # a BLEU tokenizer that is not installed fails now, not at validation
     log = RunLog(out, enabled=world.is_main)
     say = log.say
     checkpoint = world.from_main(_checkpoint_to_resume(recipe, resume, say) if world.is_main else None)
@@ -432,7 +433,8 @@ def validate(translator: Translator, batches: TrainBatches, pairs: datasets.Data
             loss = loss_fn(model, batch, cfg)
         n = batch.n_tgt_tokens
         total, tokens = total + loss.item() * n, tokens + n
-    scores = score(translator.translate(list(pairs["src"]), beam_size=1), list(pairs["tgt"]))
+    recipe = translator.recipe
+    scores = score(translator.translate(list(pairs["src"]), beam_size=1), list(pairs["tgt"]), recipe.data.tgt_lang, recipe.evaluate.tokenize)
     return total / max(tokens, 1), scores
 
 
