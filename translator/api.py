@@ -24,6 +24,7 @@ from .checkpoint import load_model_dir, save_model_dir
 from .config import DecodeConfig, Recipe, recipe_from_dict
 from .devices import Precision, pick_device, resolve_precision
 from .model import Transformer
+from .quantize import int8_model, weights_version
 from .search import Hypothesis, Sampling, beam_search, greedy_search, max_output_lengths, sample
 from .tokenizer import PAD_ID, Tokenizer
 
@@ -39,6 +40,7 @@ class Translator:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, recipe: Recipe):
         self.model, self.tokenizer, self.recipe = model.eval(), tokenizer, recipe
         self.device = next(model.parameters()).device
+        self._int8: tuple[tuple[int, ...], Transformer] | None = None  # (weights version, int8 copy), built on first use
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "auto") -> Translator:
@@ -73,7 +75,7 @@ class Translator:
             alpha: GNMT length penalty for beam search; default from the recipe.
             max_tokens: source tokens per batch (sentences are sorted by length into batches).
             precision: "auto" (default: bf16 where this CPU or GPU runs it natively, else fp32
-                on a CPU and fp16 on a GPU), "fp32", "bf16" or "fp16".
+                on a CPU and fp16 on a GPU), "fp32", "bf16", "fp16" or "int8" (int8 weights, CPU only).
             n_best: if given, return for each sentence a list of `n_best` `Translation`s
                 (text and score), best first, instead of the text alone.
             sampling: draw tokens at random (temperature, top-k, top-p, seed) instead of
@@ -110,6 +112,15 @@ class Translator:
         """The precision decoding runs at on this translator's device, and why ("auto" resolved here)."""
         return resolve_precision(requested or self.recipe.decode.precision, self.device)
 
+    def decoding_model(self, precision: Precision) -> Transformer:
+        """The model itself, or for int8 its quantized copy: built once, again only if the weights change."""
+        if precision.name != "int8":
+            return self.model
+        version = weights_version(self.model)
+        if self._int8 is None or self._int8[0] != version:
+            self._int8 = version, int8_model(self.model)
+        return self._int8[1]
+
     def _decode_config(self, **overrides) -> DecodeConfig:
         """The recipe's decode section with the caller's non-None arguments, validated like the recipe."""
         values = asdict(self.recipe.decode) | {k: v for k, v in overrides.items() if v is not None}
@@ -134,23 +145,25 @@ class Translator:
         sizes = np.array([len(ids) + 1 for ids in src_ids], dtype=np.int64)
         batches = sorted_batches(todo, sizes, decode.max_tokens)
         precision = self.precision(decode.precision)
+        model = self.decoding_model(precision)
         autocast = torch.autocast(self.device.type, dtype=precision.dtype, enabled=precision.dtype is not None)
         for indices in tqdm(batches, desc="translating", unit="batch", disable=not progress):
             src = source_tensor([src_ids[i] for i in indices]).to(self.device)
             max_lens = max_output_lengths(src, PAD_ID, decode.max_len_a, decode.max_len_b, limit)
             with autocast:
-                hypotheses = self._search(src, max_lens, decode, n_best, sampling)
+                hypotheses = self._search(model, src, max_lens, decode, n_best, sampling)
                 for i, hyps in zip(indices, hypotheses):
                     texts = self.tokenizer.decode([h.tokens for h in hyps])
                     maps = [attention_maps(self.model, self.tokenizer, src_ids[i], h.tokens) if return_attention else None for h in hyps]
                     outputs[i] = [Translation(text, h.score, m) for text, h, m in zip(texts, hyps, maps)]
         return outputs
 
-    def _search(self, src, max_lens: list[int], decode: DecodeConfig, n_best: int, sampling: Sampling | None) -> list[list[Hypothesis]]:
+    @staticmethod
+    def _search(model: Transformer, src, max_lens: list[int], decode: DecodeConfig, n_best: int, sampling: Sampling | None) -> list[list[Hypothesis]]:
         if sampling is not None:
             rows = torch.arange(src.size(0), device=src.device).repeat_interleave(n_best)  # n_best draws per sentence
-            drawn = sample(self.model, src[rows], [max_lens[r] for r in rows.tolist()], sampling)
+            drawn = sample(model, src[rows], [max_lens[r] for r in rows.tolist()], sampling)
             return [sorted(drawn[i * n_best:(i + 1) * n_best], key=lambda h: -h.score) for i in range(src.size(0))]
         if decode.beam_size == 1:
-            return [[h] for h in greedy_search(self.model, src, max_lens)]
-        return beam_search(self.model, src, max_lens, decode.beam_size, decode.alpha, n_best)
+            return [[h] for h in greedy_search(model, src, max_lens)]
+        return beam_search(model, src, max_lens, decode.beam_size, decode.alpha, n_best)

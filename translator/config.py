@@ -128,7 +128,7 @@ class DecodeConfig:
     max_len_a: float = 1.5  # output length limit: a * source_length + b
     max_len_b: int = 10
     max_tokens: int = 8192  # per inference batch: source sentences x longest source
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the CPU or GPU runs it natively, else fp32 (CPU) or fp16 (GPU)
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"  # auto: bf16 where the CPU or GPU runs it natively, else fp32 (CPU) or fp16 (GPU); int8: CPU only
 
     def validate(self) -> None:
         _check(self.beam_size >= 1, "decode.beam_size", self.beam_size, "at least 1")

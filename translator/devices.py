@@ -71,12 +71,12 @@ def describe(device: torch.device) -> str:
 
 @dataclass(frozen=True)
 class Precision:
-    name: str  # "fp32", "bf16" or "fp16"
+    name: str  # "fp32", "bf16", "fp16" or "int8" (int8 weights, decoding on the CPU only)
     reason: str  # why: "asked for", or what auto saw
 
     @property
     def dtype(self) -> torch.dtype | None:
-        """The autocast dtype, None for fp32."""
+        """The autocast dtype, None for fp32 and int8."""
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.name)
 
     def __str__(self) -> str:
@@ -85,6 +85,8 @@ class Precision:
 
 def resolve_precision(requested: str, device: torch.device) -> Precision:
     """The precision to run at: an explicit one as asked, "auto" the fastest that keeps quality here."""
+    if requested == "int8" and device.type != "cpu":
+        raise RecipeError("decode.precision: int8 runs on the CPU only (torch's dynamic quantization); use bf16 or fp16 on a GPU")
     if requested != "auto":
         return Precision(requested, "asked for")
     if device.type == "cuda":

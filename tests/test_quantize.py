@@ -1,0 +1,84 @@
+"""int8 decoding: the quantized copy stays close to the model, leaves it untouched, and searches like it."""
+
+import copy
+
+import pytest
+import torch
+
+from test_search import SENTENCES, encode
+from translator import Translator
+from translator.config import RecipeError
+from translator.devices import resolve_precision
+from translator.quantize import int8_model
+from translator.search import beam_search, greedy_search
+
+
+@pytest.fixture(scope="module")
+def int8(tiny_translator):
+    return int8_model(tiny_translator.model)
+
+
+def teacher_forced(model, translator):
+    src, _ = encode(translator, SENTENCES)
+    tgt_in = torch.cat([torch.full((len(SENTENCES), 1), 2), src[:, :-1]], dim=1)  # any target prefix will do
+    with torch.inference_mode():
+        return model(src, tgt_in)
+
+
+def test_int8_logits_stay_close_to_fp32_and_the_output_projection_is_int8(tiny_translator, int8):
+    fp32, quantized = teacher_forced(tiny_translator.model, tiny_translator), teacher_forced(int8, tiny_translator)
+    assert (quantized - fp32).abs().max() < fp32.std()
+    assert (quantized - fp32).abs().mean() < 0.05 * fp32.std()
+    assert (quantized.argmax(-1) == fp32.argmax(-1)).float().mean() > 0.95
+    outputs = torch.randn(7, tiny_translator.model.d_model)
+    with torch.inference_mode():
+        tied, projected = tiny_translator.model.logits(outputs), int8.logits(outputs)
+    assert not torch.equal(tied, projected)  # the tied projection really runs on int8 weights ...
+    assert torch.allclose(tied, projected, atol=0.05 * tied.abs().max().item())  # ... of the same table
+
+
+def test_int8_copy_leaves_the_model_untouched(tiny_translator):
+    before = {k: v.clone() for k, v in tiny_translator.model.state_dict().items()}
+    int8_model(tiny_translator.model)
+    after = tiny_translator.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert "logits" not in vars(tiny_translator.model)
+
+
+def test_int8_beam_size_one_is_int8_greedy(tiny_translator, int8):
+    src, max_lens = encode(tiny_translator, SENTENCES)
+    greedy = greedy_search(int8, src, max_lens)
+    beam = beam_search(int8, src, max_lens, beam_size=1, alpha=0.0)
+    assert [h.tokens for h in greedy] == [hyps[0].tokens for hyps in beam]
+
+
+def test_int8_translations_agree_with_fp32_and_n_best_is_sorted(tiny_translator):
+    sentences = SENTENCES * 2
+    for beam_size in (1, 4):
+        fp32 = tiny_translator.translate(sentences, beam_size=beam_size, precision="fp32")
+        int8 = tiny_translator.translate(sentences, beam_size=beam_size, precision="int8")
+        assert sum(a == b for a, b in zip(fp32, int8)) >= 0.8 * len(sentences)
+    for hyps in tiny_translator.translate(SENTENCES, beam_size=4, n_best=4, precision="int8"):
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+
+
+def test_int8_copy_is_built_once_and_again_when_the_weights_change(tiny_translator):
+    translator = Translator(copy.deepcopy(tiny_translator.model), tiny_translator.tokenizer, tiny_translator.recipe)
+    int8 = translator.precision("int8")
+    first = translator.decoding_model(int8)
+    assert translator.decoding_model(int8) is first
+    assert translator.decoding_model(translator.precision("fp32")) is translator.model
+    with torch.no_grad():
+        translator.model.embedding.weight.mul_(-1)  # as an optimizer step would, in place
+    second = translator.decoding_model(int8)
+    assert second is not first
+    outputs = torch.ones(1, translator.model.d_model)
+    with torch.inference_mode():
+        before, after = first.logits(outputs), second.logits(outputs)
+    assert torch.allclose(after, -before, atol=0.02 * before.abs().max().item())  # the new weights, quantized
+
+
+def test_int8_is_refused_on_a_gpu_naming_the_key():
+    with pytest.raises(RecipeError, match=r"decode.precision: int8 runs on the CPU only"):
+        resolve_precision("int8", torch.device("cuda"))
+    assert resolve_precision("int8", torch.device("cpu")).name == "int8"
