@@ -14,7 +14,9 @@ FORBIDDEN = {
     "tokenizer": {"model", "data", "train", "api", "checkpoint", "evaluate", "cli"},
     "checkpoint": {"data", "train", "api", "evaluate", "cli", "search"},
     "attention_maps": {"search", "data", "train", "api", "checkpoint", "evaluate", "cli"},
-    "api": {"train", "evaluate", "cli", "data", "serve", "plot"},
+    "quantize": {"data", "search", "train", "api", "checkpoint", "evaluate", "cli"},
+    "export": {"data", "search", "train", "evaluate", "cli", "api", "serve"},
+    "api": {"train", "evaluate", "cli", "data", "serve", "plot", "export"},
     "serve": {"train", "evaluate", "cli", "data", "plot"},  # the service needs only the Translator
     "evaluate": {"train", "cli"},
     "train": {"cli"},

@@ -7,22 +7,26 @@ failure, 2 usage error (a bad recipe, override, dataset or model directory).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
 import signal
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import CheckpointError
 from .config import RecipeError, apply_overrides, load_recipe, recipe_from_dict
 
 EXAMPLES = """examples:
   translator train recipes/multi30k_de_en.yaml --set data.path=../shared/data/multi30k
-  translator translate runs/multi30k_de_en --set decode.precision=bf16 < input.de > output.en
+  translator translate runs/multi30k_de_en --precision int8 < input.de > output.en
+  translator translate runs/multi30k_de_en -i input.de -o nbest.tsv --beam-size 5 --n-best 5
   translator evaluate runs/multi30k_de_en --split test --beam-size 5 --output hyps.en
   translator serve runs/multi30k_de_en --port 8000
+  translator export runs/multi30k_de_en --to ctranslate2 ct2_model --quantization int8
 
 exit status: 0 ok, 1 runtime failure, 2 usage error (recipe, override, dataset or model directory)
 """
@@ -40,30 +44,95 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_translator(args: argparse.Namespace):
-    """The model directory, with `--set` overrides applied to its recipe (data.*, decode.*, evaluate.*), validated the same way."""
+def load_translator(model_dir: str, overrides: list[str], device: str = "auto", precision: str | None = None, announce: bool = False):
+    """The model directory on `device`, with `--set` overrides applied to its recipe (data.*, decode.*,
+    evaluate.*) and `precision`, validated the same way; with `announce`, the precision it decodes at goes to stderr."""
     from .api import Translator
 
-    translator = Translator.from_pretrained(args.model_dir)
-    if args.set:
-        recipe = recipe_from_dict(apply_overrides(translator.recipe.to_dict(), args.set))
+    translator = Translator.from_pretrained(model_dir, device=device)
+    overrides = overrides + ([f"decode.precision={precision}"] if precision else [])
+    if overrides:
+        recipe = recipe_from_dict(apply_overrides(translator.recipe.to_dict(), overrides))
         if recipe.model != translator.recipe.model or recipe.tokenizer != translator.recipe.tokenizer:
             raise RecipeError("--set can change data.*, decode.* and evaluate.* of a trained model, not its model.* or tokenizer.*")
         translator.recipe = recipe
+    if announce:
+        print(f"device: {translator.device}; precision: {translator.precision()}", file=sys.stderr)
     return translator
+
+
+def input_lines(stream, name: str) -> Iterator[str]:
+    """Lines of a binary stream without their line end (\n or \r\n). A line that is not UTF-8 is
+    translated with U+FFFD in place of its bad bytes and a warning naming it: one bad line never
+    costs the lines after it (a stream cannot be read twice to check it first)."""
+    for number, raw in enumerate(stream, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.decode("utf-8", errors="replace")
+            print(f"translator translate: warning: {name}, line {number}: not valid UTF-8 ({e.reason} at byte {e.start}); "
+                  "translated with U+FFFD in place of the bad bytes", file=sys.stderr)
+        yield line.removesuffix("\n").removesuffix("\r")
+
+
+@contextlib.contextmanager
+def output_file(path: str | None):
+    """stdout, or a file that appears only when the command succeeds (written beside it, then renamed)."""
+    if path is None:
+        yield sys.stdout
+        return
+    target = Path(path)
+    fd, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            yield f
+        os.replace(staging, target)
+    finally:
+        Path(staging).unlink(missing_ok=True)
+
+
+def translate_options(args: argparse.Namespace) -> dict:
+    """translate()'s keyword arguments from the flags; what a flag leaves out comes from the model's recipe."""
+    from .search import Sampling
+
+    sampling_flags = [f"--{k.replace('_', '-')}" for k in ("temperature", "top_k", "top_p", "seed") if getattr(args, k) is not None]
+    if sampling_flags and not args.sample:
+        raise RecipeError(f"{', '.join(sampling_flags)} set how --sample draws tokens; add --sample")
+    if args.sample and (args.beam_size is not None or args.alpha is not None):
+        raise RecipeError("--sample draws tokens instead of searching: --beam-size and --alpha do not apply")
+    sampling = None
+    if args.sample:
+        settings = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "seed") if getattr(args, k) is not None}
+        try:
+            sampling = Sampling(**settings)
+        except ValueError as e:
+            raise RecipeError(str(e).replace("Sampling.", "--").replace("_", "-")) from None
+    return dict(beam_size=args.beam_size, alpha=args.alpha, n_best=args.n_best, sampling=sampling, truncate=not args.no_truncate)
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    translator = load_translator(args)
+    from .data import DataError
+
+    options = translate_options(args)
+    if args.input and not Path(args.input).is_file():
+        raise DataError(f"--input {args.input}: no such file")
+    translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=not args.quiet)
+    source = open(args.input, "rb") if args.input else sys.stdin.buffer
+    lines = input_lines(source, args.input or "stdin")
     # Stream: read a chunk of lines, translate it (sorted into batches inside), write it in order, flush.
     # Memory stays bounded and the output flows through a pipe of any length.
-    with tqdm(desc="translating", unit=" lines", disable=args.quiet, file=sys.stderr) as bar:
-        while chunk := [line.rstrip("\r\n") for line in itertools.islice(sys.stdin, args.chunk_lines)]:
-            for text in translator.translate(chunk, beam_size=args.beam_size, truncate=not args.no_truncate):
-                sys.stdout.write(text + "\n")
-            sys.stdout.flush()
+    with source, output_file(args.output) as out, tqdm(desc="translating", unit=" lines", disable=args.quiet, file=sys.stderr) as bar:
+        start = 0
+        while chunk := list(itertools.islice(lines, args.chunk_lines)):
+            results = translator.translate(chunk, **options)
+            if args.n_best is None:
+                out.write("".join(text + "\n" for text in results))
+            else:  # N lines an input line, best first: its index (from 0), score, text
+                out.write("".join(f"{start + i}\t{h.score:.4f}\t{h.text}\n" for i, hyps in enumerate(results) for h in hyps))
+            out.flush()
+            start += len(chunk)
             bar.update(len(chunk))
     return 0
 
@@ -71,9 +140,17 @@ def cmd_translate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
-    translator = load_translator(args)
+    translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=not args.quiet)
     scores = evaluate(translator, args.split, translator.recipe.data, args.beam_size, args.output, progress=not args.quiet)
     print(json.dumps(scores.to_dict()) if args.json else str(scores))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_ctranslate2
+
+    out = export_ctranslate2(args.model_dir, args.out, args.quantization)
+    print(f"exported {args.model_dir} to CTranslate2 ({args.quantization or 'float32'} weights): {out}")
     return 0
 
 
@@ -95,7 +172,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         return 0
     if args.sentence is None or not args.sentence.strip():
         raise RecipeError("translator plot --attention MODEL_DIR SENTENCE: the sentence is missing or blank")
-    translator = load_translator(argparse.Namespace(model_dir=args.run_dir, set=args.set))
+    translator = load_translator(args.run_dir, args.set)
     heads = translator.recipe.model.n_heads
     if args.head != "mean" and not (args.head.isdigit() and 1 <= int(args.head) <= heads):
         raise RecipeError(f"--head {args.head}: expected mean or a head from 1 to {heads}")
@@ -106,12 +183,25 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+TRANSLATE_EPILOG = """examples:
+  translator translate runs/multi30k_de_en < input.de > output.en
+  translator translate runs/multi30k_de_en -i input.de -o output.en --beam-size 5 --alpha 0.6 --precision int8
+  translator translate runs/multi30k_de_en --n-best 3 --beam-size 5 < input.de     # index<TAB>score<TAB>text
+  translator translate runs/multi30k_de_en --sample --top-p 0.9 --seed 1 --n-best 4 < input.de
+
+Output: one line an input line, in order; with --n-best N, N lines an input line, best first:
+its index (from 0), <TAB>, its score (log-probability; beam search: over the length penalty), <TAB>, text.
+A line that is not UTF-8 is translated with U+FFFD for its bad bytes, with a warning naming it.
+Closing the pipe early (| head) ends the command quietly with status 141, as for cat or yes.
+"""
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from .serve import Limits, serve  # FastAPI and uvicorn: only this command imports them
     except ImportError as e:
         raise RuntimeError(f"translator serve needs FastAPI and uvicorn: pip install 'translator[serve]' ({e})") from None
-    serve(load_translator(args), args.host, args.port, Limits(args.max_sentences, args.max_chars), args.batch_wait_ms)
+    serve(load_translator(args.model_dir, args.set, args.device, args.precision, announce=True), args.host, args.port, Limits(args.max_sentences, args.max_chars), args.batch_wait_ms)
     return 0
 
 
@@ -138,8 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"translator {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for usage errors (or set TRANSLATOR_DEBUG=1)")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{train,translate,evaluate,average,plot,serve}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{train,translate,evaluate,export,average,plot,serve}")
     overrides = dict(action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. data.path=DIR (repeatable)")
+    decoding = argparse.ArgumentParser(add_help=False)  # where and how translate, evaluate and serve decode
+    decoding.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU when torch sees one")
+    decoding.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16", "int8"), default=None,
+                          help="default: the recipe's decode.precision (auto: bf16 where the CPU or GPU runs it natively); int8: CPU only")
 
     train = verbs.add_parser("train", help="train a model from a YAML recipe",
                              epilog="example: translator train recipes/multi30k_de_en.yaml --set data.path=../shared/data/multi30k")
@@ -149,17 +243,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=cmd_train)
 
-    translate = verbs.add_parser("translate", help="translate stdin to stdout, one sentence a line",
-                                 epilog="example: translator translate runs/multi30k_de_en < input.de > output.en")
+    translate = verbs.add_parser("translate", help="translate lines (stdin or -i) to lines (stdout or -o)", parents=[decoding],
+                                 epilog=TRANSLATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     translate.add_argument("model_dir")
+    translate.add_argument("-i", "--input", default=None, help="read this file instead of stdin")
+    translate.add_argument("-o", "--output", default=None, help="write this file (only once all is translated) instead of stdout")
     translate.add_argument("--beam-size", type=int, default=None, help="1 for greedy (default: the recipe's decode.beam_size)")
+    translate.add_argument("--alpha", type=float, default=None, help="beam search's length penalty ((5 + length) / 6) ** alpha (default: the recipe's)")
+    translate.add_argument("--n-best", type=positive_int, default=None, metavar="N",
+                           help="N lines an input line: index<TAB>score<TAB>text, best first (N <= beam size, or N samples)")
+    translate.add_argument("--sample", action="store_true", help="draw each token from the model's distribution instead of searching")
+    translate.add_argument("--temperature", type=float, default=None, help="with --sample: < 1 sharpens, > 1 flattens (default 1)")
+    translate.add_argument("--top-k", type=int, default=None, help="with --sample: only among the k likeliest tokens (default: all)")
+    translate.add_argument("--top-p", type=float, default=None, help="with --sample: only among the likeliest tokens that add up to p (default 1)")
+    translate.add_argument("--seed", type=int, default=None, help="with --sample: the same seed and input give the same samples")
     translate.add_argument("--set", **overrides)
-    translate.add_argument("--chunk-lines", type=int, default=2000, help="lines read, translated and written at a time")
+    translate.add_argument("--chunk-lines", type=positive_int, default=2000, help="lines read, translated and written at a time")
     translate.add_argument("--no-truncate", action="store_true", help="fail on a sentence longer than the model's positions instead of truncating it")
-    translate.add_argument("--quiet", action="store_true", help="no progress bar")
+    translate.add_argument("--quiet", action="store_true", help="no progress bar, no device and precision line")
     translate.set_defaults(run=cmd_translate)
 
-    evaluate = verbs.add_parser("evaluate", help="BLEU and chrF on a dataset split",
+    evaluate = verbs.add_parser("evaluate", help="BLEU and chrF on a dataset split", parents=[decoding],
                                 epilog="example: translator evaluate runs/multi30k_de_en --split test --set data.path=../shared/data/multi30k")
     evaluate.add_argument("model_dir")
     evaluate.add_argument("--split", default="test")
@@ -167,8 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", default=None, help="write the hypotheses to this file")
     evaluate.add_argument("--set", **overrides)
     evaluate.add_argument("--json", action="store_true", help="print the scores as one JSON object")
-    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar, no device and precision line")
     evaluate.set_defaults(run=cmd_evaluate)
+
+    export = verbs.add_parser("export", help="convert a model directory for another runtime (CTranslate2)",
+                              epilog="example: translator export runs/multi30k_de_en --to ctranslate2 ct2_model --quantization int8")
+    export.add_argument("model_dir")
+    export.add_argument("--to", required=True, choices=("ctranslate2",), help="the runtime (pip install 'translator[ctranslate2]')")
+    export.add_argument("out", help="the directory to write (must not exist)")
+    export.add_argument("--quantization", default=None, help="CTranslate2's weight type: int8, int8_float32, int16, float16, ... (default: float32)")
+    export.set_defaults(run=cmd_export)
+
     average = verbs.add_parser("average", help="average the weights of checkpoints into a model directory",
                                epilog="example: translator average runs/m/checkpoints/step_* -o runs/m_avg")
     average.add_argument("checkpoints", nargs="+", help="model directories or training checkpoints of one run")
@@ -189,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("-o", "--output", default=None, help="the PNG to write (default: RUN_DIR/curves.png, or attention.png)")
     plot.set_defaults(run=cmd_plot)
 
-    serve = verbs.add_parser("serve", help="an HTTP translation service (LibreTranslate's POST /translate) and a page with attention maps",
+    serve = verbs.add_parser("serve", help="an HTTP translation service (LibreTranslate's POST /translate) and a page with attention maps", parents=[decoding],
                              epilog="example: translator serve runs/multi30k_de_en --port 8000   (then open http://127.0.0.1:8000/)")
     serve.add_argument("model_dir")
     serve.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1; no authentication: put a reverse proxy in front)")
@@ -204,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .data import DataError  # after parsing: `--help` should not wait for `datasets` to import
+    from .checkpoint import CheckpointError  # after parsing: `--help` should not wait for torch and `datasets` to import
+    from .data import DataError
 
     debug = args.debug or bool(os.environ.get("TRANSLATOR_DEBUG"))
     try:
@@ -217,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C, or training stopped by SIGINT/SIGTERM after saving a checkpoint
         print(f"translator {args.verb}: interrupted", file=sys.stderr)
         return 128 + getattr(e, "signal", signal.SIGINT)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    except BrokenPipeError:  # the reader went away (| head): what it wanted was written; end as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exit's own flush cannot fail again
+        return 141
     except Exception as e:  # a runtime failure: one line, the traceback with --debug
         if debug:
             raise
