@@ -76,3 +76,111 @@ def test_training_is_reproducible_from_the_seed(tmp_path, toy_corpus):
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert not all(torch.equal(weights_a[k], weights_c[k]) for k in weights_a)  # the seed matters
+
+
+# --- translate: n-best, sampling, length penalty, files, precision, pipes, bad bytes ------------
+
+from test_errors import assert_usage_error, cli  # noqa: E402
+
+from translator import Sampling  # noqa: E402
+
+SOURCES = ["Ein mann sieht der hut.", "", "Der alte hund trägt ein ball und der fahrrad.", "Ein kind fährt."]
+STDIN = "\n".join(SOURCES) + "\n"
+
+
+def test_translate_n_best_writes_index_score_text_best_first(tiny_model_dir, tiny_translator):
+    result = cli("translate", tiny_model_dir, "--beam-size", "4", "--n-best", "3", "--alpha", "0.8", "--quiet", stdin=STDIN)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    expected = tiny_translator.translate(SOURCES, beam_size=4, n_best=3, alpha=0.8)
+    assert [int(r[0]) for r in rows] == [i for i in range(len(SOURCES)) for _ in range(3)]
+    assert [r[2] for r in rows] == [h.text for hyps in expected for h in hyps]
+    assert [float(r[1]) for r in rows] == pytest.approx([h.score for hyps in expected for h in hyps], abs=1e-4)
+    assert [r[2] for r in rows[::3]] == tiny_translator.translate(SOURCES, beam_size=4, alpha=0.8)  # the first of each is the 1-best
+
+
+def test_translate_alpha_reaches_the_search(tiny_model_dir, tiny_translator):
+    for alpha in ("0", "2.5"):
+        result = cli("translate", tiny_model_dir, "--beam-size", "4", "--n-best", "4", "--alpha", alpha, "--quiet", stdin=STDIN)
+        scores = [float(line.split("\t")[1]) for line in result.stdout.splitlines()]
+        expected = tiny_translator.translate(SOURCES, beam_size=4, n_best=4, alpha=float(alpha))
+        assert scores == pytest.approx([h.score for hyps in expected for h in hyps], abs=1e-4)
+
+
+def test_translate_samples_with_a_seed_like_the_api(tiny_model_dir, tiny_translator):
+    args = ("translate", tiny_model_dir, "--sample", "--temperature", "1.5", "--top-k", "20", "--top-p", "0.95", "--seed", "3", "--n-best", "2", "--quiet")
+    first, again = cli(*args, stdin=STDIN), cli(*args, stdin=STDIN)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == again.stdout
+    expected = tiny_translator.translate(SOURCES, sampling=Sampling(temperature=1.5, top_k=20, top_p=0.95, seed=3), n_best=2)
+    assert [line.split("\t")[2] for line in first.stdout.splitlines()] == [h.text for hyps in expected for h in hyps]
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--temperature", "0.5"], "--temperature"),
+    (["--sample", "--beam-size", "3"], "--beam-size"),
+    (["--sample", "--top-p", "1.5"], "--top-p"),
+    (["--chunk-lines", "0"], "--chunk-lines"),
+    (["--chunk-lines", "-3"], "--chunk-lines"),
+    (["--n-best", "9", "--beam-size", "2"], "--n-best 9"),
+    (["--precision", "int4"], "--precision"),
+])
+def test_translate_bad_flags_are_usage_errors(tiny_model_dir, flags, named):
+    result = cli("translate", tiny_model_dir, *flags, "--quiet", stdin=STDIN)
+    assert result.returncode == 2, result.stderr
+    assert named in result.stderr and "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_translate_files_in_and_out(tiny_model_dir, tiny_translator, tmp_path):
+    source, target = tmp_path / "in.de", tmp_path / "out.en"
+    source.write_text(STDIN, encoding="utf-8")
+    result = cli("translate", tiny_model_dir, "-i", source, "-o", target, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert target.read_text(encoding="utf-8").splitlines() == tiny_translator.translate(SOURCES)
+
+
+def test_translate_that_fails_leaves_no_output_file(tiny_model_dir, tmp_path):
+    source, target = tmp_path / "in.de", tmp_path / "out.en"
+    source.write_text("Ein kind.\n" * 5 + "Ein mann sieht der hut. " * 200 + "\n", encoding="utf-8")
+    result = cli("translate", tiny_model_dir, "-i", source, "-o", target, "--no-truncate", "--chunk-lines", "2", "--quiet")
+    assert result.returncode == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.de"]  # neither the output nor its staging file
+    assert_usage_error(cli("translate", tiny_model_dir, "-i", tmp_path / "missing.de", "--quiet"), "translate", "missing.de")
+
+
+def test_translate_and_evaluate_say_the_precision_unless_quiet(tiny_model_dir, tiny_translator):
+    loud = cli("translate", tiny_model_dir, "--precision", "int8", "--device", "cpu", stdin=STDIN)
+    assert loud.returncode == 0, loud.stderr
+    assert loud.stderr.count("precision: int8 (asked for)") == 1 and "device: cpu" in loud.stderr
+    assert loud.stdout.splitlines() == tiny_translator.translate(SOURCES, precision="int8")
+    auto = cli("evaluate", tiny_model_dir, "--precision", "auto", "--beam-size", "1", "--json")
+    assert auto.returncode == 0, auto.stderr
+    assert auto.stderr.count(f"precision: {tiny_translator.precision('auto')}") == 1 and "(auto: " in auto.stderr
+    quiet = cli("evaluate", tiny_model_dir, "--precision", "int8", "--beam-size", "1", "--json", "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_translate_into_a_closed_pipe_ends_quietly_with_141(tiny_model_dir):
+    process = subprocess.Popen([sys.executable, "-m", "translator", "translate", str(tiny_model_dir), "--quiet", "--chunk-lines", "5"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before the first line is written, as `| head -0`
+    _, stderr = process.communicate(STDIN.encode() * 10, timeout=600)
+    assert process.returncode == 141, stderr
+    assert stderr == b""
+
+
+@pytest.mark.parametrize("via_file", [False, True])
+def test_invalid_utf8_lines_are_translated_with_a_warning_and_the_rest_is_kept(tiny_model_dir, tiny_translator, tmp_path, via_file):
+    data = b"Ein mann sieht der hut.\nEin \xff\xfe hund.\n\x00\x01\x02\x80binary\r\nEin kind f\xc3\xa4hrt.\n"
+    args = ["-i", tmp_path / "in.de"] if via_file else []
+    (tmp_path / "in.de").write_bytes(data)
+    result = cli("translate", tiny_model_dir, *args, "--quiet", stdin=b"" if via_file else data)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4
+    assert [lines[0], lines[3]] == tiny_translator.translate(["Ein mann sieht der hut.", "Ein kind fährt."])
+    assert lines[1] == tiny_translator.translate("Ein \ufffd\ufffd hund.")
+    name = str(tmp_path / "in.de") if via_file else "stdin"
+    warnings = result.stderr.splitlines()
+    assert len(warnings) == 2 and f"{name}, line 2: not valid UTF-8" in warnings[0] and f"{name}, line 3" in warnings[1]

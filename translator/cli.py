@@ -119,6 +119,9 @@ def cmd_translate(args: argparse.Namespace) -> int:
     if args.input and not Path(args.input).is_file():
         raise DataError(f"--input {args.input}: no such file")
     translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=not args.quiet)
+    beam_size = args.beam_size or translator.recipe.decode.beam_size
+    if args.n_best and not args.sample and args.n_best > beam_size:
+        raise RecipeError(f"--n-best {args.n_best}: at most the beam size, {beam_size} (--beam-size), or any number with --sample")
     source = open(args.input, "rb") if args.input else sys.stdin.buffer
     lines = input_lines(source, args.input or "stdin")
     # Stream: read a chunk of lines, translate it (sorted into batches inside), write it in order, flush.
