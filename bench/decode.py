@@ -3,13 +3,16 @@
     python bench/decode.py --model runs/multi30k_de_en              # a trained model
     python bench/decode.py                                          # random weights, output length forced to the source's
     python bench/decode.py --model runs/multi30k_de_en --peer       # also run Joey NMT's decode.sh now, same machine
+    python bench/decode.py --model runs/multi30k_de_en --ctranslate2   # also CTranslate2 fp32 and int8, exported now
 
 Rows: greedy and beam 5 over the 1,000 test sentences (sentences/s, target tokens/s, counted
 as subword pieces + 1 eos per sentence, as the peer script counts them); incremental
 (K/V cache) against recomputing the whole prefix every step; per-token step time at output
 lengths 16, 64 and 256. With --peer, `../shared/bench-peers/decode.sh` runs first (it needs
 install.sh, prepare.sh and train.sh to have run, see its README), and the ratios to Joey NMT
-are measured in the same run.
+are measured in the same run. With --ctranslate2 the model is exported (`translator export`) to
+CTranslate2 in float32 and int8 and timed on the same sentences and threads: 8,192-token batches,
+2 threads in one worker, and 2 workers of 1 thread. With a trained model, every row has its BLEU.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +33,9 @@ from translator import Translator
 from translator.batching import source_tensor
 from translator.config import DataConfig, DecodeConfig, Recipe
 from translator.data import load_split
+from translator.devices import describe
+from translator.evaluate import score
+from translator.export import export_ctranslate2
 from translator.model import Transformer
 from translator.search import top_log_probs
 from translator.tokenizer import BOS_ID, EOS_ID, Tokenizer, interleave
@@ -54,14 +61,38 @@ def count_tokens(tokenizer: Tokenizer, texts: list[str]) -> int:
     return sum(len(ids) for ids in tokenizer.encode(texts)) + len(texts)
 
 
-def timed_translate(translator: Translator, sentences: list[str], beam_size: int, precision: str, repeat: int) -> tuple[float, list[str]]:
-    """The best of `repeat` runs: this machine's speed drifts by 10-20% from minute to minute."""
+def best_of(repeat: int, run) -> tuple[float, list[str]]:
+    """The best of `repeat` runs of `run() -> outputs`: this machine's speed drifts by 10-20% from minute to minute."""
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
-        out = translator.translate(sentences, beam_size=beam_size, precision=precision)
+        out = run()
         best = min(best, time.perf_counter() - start)
     return best, out
+
+
+def ctranslate2_runs(model_dir: str, translator: Translator, sentences: list[str], threads: int, folder: Path) -> dict:
+    """(name, beam) -> run() for CTranslate2 exports of the model, decoding as ours does where it can:
+    </s> may win at the first step; the same length penalty exponent (its formula differs, see docs/deployment.md)."""
+    import ctranslate2
+
+    pieces = [translator.tokenizer.pieces(s) for s in sentences]
+    decode = translator.recipe.decode
+    longest = max(len(p) for p in pieces) + 1
+    runs = {}
+    for quantization in ("float32", "int8"):
+        out = export_ctranslate2(model_dir, folder / quantization, quantization)
+        for workers in (1, threads):
+            ct2 = ctranslate2.Translator(str(out), device="cpu", inter_threads=workers, intra_threads=threads // workers)
+            for name, beam in (("greedy", 1), ("beam 5", 5)):
+                def run(ct2=ct2, beam=beam):
+                    results = ct2.translate_batch(pieces, max_batch_size=decode.max_tokens, batch_type="tokens", beam_size=beam,
+                                                  length_penalty=decode.alpha, min_decoding_length=0,
+                                                  max_decoding_length=int(decode.max_len_a * longest + decode.max_len_b))
+                    return [translator.tokenizer.sp.decode_pieces(r.hypotheses[0]) for r in results]
+                label = f"CTranslate2 {quantization}" + (f", {workers} workers x {threads // workers} thread" if workers > 1 else "")
+                runs[(name, beam, label)] = run
+    return runs
 
 
 @torch.inference_mode()
@@ -97,6 +128,27 @@ def per_token_ms(model: Transformer, src: torch.Tensor, length: int, repeat: int
     return best
 
 
+def step_rows(model: Transformer, tokenizer: Tokenizer, sentences: list[str], cache_sentences: int, repeat: int) -> list[dict]:
+    """Incremental decoding against recomputing the prefix, and the per-token step time by output length."""
+    rows = []
+    src = source_tensor(tokenizer.encode(sentences[:cache_sentences]))
+    steps = 32
+    start = time.perf_counter()
+    greedy_with_cache(model, src, steps)
+    cached = time.perf_counter() - start
+    start = time.perf_counter()
+    greedy_without_cache(model, src, steps)
+    uncached = time.perf_counter() - start
+    rows.append({"what": f"{steps} greedy steps x {len(src)} sentences: cache", "seconds": cached})
+    rows.append({"what": f"{steps} greedy steps x {len(src)} sentences: no cache", "seconds": uncached, "x cache": uncached / cached})
+
+    batch = source_tensor(tokenizer.encode(sentences[:32]))
+    per_token = {n: per_token_ms(model, batch, n, repeat) for n in (16, 64, 256)}
+    for n, ms in per_token.items():
+        rows.append({"what": f"per-token step, 32 sentences, output length {n}", "ms": ms, "x length 16": ms / per_token[16]})
+    return rows
+
+
 def run_peer() -> dict[int, dict]:
     env = dict(os.environ, WORK=os.environ.get("WORK", str(Path.home() / "peers")))
     subprocess.run(["bash", str(PEERS / "decode.sh")], check=True, env=env, stdout=sys.stderr)
@@ -114,50 +166,52 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "multi30k"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--peer", action="store_true", help="run Joey NMT's decode.sh in this run and print ratios")
+    parser.add_argument("--ctranslate2", action="store_true", help="also export the model to CTranslate2 (float32, int8) and time it (needs --model)")
     parser.add_argument("--repeat", type=int, default=3, help="time each test-set row this many times and keep the best")
     parser.add_argument("--cache-sentences", type=int, default=200, help="sentences for the cache vs no-cache row")
+    parser.add_argument("--test-set-only", action="store_true", help="only the test-set rows (no cache and per-token rows)")
     args = parser.parse_args()
+    if args.ctranslate2 and not args.model:
+        parser.error("--ctranslate2 exports a trained model: give --model")
     torch.set_num_threads(args.threads)
 
     peer = run_peer() if args.peer else {}
     data = DataConfig(path=args.data, src_lang="de", tgt_lang="en")
-    translator = Translator.from_pretrained(args.model) if args.model else random_translator(data)
-    sentences = list(load_split(data, "test")["src"])
+    translator = Translator.from_pretrained(args.model, device="cpu") if args.model else random_translator(data)
+    test = load_split(data, "test")
+    sentences, references = list(test["src"]), list(test["tgt"])
     model, tokenizer = translator.model, translator.tokenizer
-    translator.translate(sentences[:64], beam_size=1)  # warm up
-    translator.translate(sentences[:64], beam_size=1, precision="bf16")
+    for precision in ("fp32", "bf16", "int8"):  # warm up (and build the int8 copy)
+        translator.translate(sentences[:64], beam_size=1, precision=precision)
 
+    runs = {(name, beam, f"ours {precision}"): (lambda beam=beam, precision=precision: translator.translate(sentences, beam_size=beam, precision=precision))
+            for (name, beam), precision in itertools.product((("greedy", 1), ("beam 5", 5)), ("fp32", "bf16", "int8"))}
+    if args.ctranslate2:
+        runs |= ctranslate2_runs(args.model, translator, sentences, args.threads, Path(tempfile.mkdtemp(prefix="bench_ct2_")))
     rows = []
-    for (name, beam), precision in itertools.product((("greedy", 1), ("beam 5", 5)), ("fp32", "bf16")):
-        seconds, out = timed_translate(translator, sentences, beam, precision, args.repeat)
+    machine = f"{describe(translator.device)}; decode.precision auto picks {translator.precision('auto')}"
+    for (name, beam, label), run in sorted(runs.items(), key=lambda item: item[0][1]):
+        torch.set_num_threads(args.threads)  # creating a CTranslate2 translator sets OpenMP's thread count for this thread too
+        seconds, out = best_of(args.repeat, run)
         tokens = count_tokens(tokenizer, out)
-        row = {"what": f"{name}, {precision}, {len(sentences)} test sentences", "seconds": seconds,
+        row = {"what": f"{name}, {label}, {len(sentences)} test sentences", "seconds": seconds,
                "sent/s": len(sentences) / seconds, "tok/s": tokens / seconds}
+        if args.model:
+            row["BLEU"] = score(out, references).bleu
         if beam in peer:
             joey_s = peer[beam]["generation_s"]
             row["Joey NMT s"] = joey_s
             row["x Joey"] = joey_s / seconds
         rows.append(row)
 
-    src = source_tensor(tokenizer.encode(sentences[: args.cache_sentences]))
-    steps = 32
-    start = time.perf_counter()
-    greedy_with_cache(model, src, steps)
-    cached = time.perf_counter() - start
-    start = time.perf_counter()
-    greedy_without_cache(model, src, steps)
-    uncached = time.perf_counter() - start
-    rows.append({"what": f"{steps} greedy steps x {len(src)} sentences: cache", "seconds": cached})
-    rows.append({"what": f"{steps} greedy steps x {len(src)} sentences: no cache", "seconds": uncached, "x cache": uncached / cached})
-
-    batch = source_tensor(tokenizer.encode(sentences[:32]))
-    per_token = {n: per_token_ms(model, batch, n, args.repeat) for n in (16, 64, 256)}
-    for n, ms in per_token.items():
-        rows.append({"what": f"per-token step, 32 sentences, output length {n}", "ms": ms, "x length 16": ms / per_token[16]})
+    torch.set_num_threads(args.threads)
+    if not args.test_set_only:
+        rows += step_rows(model, tokenizer, sentences, args.cache_sentences, args.repeat)
 
     print(f"# translator decode benchmark: {'trained ' + args.model if args.model else 'random weights'}, "
           f"{args.threads} threads, torch {torch.__version__}, {model.num_parameters() / 1e6:.2f} M parameters")
-    columns = ["what", "seconds", "sent/s", "tok/s", "Joey NMT s", "x Joey", "x cache", "ms", "x length 16"]
+    print(f"# {machine}")
+    columns = ["what", "seconds", "sent/s", "tok/s", "BLEU", "Joey NMT s", "x Joey", "x cache", "ms", "x length 16"]
     used = [c for c in columns if any(c in r for r in rows)]
     print("| " + " | ".join(used) + " |")
     print("|" + "---|" * len(used))

@@ -57,3 +57,19 @@ def test_no_import_cycles():
 
     for m in modules:
         visit(m, [])
+
+
+def test_import_and_help_wait_for_neither_torch_nor_datasets():
+    """`import translator` and `translator --help` stay well under half a second: the heavy imports come with use."""
+    import subprocess
+    import sys
+
+    check = ("import sys, contextlib, io, translator, translator.cli as cli\n"
+             "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()): cli.main(['translate', '--help'])\n"
+             "print(sorted(m for m in ('torch', 'datasets', 'translator.train', 'sacrebleu') if m in sys.modules))\n"
+             "print(translator.Translator.__module__, translator.train.__module__, translator.evaluate.__module__)")
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    loaded, names = result.stdout.splitlines()
+    assert loaded == "[]"
+    assert names == "translator.api translator.train translator.evaluate"  # the public names still resolve, to the functions
