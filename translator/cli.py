@@ -62,7 +62,7 @@ def load_translator(model_dir: str, overrides: list[str], device: str = "auto", 
 
 
 def input_lines(stream, name: str) -> Iterator[str]:
-    """Lines of a binary stream without their line end (\n or \r\n). A line that is not UTF-8 is
+    """Lines of a binary stream without their line end (LF or CR LF). A line that is not UTF-8 is
     translated with U+FFFD in place of its bad bytes and a warning naming it: one bad line never
     costs the lines after it (a stream cannot be read twice to check it first)."""
     for number, raw in enumerate(stream, start=1):
