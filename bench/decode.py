@@ -186,10 +186,10 @@ def main() -> None:
 
     runs = {(name, beam, f"ours {precision}"): (lambda beam=beam, precision=precision: translator.translate(sentences, beam_size=beam, precision=precision))
             for (name, beam), precision in itertools.product((("greedy", 1), ("beam 5", 5)), ("fp32", "bf16", "int8"))}
+    machine = f"{describe(translator.device)}; decode.precision auto picks {translator.precision('auto')}"  # before CTranslate2 sets OpenMP's threads
     if args.ctranslate2:
         runs |= ctranslate2_runs(args.model, translator, sentences, args.threads, Path(tempfile.mkdtemp(prefix="bench_ct2_")))
     rows = []
-    machine = f"{describe(translator.device)}; decode.precision auto picks {translator.precision('auto')}"
     for (name, beam, label), run in sorted(runs.items(), key=lambda item: item[0][1]):
         torch.set_num_threads(args.threads)  # creating a CTranslate2 translator sets OpenMP's thread count for this thread too
         seconds, out = best_of(args.repeat, run)
