@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -95,6 +96,10 @@ class Translator:
         for i, s in enumerate(batch):
             if not isinstance(s, str):
                 raise TypeError(f"translate() takes a str or a list of str; item {i} is {type(s).__name__}: {s!r}")
+        if n_best is not None and (isinstance(n_best, bool) or not isinstance(n_best, numbers.Integral)):
+            raise TypeError(f"n_best: got {n_best!r} ({type(n_best).__name__}), expected an integer or None")
+        if sampling is not None and not isinstance(sampling, Sampling):
+            raise TypeError(f"sampling: got {type(sampling).__name__}, expected Sampling(temperature=..., top_k=..., top_p=..., seed=...)")
         decode = self._decode_config(beam_size=beam_size, alpha=alpha, max_tokens=max_tokens, precision=precision)
         k = 1 if n_best is None else n_best
         if k < 1 or (sampling is None and k > decode.beam_size):
@@ -148,9 +153,7 @@ class Translator:
 
     def _search(self, src, max_lens: list[int], decode: DecodeConfig, n_best: int, sampling: Sampling | None) -> list[list[Hypothesis]]:
         if sampling is not None:
-            rows = torch.arange(src.size(0), device=src.device).repeat_interleave(n_best)  # n_best draws per sentence
-            drawn = sample(self.model, src[rows], [max_lens[r] for r in rows.tolist()], sampling)
-            return [sorted(drawn[i * n_best:(i + 1) * n_best], key=lambda h: -h.score) for i in range(src.size(0))]
+            return sample(self.model, src, max_lens, sampling, n_best)
         if decode.beam_size == 1:
             return [[h] for h in greedy_search(self.model, src, max_lens)]
         return beam_search(self.model, src, max_lens, decode.beam_size, decode.alpha, n_best)
