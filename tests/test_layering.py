@@ -14,6 +14,7 @@ FORBIDDEN = {
     "tokenizer": {"model", "data", "train", "api", "checkpoint", "evaluate", "cli"},
     "checkpoint": {"data", "train", "api", "evaluate", "cli", "search"},
     "attention_maps": {"search", "data", "train", "api", "checkpoint", "evaluate", "cli"},
+    "datafiles": {"config", "tokenizer", "data", "model", "train", "api", "checkpoint", "evaluate", "cli"},  # below data: plain file checks
     "api": {"train", "evaluate", "cli", "data", "serve", "plot"},
     "serve": {"train", "evaluate", "cli", "data", "plot"},  # the service needs only the Translator
     "evaluate": {"train", "cli"},
