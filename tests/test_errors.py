@@ -540,6 +540,11 @@ BATTERY = [
      ["{tmp}/model/model.safetensors: weights do not match config.json", "encoder.0.ffn.0.weight", "(64, 32)", "(128, 32)"]),
     ("model-weights-missing-layers", lambda tmp, m: ["evaluate", model_copy_with(m, tmp, with_model_config(decoder_layers=2)), "--quiet"],
      ["{tmp}/model/model.safetensors: weights do not match config.json", "missing (first: decoder.1."]),
+    ("model-directory-is-a-file", lambda tmp, m: ["translate", write_bytes(tmp / "model.txt", b"x"), "--quiet"],
+     ["model directory not found: {tmp}/model.txt (that is a file)"]),
+    ("recipe-is-a-directory", lambda tmp, m: ["train", tmp, "--quiet"], ["recipe file not found: {tmp} (that is a directory)"]),
+    ("beam-wider-than-the-vocabulary", lambda tmp, m: ["evaluate", m, "--quiet", "--beam-size", "1000"],
+     ["decode.beam_size: got 1000, expected at most", "half of this model's"]),
     ("average-missing-sentencepiece", lambda tmp, m: [
         "average", model_copy_with(m, tmp, lambda d: (d / SPM).unlink()), m, "-o", tmp / "averaged"], ["{tmp}/model/sentencepiece.model"]),
     ("average-into-a-model", lambda tmp, m: ["average", m, m, "-o", model_copy_with(m, tmp, lambda d: None)], ["{tmp}/model already holds a model"]),

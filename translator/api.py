@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .attention_maps import AttentionMaps, attention_maps
 from .batching import sorted_batches, source_tensor
 from .checkpoint import load_model_dir, save_model_dir
-from .config import DecodeConfig, Recipe, recipe_from_dict
+from .config import DecodeConfig, Recipe, RecipeError, recipe_from_dict
 from .devices import Precision, pick_device, resolve_precision
 from .model import Transformer
 from .search import Hypothesis, Sampling, beam_search, greedy_search, max_output_lengths, sample
@@ -118,7 +118,11 @@ class Translator:
     def _decode_config(self, **overrides) -> DecodeConfig:
         """The recipe's decode section with the caller's non-None arguments, validated like the recipe."""
         values = asdict(self.recipe.decode) | {k: v for k, v in overrides.items() if v is not None}
-        return recipe_from_dict({"decode": values}).decode
+        decode = recipe_from_dict({"decode": values}).decode
+        if 2 * decode.beam_size > self.tokenizer.vocab_size:  # each step ranks the 2K likeliest tokens of every beam
+            raise RecipeError(f"decode.beam_size: got {decode.beam_size}, expected at most {self.tokenizer.vocab_size // 2} "
+                              f"(half of this model's {self.tokenizer.vocab_size} pieces)")
+        return decode
 
     def _translate(
         self, sentences: list[str], decode: DecodeConfig, n_best: int, sampling: Sampling | None, truncate: bool, progress: bool,

@@ -102,7 +102,7 @@ def load_recipe_json(directory: Path) -> Recipe:
 def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Recipe, Transformer, Tokenizer]:
     directory = Path(directory)
     if not directory.is_dir():
-        raise CheckpointError(f"model directory not found: {directory}")
+        raise CheckpointError(f"model directory not found: {directory}" + (" (that is a file)" if directory.exists() else ""))
     recipe = load_recipe_json(directory)
     tokenizer = _load_tokenizer(directory / SPM)
     model = Transformer(recipe.model, tokenizer.vocab_size)
