@@ -103,6 +103,16 @@ def test_recipe_that_is_not_utf8_names_the_file_and_line(tmp_path, content, line
         load_recipe(path)
 
 
+@pytest.mark.parametrize("text, line", [("train:\n  lr: 0.1\nseed: 3\ntrain:\n  max_steps: 5\n", 4), ("train:\n  lr: 0.1\n  lr: 0.2\n", 3)],
+                         ids=["section", "key"])
+def test_a_key_given_twice_names_its_second_line(tmp_path, text, line):
+    # PyYAML keeps the last one silently: the first train section's settings would be lost.
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(path))}, line {line}, column \d+: not valid YAML \('(train|lr)' is given twice\)$"):
+        load_recipe(path)
+
+
 def test_recipe_with_a_control_character_names_the_line_on_one_line(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_bytes(b"name: tiny\nseed: \x00\x01\n")
