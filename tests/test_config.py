@@ -15,6 +15,7 @@ from translator.config import (
     ModelConfig,
     Recipe,
     RecipeError,
+    TokenizerConfig,
     TrainConfig,
     apply_overrides,
     load_recipe,
@@ -81,10 +82,43 @@ def test_recipe_is_frozen():
         recipe.model.d_model = 64  # type: ignore[misc]
 
 
-def test_empty_recipe_file_gives_defaults(tmp_path):
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "---\n"], ids=["empty", "blank", "comment", "document-marker"])
+def test_empty_recipe_file_is_an_error_naming_it(tmp_path, text):
+    # Not the defaults: those read bentrevett/multi30k from the hub, which the user never asked for.
     path = tmp_path / "empty.yaml"
-    path.write_text("", encoding="utf-8")
-    assert load_recipe(path) == Recipe()
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(path))}: the recipe is empty"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize(
+    "content, line",
+    [(b"name: caf\xe9\n", 1), (b"name: tiny\nseed: 1\ndata: {path: d\xff\xfe}\n", 3), (bytes(range(256)), 2)],  # byte 10 is a newline
+    ids=["latin-1", "third-line", "binary"],
+)
+def test_recipe_that_is_not_utf8_names_the_file_and_line(tmp_path, content, line):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(content)
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(path))}, line {line}: not valid UTF-8"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("text, line", [("train:\n  lr: 0.1\nseed: 3\ntrain:\n  max_steps: 5\n", 4), ("train:\n  lr: 0.1\n  lr: 0.2\n", 3)],
+                         ids=["section", "key"])
+def test_a_key_given_twice_names_its_second_line(tmp_path, text, line):
+    # PyYAML keeps the last one silently: the first train section's settings would be lost.
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(path))}, line {line}, column \d+: not valid YAML \('(train|lr)' is given twice\)$"):
+        load_recipe(path)
+
+
+def test_recipe_with_a_control_character_names_the_line_on_one_line(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(b"name: tiny\nseed: \x00\x01\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert str(info.value).startswith(f"{path}, line 2: not valid YAML") and "\n" not in str(info.value)
 
 
 # --- unknown keys ----------------------------------------------------------------------------
@@ -126,17 +160,17 @@ def test_unknown_key_without_near_match_lists_valid_keys():
         ("train.max_steps=true", "train.max_steps", "an integer"),  # bool is not an int here, although it is in Python
         ("seed=false", "seed", "an integer"),
         ("seed=1.5", "seed", "an integer"),
-        ("train.lr=true", "train.lr", "a number"),
-        ("train.lr=fast", "train.lr", "a number"),
-        ("train.lr=[0.1]", "train.lr", "a number"),
+        ("train.lr=true", "train.lr", "a finite number"),
+        ("train.lr=fast", "train.lr", "a finite number"),
+        ("train.lr=[0.1]", "train.lr", "a finite number"),
         ("train.precision=fp8", "train.precision", "one of 'auto', 'fp32', 'bf16', 'fp16'"),
         ("tokenizer.model_type=wordpiece", "tokenizer.model_type", "one of 'unigram', 'bpe'"),
         ("train.betas=0.9", "train.betas", "a list of 2 values"),
         ("train.betas=[0.9, 0.98, 0.999]", "train.betas", "a list of 2 values"),
-        ("train.betas=[0.9, yes]", "train.betas[1]", "a number"),
+        ("train.betas=[0.9, yes]", "train.betas[1]", "a finite number"),
         ("train.threads=two", "train.threads", "an integer"),
-        ("data.name=3", "data.name", "a string"),
-        ("data.path=[a, b]", "data.path", "a string"),
+        ("data.name=3", "data.name", "a non-empty string"),
+        ("data.path=[a, b]", "data.path", "a non-empty string"),
         ("model=3", "model", "a mapping of ModelConfig keys"),
     ],
 )
@@ -215,9 +249,49 @@ def test_negative_max_len_a_names_max_len_a():
         load_recipe(TINY, ["decode.max_len_a=-1"])
 
 
-def test_negative_seed_is_rejected():
-    with pytest.raises(RecipeError, match=r"^seed: got -1"):
-        load_recipe(TINY, ["seed=-1"])
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**70])
+def test_seed_outside_numpys_range_is_rejected(seed):
+    with pytest.raises(RecipeError, match=rf"^seed: got {seed}"):
+        load_recipe(TINY, [f"seed={seed}"])
+    assert load_recipe(TINY, [f"seed={2**32 - 1}"]).seed == 2**32 - 1
+
+
+NUMBER_KEYS = [
+    f"{section}.{f.name}"
+    for section, cls in (("data", DataConfig), ("tokenizer", TokenizerConfig), ("model", ModelConfig), ("train", TrainConfig), ("decode", DecodeConfig))
+    for f in dataclasses.fields(cls)
+    if f.type in ("float", "float | None")
+]
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "inf", "nan", "'Infinity'", "1e999"])
+@pytest.mark.parametrize("key", NUMBER_KEYS)
+def test_non_finite_numbers_are_rejected_for_every_float_key(key, value):
+    # Range checks let these through: `nan >= 0` is False but so is `nan < 0`, and inf passes every lower bound.
+    with pytest.raises(RecipeError, match=rf"^{re.escape(key)}: got .*, expected a finite number"):
+        load_recipe(TINY, [f"{key}={value}"])
+
+
+def test_non_finite_numbers_are_rejected_inside_lists_and_files(tmp_path):
+    assert "train.clip_norm" in NUMBER_KEYS and "data.max_ratio" in NUMBER_KEYS  # the keys with no upper bound
+    with pytest.raises(RecipeError, match=r"^train\.betas\[1\]: got nan, expected a finite number"):
+        load_recipe(TINY, ["train.betas=[0.9, .nan]"])
+    values = tiny_values()
+    values["train"]["clip_norm"] = float("inf")
+    with pytest.raises(RecipeError, match=r"^train\.clip_norm: got inf"):
+        load_recipe(write_recipe(tmp_path, values))
+
+
+STRING_KEYS = ["name", "out_dir"] + [f"data.{f.name}" for f in dataclasses.fields(DataConfig) if f.type in ("str", "str | None")]
+
+
+@pytest.mark.parametrize("value", ["''", "'  '", "'\t'"], ids=["empty", "spaces", "tab"])
+@pytest.mark.parametrize("key", STRING_KEYS)
+def test_empty_strings_are_rejected_for_paths_and_names(key, value):
+    # An empty data.path or out_dir is the current directory: training would read or write there.
+    assert {"out_dir", "data.path", "data.name", "data.train_split"} <= set(STRING_KEYS)
+    with pytest.raises(RecipeError, match=rf"^{re.escape(key)}: got .*, expected a non-empty string"):
+        load_recipe(TINY, [f"{key}={value}"])
 
 
 def test_valid_edge_values_are_accepted():

@@ -6,6 +6,7 @@ import csv
 import itertools
 import json
 import random
+import re
 from pathlib import Path
 
 import datasets
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from conftest import MULTI30K, toy_pair
 from translator.batching import bucketed_batches, chunk_by_budget, pad, source_tensor, target_tensors
 from translator.config import DataConfig
-from translator.data import Batch, DataError, FilterReport, StreamBatches, TrainBatches, filter_pairs, load_split, lengths, to_pairs, tokenize
+from translator.data import Batch, DataError, FilterReport, StreamBatches, TrainBatches, filter_pairs, load_split, lengths, to_pairs, tokenize, training_pairs
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 DE = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen, \"draußen\" im Schnee.", "Die Straße ist nass."]
@@ -267,6 +268,74 @@ def test_plain_text_next_to_another_layout_is_an_error(tmp_path):
     write_split(tmp_path, "test", "jsonl", rows(3))
     with pytest.raises(DataError, match=r"one layout, found train.de, train.en, test.jsonl"):
         load_split(DataConfig(path=str(tmp_path)), "train")
+
+
+@pytest.mark.parametrize("cell", ["NA", "N/A", "n/a", "null", "NULL", "None", "nan", "NaN", "-nan", "#N/A", "<NA>", "007", "1e3", "TRUE"])
+def test_csv_cells_that_pandas_reads_as_missing_or_numbers_stay_text(tmp_path, cell):
+    # Today's pandas defaults turn these into missing values (the pair is dropped) or numbers (007 -> 7).
+    data = [{"de": cell, "en": "A dog."}, {"de": "Ein Hund.", "en": cell}, {"de": "Eine Katze.", "en": "A cat."}]
+    write_split(tmp_path, "train", "csv", data)
+    pairs = load_split(DataConfig(path=str(tmp_path)), "train")
+    assert pairs["src"] == [r["de"] for r in data] and pairs["tgt"] == [r["en"] for r in data]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", r"train\.jsonl: the file is empty"),
+    (b"\n \n", r"train\.jsonl: the file is empty"),
+    (b'{"de": "a", "en": "b"}\n{"de": "c", "en": \n', r"train\.jsonl, line 2: not valid JSON"),
+    (b'{"de": "a", "en": "b"}\n\n\n{"de": 5, "en": "b"}\n', r"train\.jsonl, line 4: 'de' is int 5, expected text"),
+    (b'{"de": 1, "en": "b"}\n{"de": 3, "en": "d"}\n', r"train\.jsonl, line 1: 'de' is int 1"),
+    (b'{"de": "a", "en": 1.5}\n', r"train\.jsonl, line 1: 'en' is float 1\.5"),
+    (b'{"de": "a", "en": "b"}\n{"de": {"x": 1}, "en": "b"}\n', r"train\.jsonl, line 2: 'de' is dict"),
+    (b'{"translation": {"de": "a", "en": "b"}}\n{"translation": {"de": true, "en": "b"}}\n', r"train\.jsonl, line 2: 'de' is bool"),
+    (b'{"de": "a", "en": "b"}\n"just text"\n', r"train\.jsonl, line 2: expected a JSON object of \{language: text\}, got str"),
+], ids=["empty", "blank", "malformed", "number-after-blank-lines", "all-numbers", "float", "dict", "translation-bool", "not-an-object"])
+def test_a_json_lines_file_that_cannot_give_pairs_names_its_line(tmp_path, content, message):
+    (tmp_path / "train.jsonl").write_bytes(content)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}/{message}"):
+        load_split(DataConfig(path=str(tmp_path)), "train")
+
+
+def test_missing_cells_are_empty_sides_not_errors(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"de": "a", "en": "b"}\n{"de": null, "en": "d"}\n{"de": "e"}\n', encoding="utf-8")
+    pairs = load_split(DataConfig(path=str(tmp_path)), "train")
+    assert pairs["src"] == ["a", None, "e"] and pairs["tgt"] == ["b", "d", None]
+
+
+def test_a_split_with_no_pair_left_after_filtering_names_its_file(tmp_path):
+    write_split(tmp_path, "train", "jsonl", rows(20))
+    cfg = DataConfig(path=str(tmp_path), max_len=2)
+    pairs = load_split(cfg, "train")
+    tokenizer = Tokenizer.train([r[k] for r in rows(20) for k in ("de", "en")], vocab_size=40)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / 'train.jsonl'))}: no pair left to train on \(kept 0 pairs; .* 20 longer"):
+        training_pairs(pairs, tokenizer, cfg)
+    kept, report = training_pairs(pairs, tokenizer, DataConfig(path=str(tmp_path)))
+    assert report.kept == len(kept) == 20
+
+
+@pytest.fixture
+def hub_with_two_configurations(tmp_path, monkeypatch):
+    """`org/parallel` on the "hub": a dataset with configurations de-en and fr-en and no default, as wmt14
+    (de-en, fr-en, ...). datasets itself reads it, from a local folder that stands in for the hub."""
+    folder = tmp_path / "parallel"
+    for config, lang in (("de-en", "de"), ("fr-en", "fr")):
+        write_split(folder / config, "train", "jsonl", [{"translation": {lang: "x", "en": "y"}}])
+    configs = "".join(f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train.jsonl\n" for c in ("de-en", "fr-en"))
+    (folder / "README.md").write_text(f"---\nconfigs:\n{configs}---\n", encoding="utf-8")
+    for name in ("load_dataset", "get_dataset_split_names", "get_dataset_config_names"):
+        real = getattr(datasets, name)
+        monkeypatch.setattr(datasets, name, lambda path, *a, real=real, **k: real(str(folder) if path == "org/parallel" else path, *a, **k))
+    return "org/parallel"
+
+
+def test_a_hub_dataset_that_needs_a_configuration_name_says_so(hub_with_two_configurations):
+    with pytest.raises(DataError, match=r"^dataset 'org/parallel' needs a configuration name: set data\.name to one of de-en, fr-en$"):
+        load_split(DataConfig(path=hub_with_two_configurations), "train")
+    with pytest.raises(DataError, match=r"^data\.name: dataset 'org/parallel' has no configuration 'it-en'; configurations: de-en, fr-en$"):
+        load_split(DataConfig(path=hub_with_two_configurations, name="it-en"), "train")
+    with pytest.raises(DataError, match=r"^split 'test' not in dataset 'org/parallel'; splits there: train$"):
+        load_split(DataConfig(path=hub_with_two_configurations, name="de-en"), "test")
+    assert load_split(DataConfig(path=hub_with_two_configurations, name="de-en"), "train")["src"] == ["x"]
 
 
 @pytest.mark.skipif(not MULTI30K.exists(), reason=f"Multi30k not found at {MULTI30K}")

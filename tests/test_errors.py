@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -26,7 +27,7 @@ from hypothesis import strategies as st
 
 import translator
 from conftest import TINY_RECIPE, toy_pair, write_toy_corpus
-from translator.checkpoint import CONFIG, WEIGHTS, CheckpointError
+from translator.checkpoint import CONFIG, SPM, WEIGHTS, CheckpointError
 from translator.config import DataConfig
 from translator.data import DataError, FilterReport, filter_pairs, load_split, tokenize
 from translator.tokenizer import Tokenizer
@@ -467,6 +468,138 @@ def test_newer_format_version_says_newer(model_copy):
 def test_cli_newer_format_version_exits_2(model_copy):
     edit_config(model_copy, lambda c: c.update(format_version=2))
     assert_usage_error(cli("translate", model_copy, "--quiet", stdin="Ein hund.\n"), "translate", str(model_copy / CONFIG), "newer")
+
+
+# --- the battery: bad input through the real command line, one line, the right status, nothing changed ---
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under `folder`: (size, modification time), to show a failed command changed nothing."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def toy_data(folder: Path, **files: bytes) -> Path:
+    """A copy of a small toy corpus in `folder`/data, with files replaced (`validation_jsonl=b"..."`)."""
+    data = write_toy_corpus(folder / "data", sizes=(("train", 200), ("validation", 10), ("test", 10)))
+    for name, content in files.items():
+        stem, ext = name.rsplit("_", 1)
+        for old in data.glob(f"{stem}.*"):
+            old.unlink()
+        (data / f"{stem}.{ext}").write_bytes(content)
+    return data
+
+
+def model_copy_with(tiny_model_dir: Path, folder: Path, edit) -> Path:
+    model = Path(shutil.copytree(tiny_model_dir, folder / "model", ignore=shutil.ignore_patterns("tensorboard")))
+    edit(model)
+    return model
+
+
+def with_model_config(**changes):
+    return lambda model: edit_config(model, lambda c: c["recipe"]["model"].update(changes))
+
+
+TRAIN = ["train", TINY_RECIPE, "--quiet", "--set", "train.max_steps=2"]
+TOY_LINES = b"".join(json.dumps(toy_pair(random.Random(i)), ensure_ascii=False).encode() + b"\n" for i in range(3))
+
+
+def train_on(tmp: Path, *overrides: str, **files: bytes) -> list:
+    return [*TRAIN, "--set", f"data.path={toy_data(tmp, **files)}", "--set", f"out_dir={tmp}/run", *overrides]
+
+
+def evaluate_on(tmp: Path, model: Path, **files: bytes) -> list:
+    return ["evaluate", model, "--quiet", "--set", f"data.path={toy_data(tmp, **files)}"]
+
+
+# (id, arguments given the case's folder and the tiny model, fragments the one line must hold ({tmp}: the case's folder))
+BATTERY = [
+    ("recipe-empty", lambda tmp, m: ["train", write_bytes(tmp / "r.yaml", b"# nothing yet\n"), "--quiet"], ["{tmp}/r.yaml", "the recipe is empty"]),
+    ("recipe-latin-1", lambda tmp, m: ["train", write_bytes(tmp / "r.yaml", b"name: tiny\nout_dir: caf\xe9\n"), "--quiet"],
+     ["{tmp}/r.yaml, line 2: not valid UTF-8"]),
+    ("recipe-inf", lambda tmp, m: [*TRAIN, "--set", f"out_dir={tmp}/run", "--set", "train.clip_norm=.inf"], ["train.clip_norm", "finite"]),
+    ("recipe-nan-in-file", lambda tmp, m: ["train", write_recipe(tmp, train__lr=float("nan"), out_dir=str(tmp / "run")), "--quiet"],
+     ["train.lr: got nan", "finite"]),
+    ("recipe-empty-out-dir", lambda tmp, m: [*TRAIN, "--set", "out_dir="], ["out_dir", "non-empty"]),
+    ("recipe-empty-data-path", lambda tmp, m: [*TRAIN, "--set", "data.path=''", "--set", f"out_dir={tmp}/run"], ["data.path", "non-empty"]),
+    ("data-train-empty", lambda tmp, m: train_on(tmp, train_jsonl=b""), ["{tmp}/data/train.jsonl: the file is empty"]),
+    ("data-validation-malformed-line", lambda tmp, m: train_on(tmp, validation_jsonl=TOY_LINES + b'{"de": "Ein hund.", "en": \n'),
+     ["{tmp}/data/validation.jsonl, line 4: not valid JSON"]),
+    ("data-train-number-cell", lambda tmp, m: train_on(tmp, train_jsonl=TOY_LINES + b'{"de": 3, "en": "Three."}\n'),
+     ["{tmp}/data/train.jsonl, line 4: 'de' is int 3, expected text"]),
+    ("data-train-not-an-object", lambda tmp, m: train_on(tmp, train_jsonl=TOY_LINES + b'["Ein hund.", "A dog."]\n'),
+     ["{tmp}/data/train.jsonl, line 4: expected a JSON object"]),
+    ("data-validation-column-missing", lambda tmp, m: train_on(tmp, validation_jsonl=b'{"de": "Ein hund.", "fr": "Un chien."}\n'),
+     ["{tmp}/data/validation.jsonl: language column(s) 'en' not found"]),
+    ("data-nothing-left-after-filtering", lambda tmp, m: train_on(tmp, "--set", "data.max_len=1"),
+     ["{tmp}/data/train.jsonl: no pair left to train on", "longer than data.max_len"]),
+    ("data-csv-header-only", lambda tmp, m: evaluate_on(tmp, m, train_csv=b"de,en\n", validation_csv=b"de,en\n", test_csv=b"de,en\n"),
+     ["{tmp}/data/test.csv: a header and no pairs"]),
+    ("data-test-list-cell", lambda tmp, m: evaluate_on(tmp, m, test_jsonl=TOY_LINES + b'{"de": ["Ein"], "en": "A."}\n'),
+     ["{tmp}/data/test.jsonl, line 4: 'de' is list"]),
+    ("model-weights-of-another-shape", lambda tmp, m: ["translate", model_copy_with(m, tmp, with_model_config(d_ff=128)), "--quiet"],
+     ["{tmp}/model/model.safetensors: weights do not match config.json", "encoder.0.ffn.0.weight", "(64, 32)", "(128, 32)"]),
+    ("model-weights-missing-layers", lambda tmp, m: ["evaluate", model_copy_with(m, tmp, with_model_config(decoder_layers=2)), "--quiet"],
+     ["{tmp}/model/model.safetensors: weights do not match config.json", "missing (first: decoder.1."]),
+    ("model-directory-is-a-file", lambda tmp, m: ["translate", write_bytes(tmp / "model.txt", b"x"), "--quiet"],
+     ["model directory not found: {tmp}/model.txt (that is a file)"]),
+    ("recipe-is-a-directory", lambda tmp, m: ["train", tmp, "--quiet"], ["recipe file not found: {tmp} (that is a directory)"]),
+    ("beam-wider-than-the-vocabulary", lambda tmp, m: ["evaluate", m, "--quiet", "--beam-size", "1000"],
+     ["decode.beam_size: got 1000, expected at most", "half of this model's"]),
+    ("average-missing-sentencepiece", lambda tmp, m: [
+        "average", model_copy_with(m, tmp, lambda d: (d / SPM).unlink()), m, "-o", tmp / "averaged"], ["{tmp}/model/sentencepiece.model"]),
+    ("average-into-a-model", lambda tmp, m: ["average", m, m, "-o", model_copy_with(m, tmp, lambda d: None)], ["{tmp}/model already holds a model"]),
+    ("average-not-a-checkpoint", lambda tmp, m: ["average", write_bytes(tmp / "step_1" / "x", b"").parent, "-o", tmp / "out"],
+     ["{tmp}/step_1: neither a model directory nor a training checkpoint"]),
+    ("plot-no-metrics", lambda tmp, m: ["plot", tmp / "run"], ["{tmp}/run/metrics.jsonl: no metrics to plot"]),
+    ("plot-metrics-empty", lambda tmp, m: ["plot", write_bytes(tmp / "metrics.jsonl", b"").parent], ["{tmp}/metrics.jsonl: no training or validation"]),
+    ("plot-metrics-malformed-line", lambda tmp, m: ["plot", write_bytes(tmp / "metrics.jsonl", b'{"step": 0}\n{"step": 1, "lo\n').parent],
+     ["{tmp}/metrics.jsonl, line 2: not valid JSON"]),
+]
+
+
+def write_bytes(path: Path, content: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize("arguments, fragments", [case[1:] for case in BATTERY], ids=[case[0] for case in BATTERY])
+def test_battery_bad_input_is_one_line_exit_2_and_changes_nothing(tiny_model_dir, tmp_path, arguments, fragments):
+    folder = tmp_path / "case"
+    folder.mkdir()
+    args = arguments(folder, tiny_model_dir)
+    before, model_before = snapshot(tmp_path), snapshot(tiny_model_dir)
+    result = cli(*args)
+    assert result.returncode == 2 and result.stdout == "", (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    # one line says what is wrong; train may have logged what it loaded before it
+    errors = [line for line in result.stderr.splitlines() if line.startswith(f"translator {args[0]}: ")]
+    assert len(errors) == 1 and result.stderr.endswith(errors[0] + "\n"), result.stderr
+    assert all(f.replace("{tmp}", str(folder)) in errors[0] for f in fragments), (fragments, errors[0])
+    assert snapshot(tmp_path) == before and snapshot(tiny_model_dir) == model_before  # no run folder, no half-written output
+
+
+def test_quiet_shows_no_progress_bars_from_datasets(tiny_model_dir, tmp_path):
+    data = toy_data(tmp_path)  # a folder datasets has not seen: "Generating test split" would show
+    result = cli("evaluate", tiny_model_dir, "--quiet", "--beam-size", "1", "--set", f"data.path={data}")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    noisy = cli("evaluate", tiny_model_dir, "--beam-size", "1", "--set", f"data.path={toy_data(tmp_path / 'again')}")
+    assert "split" in noisy.stderr  # the premise: without --quiet, datasets does show its bars
+
+
+@pytest.mark.parametrize("signum, status, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_ends_a_command_with_128_plus_its_number(tiny_model_dir, signum, status, word):
+    environment = {k: v for k, v in os.environ.items() if k != "TRANSLATOR_DEBUG"}
+    process = subprocess.Popen([sys.executable, "-m", "translator", "translate", str(tiny_model_dir), "--quiet", "--chunk-lines", "1"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+    process.stdin.write("Ein hund.\n")
+    process.stdin.flush()
+    assert process.stdout.readline()  # translated: the model is loaded and the command waits for more input
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == status, stderr
+    assert stderr.strip().splitlines() == [f"translator translate: {word}"]
 
 
 # --- properties --------------------------------------------------------------------------------

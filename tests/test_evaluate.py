@@ -31,29 +31,28 @@ REFS = [
 ]
 
 
-def test_score_matches_sacrebleu():
-    scores = score(HYPS, REFS)
-    assert isinstance(scores, Scores)
-    assert scores.bleu == pytest.approx(sacrebleu.corpus_bleu(HYPS, [REFS]).score, abs=1e-9)
-    assert scores.chrf == pytest.approx(sacrebleu.corpus_chrf(HYPS, [REFS]).score, abs=1e-9)
-    assert 0 < scores.bleu < 100 and 0 < scores.chrf < 100
-    assert scores.bleu_detail == str(sacrebleu.corpus_bleu(HYPS, [REFS]))
+def write_test_split(folder, sources, references):
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"de": s, "en": r}, ensure_ascii=False) + "\n" for s, r in zip(sources, references)]
+    (folder / "test.jsonl").write_text("".join(lines), encoding="utf-8")
+    return DataConfig(path=str(folder), src_lang="de", tgt_lang="en")
 
 
-def test_score_is_corpus_level_not_averaged():
-    # Corpus BLEU pools n-gram counts; averaging sentence scores gives a different number.
-    sentence_mean = sum(sacrebleu.sentence_bleu(h, [r]).score for h, r in zip(HYPS, REFS)) / len(HYPS)
-    assert score(HYPS, REFS).bleu != pytest.approx(sentence_mean, abs=1e-6)
-
-
-def test_score_is_cased_and_on_detokenized_text():
-    exact = score(REFS, REFS)
-    assert exact.bleu == pytest.approx(100.0) and exact.chrf == pytest.approx(100.0)
-    lowered = score([r.lower() for r in REFS], REFS)
-    assert lowered.bleu < 100 and lowered.chrf < 100  # case:mixed
-    # 13a tokenisation splits punctuation off, so a detokenized hypothesis is not penalised for it.
-    spaced = score([r[:-1] + " ." for r in REFS], REFS)
-    assert spaced.bleu == pytest.approx(100.0)
+def test_evaluate_scores_its_detokenized_output_against_the_references_as_written(tiny_translator, toy_corpus, tmp_path):
+    sources = [r["de"] for r in read_split(toy_corpus, "test")]
+    output = tiny_translator.translate(sources, beam_size=1)
+    # References that are the model's own output: a pipeline that scores what it writes against the file gets 100.
+    own = evaluate(tiny_translator, "test", data=write_test_split(tmp_path / "own", sources, output), beam_size=1)
+    assert (own.bleu, own.chrf) == (pytest.approx(100.0), pytest.approx(100.0))
+    # the premise: scoring SentencePiece pieces instead of detokenized text would not
+    pieces = [" ".join(tiny_translator.tokenizer.pieces(text)) for text in output]
+    assert sacrebleu.corpus_bleu(pieces, [output]).score < 90 and sacrebleu.corpus_chrf(pieces, [output]).score < 90
+    # References in another case and with other spacing: scored as written (cased BLEU, 13a), as sacreBLEU scores them.
+    shouted = [text.upper().replace(".", " .") for text in output]
+    scores = evaluate(tiny_translator, "test", data=write_test_split(tmp_path / "shouted", sources, shouted), beam_size=1)
+    assert scores.bleu == pytest.approx(sacrebleu.corpus_bleu(output, [shouted]).score, abs=1e-9)
+    assert scores.chrf == pytest.approx(sacrebleu.corpus_chrf(output, [shouted]).score, abs=1e-9)
+    assert scores.bleu < 50  # case:mixed: the upper-cased references do not match
 
 
 def test_signatures():

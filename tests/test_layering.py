@@ -16,6 +16,7 @@ FORBIDDEN = {
     "attention_maps": {"search", "data", "train", "api", "checkpoint", "evaluate", "cli"},
     "quantize": {"data", "search", "train", "api", "checkpoint", "evaluate", "cli"},
     "export": {"data", "search", "train", "evaluate", "cli", "api", "serve"},
+    "datafiles": {"config", "tokenizer", "data", "model", "train", "api", "checkpoint", "evaluate", "cli"},  # below data: plain file checks
     "api": {"train", "evaluate", "cli", "data", "serve", "plot", "export"},
     "serve": {"train", "evaluate", "cli", "data", "plot"},  # the service needs only the Translator
     "evaluate": {"train", "cli"},

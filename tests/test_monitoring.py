@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from translator.checkpoint import CheckpointError
 from translator.plot import plot_run
 
 pytest.importorskip("matplotlib")
@@ -20,7 +21,7 @@ def test_plot_cli_and_a_directory_without_metrics(tiny_model_dir, tmp_path):
     result = subprocess.run([sys.executable, "-m", "translator", "plot", str(tiny_model_dir), "-o", str(tmp_path / "c.png")],
                             capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == str(tmp_path / "c.png")
-    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+    with pytest.raises(CheckpointError, match="metrics.jsonl: no metrics to plot"):  # the user's input: exit 2
         plot_run(tmp_path)
 
 

@@ -1,12 +1,15 @@
 """Greedy and beam search: exact against slow references, and batching never changes a translation."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from translator import Sampling
 from translator.batching import source_tensor
-from translator.search import Hypothesis, beam_search, greedy_search, length_penalty, max_output_lengths
+from translator.config import ModelConfig
+from translator.model import Transformer
+from translator.search import Hypothesis, beam_search, greedy_search, length_penalty, max_output_lengths, sample
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 SENTENCES = [
@@ -24,8 +27,12 @@ def encode(translator, sentences):
     return src, max_output_lengths(src, PAD_ID, 1.5, 5, translator.recipe.model.max_positions)
 
 
-def reference_beam(model, src_row, max_len, beam_size, alpha):
-    """One sentence, no cache, no batching: recompute the whole prefix every step (same rules as beam_search)."""
+def reference_beam(model, src_row, max_len, beam_size, alpha, stop_at_k_finished=False):
+    """One sentence, no cache, no batching, no early stopping: recompute the whole prefix every step and
+    go on until the length limit, so every hypothesis the beam can finish is found and ranked.
+
+    `stop_at_k_finished` stops instead as soon as `beam_size` hypotheses have finished: the rule that
+    stops too early, which the tests show their cases tell apart."""
     src = src_row[None, : int((src_row != PAD_ID).sum())]
     beams, finished = [([], 0.0)], []
     for step in range(1, max_len + 1):
@@ -36,17 +43,15 @@ def reference_beam(model, src_row, max_len, beam_size, alpha):
             candidates += [(score + lp, tokens, tok) for tok, lp in enumerate(logp.tolist())]
         candidates.sort(key=lambda c: -c[0])
         top = candidates[: 2 * beam_size]
-        for score, tokens, tok in top[:beam_size]:
+        for score, tokens, tok in top[:beam_size]:  # only eos among the best K finishes a hypothesis
             if tok == EOS_ID:
                 finished.append(Hypothesis(tokens, score / length_penalty(step, alpha)))
         beams = [(tokens + [tok], score) for score, tokens, tok in top if tok != EOS_ID][:beam_size]
-        if step + 1 >= max_len:
+        if step + 1 >= max_len:  # no room for another token: the open beams end as they are
             finished += [Hypothesis(tokens, score / length_penalty(step, alpha)) for tokens, score in beams]
             break
-        if len(finished) >= beam_size:
-            kth = sorted(h.score for h in finished)[-beam_size]
-            if kth >= beams[0][1] / length_penalty(max_len, alpha):
-                break
+        if stop_at_k_finished and len(finished) >= beam_size:
+            break
     return sorted(finished, key=lambda h: -h.score)
 
 
@@ -84,17 +89,46 @@ def test_cached_batched_beam_equals_slow_reference(tiny_translator):
             assert all(abs(a.score - b.score) < 1e-4 for a, b in zip(hyps, reference))
 
 
-def test_beam_finishes_only_when_no_open_hypothesis_can_win(tiny_translator):
-    # every returned n-best list is sorted, and the best beats greedy's length-normalised score or equals it
-    model = tiny_translator.model
+def tiny_vocabulary_model(seed: int) -> Transformer:
+    """Random weights over 6 tokens (4 specials, 2 words), scaled up so the next token depends on the
+    prefix and the source, and eos likely enough that hypotheses finish at every length."""
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(d_model=16, n_heads=2, d_ff=32, encoder_layers=1, decoder_layers=1, dropout=0.0, max_positions=64), 6)
+    with torch.no_grad():
+        for weight in (p for p in model.parameters() if p.dim() > 1):
+            weight.mul_(2.0)
+        direction = F.normalize(torch.randn(16), dim=0)
+        model.decoder_norm.bias.copy_(direction)
+        model.embedding.weight[EOS_ID] += 8.0 * direction  # a bias towards eos: short hypotheses finish early
+    return model.eval()
+
+
+def test_beam_stopping_rule_loses_nothing_against_a_search_without_early_stopping():
+    """Stopping once no open hypothesis can beat the K finished ones must return what searching on to the
+    length limit returns: the same n-best, in the same order."""
+    max_len, compared, stops_too_early = 10, 0, 0
+    for seed in range(3):
+        model = tiny_vocabulary_model(seed)
+        rng = torch.Generator().manual_seed(seed)
+        src = source_tensor([torch.randint(4, 6, (int(n),), generator=rng).tolist() for n in torch.randint(2, 8, (8,), generator=rng)])
+        for beam_size, alpha in [(2, 0.0), (2, 2.0), (3, 1.0)]:  # alpha 2: a long hypothesis can overtake short ones
+            with torch.inference_mode():
+                batched = beam_search(model, src, [max_len] * len(src), beam_size, alpha, n_best=beam_size)
+                for row, hyps in enumerate(batched):
+                    full = reference_beam(model, src[row], max_len, beam_size, alpha)[:beam_size]
+                    assert [h.tokens for h in hyps] == [h.tokens for h in full], (seed, beam_size, alpha, row)
+                    assert [h.score for h in hyps] == pytest.approx([h.score for h in full], abs=1e-4)
+                    eager = reference_beam(model, src[row], max_len, beam_size, alpha, stop_at_k_finished=True)[:beam_size]
+                    compared, stops_too_early = compared + 1, stops_too_early + ([h.tokens for h in eager] != [h.tokens for h in full])
+    # the premise: on these cases stopping at the first K finished hypotheses would lose better ones
+    assert stops_too_early >= 0.1 * compared, (stops_too_early, compared)
+
+
+def test_n_best_lists_are_sorted_best_first(tiny_translator):
     src, max_lens = encode(tiny_translator, SENTENCES)
-    for hyps in beam_search(model, src, max_lens, beam_size=5, alpha=0.0, n_best=5):
+    for hyps in beam_search(tiny_translator.model, src, max_lens, beam_size=5, alpha=0.6, n_best=5):
         scores = [h.score for h in hyps]
-        assert scores == sorted(scores, reverse=True)
-    greedy = greedy_search(model, src, max_lens)
-    beam = beam_search(model, src, max_lens, beam_size=5, alpha=0.0)
-    for g, (b,) in zip(greedy, beam):
-        assert b.score >= g.score - 1e-4  # beam search never finds worse than greedy under the same objective
+        assert len(hyps) == 5 and scores == sorted(scores, reverse=True)
 
 
 def test_a_sentence_translates_the_same_alone_and_in_a_mixed_batch(tiny_translator):
@@ -156,10 +190,68 @@ def test_top_k_one_sampling_is_greedy(tiny_translator):
     assert tiny_translator.translate(SENTENCES, sampling=Sampling(top_p=1e-6, seed=0)) == tiny_translator.translate(SENTENCES, beam_size=1)
 
 
-def test_sampling_settings_are_validated():
-    for bad in (dict(temperature=0), dict(top_k=-1), dict(top_p=0), dict(top_p=1.5)):
-        with pytest.raises(ValueError, match="Sampling"):
-            Sampling(**bad)
+def test_a_sentences_samples_depend_only_on_the_seed_and_the_sentence(tiny_translator):
+    hot = Sampling(temperature=1.5, seed=11)
+
+    def texts(samples_per_sentence):  # the scores differ in the last bits with the batch's padding; the texts may not
+        return [[t.text for t in samples] for samples in samples_per_sentence]
+
+    alone = texts([tiny_translator.translate(s, sampling=hot, n_best=3) for s in SENTENCES])
+    for max_tokens in (1, 40, 100_000):  # a batch per sentence, a few batches, one batch
+        assert texts(tiny_translator.translate(SENTENCES, sampling=hot, n_best=3, max_tokens=max_tokens)) == alone
+    # other batch-mates, another order, the sentence twice: still the same samples for it
+    others = SENTENCES[:2] + SENTENCES[3:]
+    mixed = texts(tiny_translator.translate([SENTENCES[2], *others[::-1], SENTENCES[2]], sampling=hot, n_best=3, max_tokens=60))
+    assert mixed[0] == mixed[-1] == alone[2]
+    assert len({text for samples in alone for text in samples}) > len(SENTENCES)  # the premise: the samples do vary
+
+
+def test_sampled_tokens_follow_the_model_distribution(tiny_translator):
+    """The first token of 4,000 draws against the model's probabilities (with temperature and top-k)."""
+    model = tiny_translator.model
+    src, _ = encode(tiny_translator, SENTENCES[:1])
+    n = 4000
+    for sampling in (Sampling(temperature=2.0, seed=3), Sampling(temperature=1.5, top_k=4, seed=4)):
+        drawn = sample(model, src, [2], sampling, n_samples=n)[0]  # length limit 2: one token, then eos
+        counts = torch.bincount(torch.tensor([h.tokens[0] if h.tokens else EOS_ID for h in drawn]), minlength=tiny_translator.tokenizer.vocab_size)
+        with torch.inference_mode():
+            logits = model(src, torch.tensor([[BOS_ID]]))[0, -1].float() / sampling.temperature
+        if sampling.top_k:
+            logits = logits.masked_fill(logits < logits.topk(sampling.top_k).values[-1], float("-inf"))
+        expected = logits.softmax(-1) * n
+        assert counts[expected == 0].sum() == 0  # nothing outside the top k
+        likely = expected > 50
+        assert likely.sum() >= 3  # the premise: a spread-out distribution
+        # within 5 standard deviations of a binomial count, for every likely token
+        assert ((counts[likely] - expected[likely]).abs() <= 5 * expected[likely].sqrt()).all(), (counts[likely], expected[likely])
+
+
+@pytest.mark.parametrize("bad, error", [
+    (dict(temperature=0), ValueError), (dict(temperature=float("inf")), ValueError), (dict(temperature=float("nan")), ValueError),
+    (dict(top_k=-1), ValueError), (dict(top_p=0), ValueError), (dict(top_p=1.5), ValueError), (dict(top_p=float("nan")), ValueError),
+    (dict(seed=-1), ValueError),
+    (dict(top_k="3"), TypeError), (dict(top_k=2.5), TypeError), (dict(top_k=True), TypeError), (dict(temperature="1"), TypeError),
+    (dict(temperature=None), TypeError), (dict(top_p="0.9"), TypeError), (dict(seed="1"), TypeError), (dict(seed=1.0), TypeError),
+], ids=repr)
+def test_sampling_settings_are_validated_naming_the_field(bad, error):
+    (name,) = bad
+    with pytest.raises(error, match=rf"^Sampling\.{name}: got "):
+        Sampling(**bad)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(n_best="2"), r"^n_best: got '2' \(str\), expected an integer"),
+    (dict(n_best=2.0, beam_size=3), r"^n_best: got 2\.0 \(float\)"),
+    (dict(sampling={"temperature": 0.5}), r"^sampling: got dict, expected Sampling\("),
+    (dict(sampling=0.5), r"^sampling: got float"),
+], ids=["n_best-str", "n_best-float", "sampling-dict", "sampling-float"])
+def test_translate_arguments_of_the_wrong_type_say_what_is_expected(tiny_translator, arguments, message):
+    with pytest.raises(TypeError, match=message):
+        tiny_translator.translate("Ein hund.", **arguments)
+
+
+def test_sampling_accepts_numpy_numbers():
+    assert Sampling(temperature=np.float32(0.5), top_k=np.int64(3), seed=np.int64(1)).top_k == 3
 
 
 def test_overlong_source_is_truncated_with_a_warning_or_refused(tiny_translator):

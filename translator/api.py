@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from .attention_maps import AttentionMaps, attention_maps
 from .batching import sorted_batches, source_tensor
 from .checkpoint import load_model_dir, save_model_dir
-from .config import DecodeConfig, Recipe, recipe_from_dict
+from .config import DecodeConfig, Recipe, RecipeError, recipe_from_dict
 from .devices import Precision, pick_device, resolve_precision
 from .model import Transformer
 from .quantize import int8_model, weights_version
@@ -97,6 +98,10 @@ class Translator:
         for i, s in enumerate(batch):
             if not isinstance(s, str):
                 raise TypeError(f"translate() takes a str or a list of str; item {i} is {type(s).__name__}: {s!r}")
+        if n_best is not None and (isinstance(n_best, bool) or not isinstance(n_best, numbers.Integral)):
+            raise TypeError(f"n_best: got {n_best!r} ({type(n_best).__name__}), expected an integer or None")
+        if sampling is not None and not isinstance(sampling, Sampling):
+            raise TypeError(f"sampling: got {type(sampling).__name__}, expected Sampling(temperature=..., top_k=..., top_p=..., seed=...)")
         decode = self._decode_config(beam_size=beam_size, alpha=alpha, max_tokens=max_tokens, precision=precision)
         k = 1 if n_best is None else n_best
         if k < 1 or (sampling is None and k > decode.beam_size):
@@ -124,7 +129,11 @@ class Translator:
     def _decode_config(self, **overrides) -> DecodeConfig:
         """The recipe's decode section with the caller's non-None arguments, validated like the recipe."""
         values = asdict(self.recipe.decode) | {k: v for k, v in overrides.items() if v is not None}
-        return recipe_from_dict({"decode": values}).decode
+        decode = recipe_from_dict({"decode": values}).decode
+        if 2 * decode.beam_size > self.tokenizer.vocab_size:  # each step ranks the 2K likeliest tokens of every beam
+            raise RecipeError(f"decode.beam_size: got {decode.beam_size}, expected at most {self.tokenizer.vocab_size // 2} "
+                              f"(half of this model's {self.tokenizer.vocab_size} pieces)")
+        return decode
 
     def _translate(
         self, sentences: list[str], decode: DecodeConfig, n_best: int, sampling: Sampling | None, truncate: bool, progress: bool,
@@ -161,9 +170,7 @@ class Translator:
     @staticmethod
     def _search(model: Transformer, src, max_lens: list[int], decode: DecodeConfig, n_best: int, sampling: Sampling | None) -> list[list[Hypothesis]]:
         if sampling is not None:
-            rows = torch.arange(src.size(0), device=src.device).repeat_interleave(n_best)  # n_best draws per sentence
-            drawn = sample(model, src[rows], [max_lens[r] for r in rows.tolist()], sampling)
-            return [sorted(drawn[i * n_best:(i + 1) * n_best], key=lambda h: -h.score) for i in range(src.size(0))]
+            return sample(model, src, max_lens, sampling, n_best)
         if decode.beam_size == 1:
             return [[h] for h in greedy_search(model, src, max_lens)]
         return beam_search(model, src, max_lens, decode.beam_size, decode.alpha, n_best)

@@ -102,12 +102,9 @@ def load_recipe_json(directory: Path) -> Recipe:
 def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Recipe, Transformer, Tokenizer]:
     directory = Path(directory)
     if not directory.is_dir():
-        raise CheckpointError(f"model directory not found: {directory}")
+        raise CheckpointError(f"model directory not found: {directory}" + (" (that is a file)" if directory.exists() else ""))
     recipe = load_recipe_json(directory)
-    try:
-        tokenizer = Tokenizer.load(directory / SPM)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{directory / SPM}: cannot load the SentencePiece model ({e})") from None
+    tokenizer = _load_tokenizer(directory / SPM)
     model = Transformer(recipe.model, tokenizer.vocab_size)
     if not (directory / WEIGHTS).exists() and (directory / CONFIG).exists():
         raise CheckpointError(f"{directory / WEIGHTS} not found: this model directory holds no trained weights yet (its training "
@@ -116,11 +113,36 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
         state = load_file(directory / WEIGHTS, device=str(device))  # safetensors: tensors only, never code
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"{directory / WEIGHTS}: cannot load the weights ({e})") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{directory / WEIGHTS}: weights do not match config.json ({e})") from None
+    _load_weights(model, state, directory / WEIGHTS, CONFIG)
     return recipe, model.to(device).eval(), tokenizer
+
+
+def _load_tokenizer(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.load(path)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot load the SentencePiece model ({' '.join(str(e).split())})") from None
+
+
+def _load_weights(model: Transformer, weights: dict[str, torch.Tensor], path: Path, config: str) -> None:
+    """`model.load_state_dict(weights)`, or one line saying how the weights differ from what `config` builds
+    (torch's own message lists every tensor, over many lines)."""
+    expected = model.state_dict()
+    reshaped = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    problems = [
+        f"{len(names)} {what} (first: {names[0]}{detail(names[0])})"
+        for names, what, detail in (
+            (reshaped, "of another shape", lambda k: f" is {tuple(weights[k].shape)}, the config makes {tuple(expected[k].shape)}"),
+            (missing, "missing", lambda k: ""),
+            (unexpected, "that the config has no place for", lambda k: ""),
+        )
+        if names
+    ]
+    if problems:
+        raise CheckpointError(f"{path}: weights do not match {config}: tensors {'; '.join(problems)}")
+    model.load_state_dict(weights, strict=True)
 
 
 def training_checkpoints(run_dir: Path) -> list[Path]:
@@ -191,11 +213,12 @@ def clean_interrupted_writes(run_dir: Path) -> list[str]:
 def load_training_checkpoint(path: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> dict:
     """Restore weights and optimizer in place; return the rest of the state (step, data position, ...)."""
     try:
-        model.load_state_dict(load_file(path / WEIGHTS))
+        weights = load_file(path / WEIGHTS)
         tensors = load_file(path / OPTIMIZER)
         state = json.loads((path / STATE).read_text(encoding="utf-8"))
-    except (OSError, ValueError, SafetensorError, RuntimeError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise CheckpointError(f"{path}: cannot load the training checkpoint ({e})") from None
+    _load_weights(model, weights, path / WEIGHTS, "the recipe")
     slots: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("rng."):  # random generator states of checkpoints older than keyed dropout: no longer needed
@@ -223,14 +246,16 @@ def average_weights(directories: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def save_averaged(directories: list[Path], out: Path) -> None:
-    """A model directory whose weights average `directories`; config and tokenizer from the first one's run."""
+    """A model directory whose weights average `directories`; config and tokenizer from the first one's run.
+    `out` must not hold a model already: averaging never overwrites one."""
     first = Path(directories[0])
     source = first if (first / CONFIG).is_file() else first.parent.parent  # run_dir/checkpoints/step_N -> run_dir
+    if not (source / CONFIG).is_file():
+        raise CheckpointError(f"{first}: neither a model directory nor a training checkpoint of one (no {CONFIG} in it or in {source})")
+    if (Path(out) / CONFIG).exists() or (Path(out) / WEIGHTS).exists():
+        raise CheckpointError(f"{out} already holds a model; choose another output directory")
     recipe = load_recipe_json(source)
-    tokenizer = Tokenizer.load(source / SPM)
+    tokenizer = _load_tokenizer(source / SPM)
     model = Transformer(recipe.model, tokenizer.vocab_size)
-    try:
-        model.load_state_dict(average_weights(directories))
-    except RuntimeError as e:
-        raise CheckpointError(f"{first / WEIGHTS}: weights do not match {source / CONFIG} ({e})") from None
+    _load_weights(model, average_weights(directories), first / WEIGHTS, str(source / CONFIG))
     save_model_dir(out, model, recipe, tokenizer)

@@ -14,7 +14,9 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
@@ -323,17 +325,23 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError  # after parsing: `--help` should not wait for torch and `datasets` to import
     from .data import DataError
 
+    if getattr(args, "quiet", False):
+        import datasets
+
+        datasets.disable_progress_bars()  # "Generating train split", "tokenizing", ...: --quiet means none
     debug = args.debug or bool(os.environ.get("TRANSLATOR_DEBUG"))
     try:
-        return args.run(args)
+        with _sigterm_interrupts():
+            return args.run(args)
     except (RecipeError, DataError, CheckpointError) as e:  # the user's input: say what to fix
         if debug:
             raise
         print(f"translator {args.verb}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # Ctrl-C, or training stopped by SIGINT/SIGTERM after saving a checkpoint
-        print(f"translator {args.verb}: interrupted", file=sys.stderr)
-        return 128 + getattr(e, "signal", signal.SIGINT)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, or training stopped by either after saving a checkpoint
+        signum = getattr(e, "signal", signal.SIGINT)
+        print(f"translator {args.verb}: {'terminated' if signum == signal.SIGTERM else 'interrupted'}", file=sys.stderr)
+        return 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     except BrokenPipeError:  # the reader went away (| head): what it wanted was written; end as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exit's own flush cannot fail again
         return 141
@@ -342,3 +350,24 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"translator {args.verb}: failed: {type(e).__name__}: {e} (--debug shows the traceback)", file=sys.stderr)
         return 1
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a scheduler's stop, `kill`) raises KeyboardInterrupt as SIGINT does, so the same cleanup
+    runs; its `signal` says which it was, as train's `Stopped` does. Commands that handle SIGTERM
+    themselves (train's loop, serve) set their own handler inside."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be set from the main thread
+        return
+
+    def interrupt(signum, frame):
+        stop = KeyboardInterrupt(signal.Signals(signum).name)
+        stop.signal = signum
+        raise stop
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -160,7 +161,7 @@ class Recipe:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def validate(self) -> None:
-        _check(self.seed >= 0, "seed", self.seed, "zero or more")
+        _check(0 <= self.seed < 2**32, "seed", self.seed, "0 to 2**32 - 1 (numpy's seed range)")
         _check(self.data.max_len + 1 <= self.model.max_positions, "data.max_len", self.data.max_len,
                f"at most model.max_positions - 1 = {self.model.max_positions - 1} (a sentence takes one more position for bos/eos)")
 
@@ -209,20 +210,25 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         # YAML 1.1 reads "1e-3" as a string; accept what float() accepts, but never a bool.
         if isinstance(value, str):
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # No key means anything by infinity or NaN (off is 0 or null), and `nan > 0` is False: every range check would pass it.
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-        raise RecipeError(f"{key}: got {value!r}, expected a number")
+        raise RecipeError(f"{key}: got {value!r}, expected a finite number")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise RecipeError(f"{key}: got {value!r}, expected an integer")
-    if hint in (str, bool):
-        if isinstance(value, hint):
+    if hint is str:
+        if isinstance(value, str) and value.strip():  # "" as a path is the current directory; as a name, nothing
             return value
-        raise RecipeError(f"{key}: got {value!r}, expected {'a string' if hint is str else 'true or false'}")
+        raise RecipeError(f"{key}: got {value!r}, expected a non-empty string")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"{key}: got {value!r}, expected true or false")
     raise TypeError(f"unsupported type hint {hint!r} for {key}")  # a bug in this file, not in the recipe
 
 
@@ -270,17 +276,39 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping: PyYAML keeps the last silently, so a second
+    `train:` section would drop the first one's settings."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a YAML recipe, apply dotted overrides, and validate everything."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
+        raise RecipeError(f"recipe file not found: {path}" + (" (that is a directory)" if path.exists() else ""))
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise RecipeError(f"{path}, line {line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except yaml.reader.ReaderError as e:  # a control character: the file is binary, or was damaged
+        line = path.read_text(encoding="utf-8")[: e.position].count("\n") + 1
+        raise RecipeError(f"{path}, line {line}: not valid YAML (character {chr(e.character)!r}: {e.reason})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise RecipeError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if values is None:  # an empty file would silently train the defaults, from the hub
+        raise RecipeError(f"{path}: the recipe is empty; start from one in recipes/")
     if not isinstance(values, dict):
         raise RecipeError(f"{path}: expected a mapping of recipe sections at the top level")
     return recipe_from_dict(apply_overrides(values, list(overrides)))

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import logging
 from collections.abc import Iterator
-from itertools import islice
+from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
 
+from . import datafiles
 from .batching import bucketed_batches, sorted_batches, source_tensor, target_tensors
 from .config import DataConfig
 from .tokenizer import PAD_ID, Tokenizer
@@ -66,15 +69,72 @@ def _first_invalid_utf8_line(file: str) -> str | None:
     return None
 
 
-def _load_local(builder: str, file: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
+def _load_local(builder: str, file: str, streaming: bool, languages: tuple[str, str]) -> datasets.Dataset | datasets.IterableDataset:
     # pyarrow's JSON reader accepts invalid UTF-8 and fails later, far from the cause: check first.
     if builder in ("json", "csv") and (problem := _first_invalid_utf8_line(file)):
         raise DataError(problem)
+    if problem := datafiles.nothing_to_read(file, builder):
+        raise DataError(problem)
+    options = datafiles.csv_as_text(file) if builder == "csv" else {}
     try:
         # Loaded as "train": datasets' split names must be identifiers, file names need not be (test-2016.jsonl).
-        return datasets.load_dataset(builder, data_files=file, split="train", streaming=streaming)
-    except datasets.exceptions.DatasetGenerationError as e:
-        raise DataError(f"{file}: cannot be read as {builder} ({e.__cause__ or e})") from e
+        with _datasets_errors_unlogged():
+            return datasets.load_dataset(builder, data_files=file, split="train", streaming=streaming, **options)
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as e:  # e.g. a number among strings, or a broken line
+        problem = datafiles.first_unreadable_json_line(file, languages) if file.endswith(".jsonl") else None
+        raise DataError(problem or f"{file}: cannot be read as {builder} ({_one_line(e.__cause__ or e)})") from None
+
+
+@contextmanager
+def _datasets_errors_unlogged():
+    """datasets logs a failed read and then raises it: the DataError says it once, on one line."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def split_source(cfg: DataConfig, split: str) -> str:
+    """Where a split's pairs come from, for messages: its file, or the hub dataset and split."""
+    folder = Path(cfg.path).expanduser()
+    if folder.is_dir():
+        _, split_files = _local_split_files(folder)
+        if split in split_files:
+            return split_files[split]
+    return f"dataset {cfg.path!r}{f' ({cfg.name})' if cfg.name else ''} split {split!r}"
+
+
+def _load_hub(cfg: DataConfig, split: str, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
+    try:
+        return datasets.load_dataset(cfg.path, cfg.name, split=split, streaming=streaming)
+    except ValueError as e:  # a missing or unknown configuration, or split: datasets says which only in words
+        raise DataError(_hub_usage_problem(cfg, split) or f"dataset {cfg.path!r}: {_one_line(e)}") from None
+    except (FileNotFoundError, ConnectionError, OSError) as e:
+        raise DataError(
+            f"could not load dataset {cfg.path!r} ({type(e).__name__}: {_one_line(e)}). Without internet access, "
+            "point data.path at a local folder of split files, e.g. --set data.path=../shared/data/multi30k"
+        ) from None
+
+
+def _hub_usage_problem(cfg: DataConfig, split: str) -> str | None:
+    """What is wrong with data.name or the split for this hub dataset, asked of datasets itself."""
+    try:
+        splits = datasets.get_dataset_split_names(cfg.path, cfg.name)
+    except ValueError:  # the configuration: missing (several exist, none is the default) or unknown
+        configs = ", ".join(datasets.get_dataset_config_names(cfg.path))
+        if cfg.name is None:
+            return f"dataset {cfg.path!r} needs a configuration name: set data.name to one of {configs}"
+        return f"data.name: dataset {cfg.path!r} has no configuration {cfg.name!r}; configurations: {configs}"
+    if split not in splits:
+        return f"split {split!r} not in dataset {cfg.path!r}; splits there: {', '.join(splits)}"
+    return None
 
 
 def plain_text_splits(folder: Path, src_lang: str, tgt_lang: str) -> dict[str, tuple[Path, ...]]:
@@ -163,21 +223,35 @@ def load_split(cfg: DataConfig, split: str, streaming: bool = False) -> datasets
         builder, split_files = _local_split_files(folder)
         if split not in split_files:
             raise DataError(f"split {split!r} not found in {folder}; splits there: {', '.join(split_files)}")
-        dataset = _load_local(builder, split_files[split], streaming)
+        dataset = _load_local(builder, split_files[split], streaming, (cfg.src_lang, cfg.tgt_lang))
     elif cfg.path.startswith(("/", "./", "../", "~")) or folder.exists():
         raise DataError(f"data.path: {cfg.path} is not a folder of split files (no such directory)")
     else:
-        try:
-            dataset = datasets.load_dataset(cfg.path, cfg.name, split=split, streaming=streaming)
-        except ValueError as e:  # datasets: Unknown split "x". Should be one of [...]
-            raise DataError(f"split {split!r} not in dataset {cfg.path!r} ({e})") from None
-        except (FileNotFoundError, ConnectionError, OSError) as e:
-            raise DataError(
-                f"could not load dataset {cfg.path!r} ({type(e).__name__}: {e}). Without internet access, "
-                "point data.path at a local folder of split files, e.g. --set data.path=../shared/data/multi30k"
-            ) from None
-    pairs = to_pairs(dataset, cfg.src_lang, cfg.tgt_lang)
-    return datasets.Dataset.from_list(list(pairs)) if whole_through_stream else pairs
+        dataset = _load_hub(cfg, split, streaming)
+    source = split_source(cfg, split)
+    try:
+        pairs = to_pairs(dataset, cfg.src_lang, cfg.tgt_lang)
+    except DataError as e:
+        raise DataError(f"{source}: {e}") from None
+    if whole_through_stream:
+        pairs = datasets.Dataset.from_list(list(pairs))
+    if isinstance(pairs, datasets.Dataset):
+        _check_text(pairs, source, (cfg.src_lang, cfg.tgt_lang))
+    return pairs
+
+
+def _check_text(pairs: datasets.Dataset, source: str, languages: tuple[str, str]) -> None:
+    """Every cell is text or missing (an empty side, dropped by the filter): a number or a list is an error naming its line."""
+    if not len(pairs):
+        raise DataError(f"{source}: no pairs")
+    for column, language in zip(("src", "tgt"), languages):
+        feature = pairs.features[column]
+        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "null"):
+            continue  # all text: nothing to read
+        for row, value in enumerate(pairs[column]):
+            if problem := datafiles.not_text(value, language):
+                where = f"line {datafiles.line_of_row(source, row)}" if source.endswith(".jsonl") else f"row {row + 1}"
+                raise DataError(f"{source}, {where}: {problem}")
 
 
 def to_pairs(dataset: datasets.Dataset | datasets.IterableDataset, src_lang: str, tgt_lang: str):
@@ -248,6 +322,14 @@ def filter_pairs(tokenized: datasets.Dataset, max_len: int, max_ratio: float) ->
     empty, too_long, bad_ratio = broken_rules(*lengths(tokenized), max_len, max_ratio)
     keep = np.flatnonzero(~(empty | too_long | bad_ratio))
     return tokenized.select(keep), FilterReport(len(keep), int(empty.sum()), int(too_long.sum()), int(bad_ratio.sum()))
+
+
+def training_pairs(pairs: datasets.Dataset, tokenizer: Tokenizer, cfg: DataConfig) -> tuple[datasets.Dataset, FilterReport]:
+    """The training split tokenized and filtered; an error naming the split if no pair is left to train on."""
+    kept, report = filter_pairs(tokenize(pairs, tokenizer, cfg.num_proc), cfg.max_len, cfg.max_ratio)
+    if not report.kept:
+        raise DataError(f"{split_source(cfg, cfg.train_split)}: no pair left to train on ({report}); see data.max_len and data.max_ratio")
+    return kept, report
 
 
 def lengths(tokenized: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:

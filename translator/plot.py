@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .attention_maps import AttentionMaps
+from .checkpoint import CheckpointError
 
 
 def _pyplot():
@@ -23,12 +24,7 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     """Write the curves of `run_dir/metrics.jsonl` to `output` (default `run_dir/curves.png`)."""
     plt = _pyplot()
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics to plot (is {run_dir} a training run directory?)")
-    entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    train = [e for e in entries if "loss" in e]
-    valid = [e for e in entries if "valid_bleu" in e]
+    train, valid = _read_metrics(run_dir / "metrics.jsonl")
 
     figure, (loss_ax, bleu_ax, lr_ax) = plt.subplots(3, 1, figsize=(7, 9), sharex=True)
     loss_ax.plot([e["step"] for e in train], [e["loss"] for e in train], label="training (label-smoothed)")
@@ -73,3 +69,20 @@ def plot_attention(maps: AttentionMaps, output: str | Path, head: int | None = N
     figure.savefig(output, dpi=100)
     plt.close(figure)
     return Path(output)
+
+
+def _read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """The training and the validation entries of a metrics.jsonl; a run with neither is the user's mistake (exit 2)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no metrics to plot (is {path.parent} a training run directory?)")
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        try:
+            entries += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+    train = [e for e in entries if isinstance(e, dict) and "loss" in e]
+    valid = [e for e in entries if isinstance(e, dict) and "valid_bleu" in e]
+    if not train and not valid:
+        raise CheckpointError(f"{path}: no training or validation metrics to plot yet (the run logs every train.log_every steps)")
+    return train, valid

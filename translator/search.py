@@ -8,14 +8,17 @@ Shapes: B sentences still decoding, K beam size, V vocabulary.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .model import Transformer
-from .tokenizer import BOS_ID, EOS_ID
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
 @dataclass(frozen=True)
@@ -42,18 +45,28 @@ class Sampling:
     temperature: float = 1.0  # < 1 sharpens, > 1 flattens
     top_k: int = 0  # draw only among the k likeliest tokens (0: all)
     top_p: float = 1.0  # draw only among the likeliest tokens whose probabilities add up to p (nucleus)
-    seed: int | None = None  # the same seed and input give the same samples
+    seed: int | None = None  # a sentence's samples depend only on the seed and the sentence (not on its batch)
 
     def __post_init__(self):
-        if not self.temperature > 0:
-            raise ValueError(f"Sampling.temperature: got {self.temperature}, expected > 0")
+        for name, kind, expected in (("temperature", numbers.Real, "a number"), ("top_k", numbers.Integral, "an integer"),
+                                     ("top_p", numbers.Real, "a number"), ("seed", (numbers.Integral, type(None)), "an integer or None")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kind):  # "3" < 0 would fail later, and obscurely
+                raise TypeError(f"Sampling.{name}: got {value!r} ({type(value).__name__}), expected {expected}")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"Sampling.temperature: got {self.temperature}, expected > 0 and finite")
         if self.top_k < 0:
             raise ValueError(f"Sampling.top_k: got {self.top_k}, expected 0 (off) or more")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"Sampling.top_p: got {self.top_p}, expected in (0, 1]")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"Sampling.seed: got {self.seed}, expected 0 or more, or None")
 
-    def draw(self, logp: Tensor, generator: torch.Generator | None) -> Tensor:
-        """(B, V) next-token log-probabilities -> (B,) sampled token ids."""
+    def draw(self, logp: Tensor, uniforms: Tensor) -> Tensor:
+        """(B, V) next-token log-probabilities and (B,) uniforms in [0, 1) -> (B,) sampled token ids.
+
+        Inverse transform sampling: each row's token is where its uniform falls in the cumulative
+        distribution, so a row's draw depends on its own uniform alone."""
         logits = logp / self.temperature
         if self.top_k:
             kth = logits.topk(min(self.top_k, logits.size(-1)), dim=-1).values[:, -1:]
@@ -63,7 +76,20 @@ class Sampling:
             probs = sorted_logits.softmax(dim=-1)
             outside = probs.cumsum(dim=-1) - probs >= self.top_p  # the mass before this token already reached p
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
-        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+        cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)
+        # right=True: a uniform on a step of the cdf goes past tokens of probability 0
+        tokens = torch.searchsorted(cdf, (uniforms.double() * cdf[:, -1])[:, None], right=True)
+        return tokens.squeeze(-1).clamp_(max=logp.size(-1) - 1)
+
+
+def sentence_generators(src: Tensor, pad_id: int, seed: int, n_samples: int) -> list[np.random.Generator]:
+    """A generator per (sentence, sample), seeded from the seed, the sample's index and the sentence's
+    token ids alone: the same sentence gets the same samples alone or in any batch, under any max_tokens."""
+    generators = []
+    for ids in src.tolist():
+        ids = [token for token in ids if token != pad_id]
+        generators += [np.random.default_rng([seed, index, len(ids), *ids]) for index in range(n_samples)]
+    return generators
 
 
 ROWS_PER_BLOCK = 512  # (512, 8k) fp32 logits are 16 MB: in cache on this CPU, and 512 measured fastest of 128-1024
@@ -80,28 +106,33 @@ def top_log_probs(model: Transformer, outputs: Tensor, k: int) -> tuple[Tensor, 
 
 
 def greedy_search(model: Transformer, src: Tensor, max_lens: list[int]) -> list[Hypothesis]:
-    def best(outputs: Tensor) -> tuple[Tensor, Tensor]:
+    def best(outputs: Tensor, alive: list[int]) -> tuple[Tensor, Tensor]:
         logp, tokens = top_log_probs(model, outputs, 1)
         return tokens[:, 0], logp[:, 0]
 
     return _token_by_token(model, src, max_lens, best)
 
 
-def sample(model: Transformer, src: Tensor, max_lens: list[int], sampling: Sampling) -> list[Hypothesis]:
-    generator = torch.Generator(src.device).manual_seed(sampling.seed) if sampling.seed is not None else None
+def sample(model: Transformer, src: Tensor, max_lens: list[int], sampling: Sampling, n_samples: int = 1) -> list[list[Hypothesis]]:
+    """`n_samples` draws per sentence, best first."""
+    seed = sampling.seed if sampling.seed is not None else np.random.SeedSequence().entropy  # unseeded: a fresh random seed
+    generators = sentence_generators(src, PAD_ID, seed, n_samples)  # one per row of src[rows]
+    rows = torch.arange(src.size(0), device=src.device).repeat_interleave(n_samples)
 
-    def draw(outputs: Tensor) -> tuple[Tensor, Tensor]:
+    def draw(outputs: Tensor, alive: list[int]) -> tuple[Tensor, Tensor]:
         logp = F.log_softmax(model.logits(outputs).float(), dim=-1)  # (B, V)
-        tokens = sampling.draw(logp, generator)
+        uniforms = torch.tensor([generators[row].random() for row in alive], dtype=torch.float64, device=logp.device)
+        tokens = sampling.draw(logp, uniforms)
         return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
-    return _token_by_token(model, src, max_lens, draw)
+    drawn = _token_by_token(model, src[rows], [max_lens[r] for r in rows.tolist()], draw)
+    return [sorted(drawn[i * n_samples:(i + 1) * n_samples], key=lambda h: -h.score) for i in range(src.size(0))]
 
 
 @torch.inference_mode()
 def _token_by_token(model: Transformer, src: Tensor, max_lens: list[int], choose) -> list[Hypothesis]:
-    """One hypothesis per sentence, extended by `choose(decoder outputs (B, D)) -> tokens (B,), their log-probabilities (B,)`
-    until eos or the length limit."""
+    """One hypothesis per sentence, extended by `choose(decoder outputs (B, D), the rows' indices in src) -> tokens (B,),
+    their log-probabilities (B,)` until eos or the length limit."""
     memory, src_mask = model.encode(src)
     state = model.start(memory, src_mask)
     alive = list(range(src.size(0)))  # original index of each row still decoding
@@ -110,7 +141,7 @@ def _token_by_token(model: Transformer, src: Tensor, max_lens: list[int], choose
     last = torch.full((len(alive), 1), BOS_ID, dtype=torch.long, device=src.device)
     while alive:
         outputs, state = model.decode(last, state)
-        chosen, chosen_logp = choose(outputs[:, -1])
+        chosen, chosen_logp = choose(outputs[:, -1], alive)
         keep = []
         for row, (i, token, token_logp) in enumerate(zip(alive, chosen.tolist(), chosen_logp.tolist())):
             scores[i] += token_logp

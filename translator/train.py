@@ -32,7 +32,7 @@ from .checkpoint import (
     save_model_config, save_training_checkpoint, save_weights, training_checkpoints,
 )
 from .config import Recipe, RecipeError, TrainConfig
-from .data import Batch, SampledTrainBatches, StreamBatches, TrainBatches, filter_pairs, load_split, tokenize
+from .data import Batch, SampledTrainBatches, StreamBatches, TrainBatches, filter_pairs, load_split, tokenize, training_pairs
 from .devices import Precision, pick_device, resolve_precision
 from .distributed import World, join, leave
 from .evaluate import Scores, bleu_metric, evaluate, score
@@ -156,13 +156,12 @@ def load_data(recipe: Recipe, world: World, from_checkpoint: bool, say) -> tuple
         else:
             sample = train_pairs.shuffle(seed=recipe.seed).take(tok.input_sentence_size) if data.streaming else train_pairs
             tokenizer = Tokenizer.train(sentences(sample), tok.vocab_size, tok.model_type, tok.character_coverage, tok.input_sentence_size, recipe.seed)
-            save_model_config(out, recipe, tokenizer)  # weights only once trained: until then the folder can be started again
         say(f"tokenizer: SentencePiece {tok.model_type}, {tokenizer.vocab_size} pieces")
         if data.streaming:
             train_batches = StreamBatches(train_pairs, tokenizer, cfg.max_tokens, recipe.seed, data.max_len, data.max_ratio)
             say("filter: applied to each pool as the stream is read")
         else:
-            train_tokens, report = filter_pairs(tokenize(train_pairs, tokenizer, data.num_proc), data.max_len, data.max_ratio)
+            train_tokens, report = training_pairs(train_pairs, tokenizer, data)
             say(f"filter: {report}")
             train_batches = (SampledTrainBatches(train_tokens, cfg.max_tokens, recipe.seed, tokenizer, data.subword_sampling, data.max_len)
                              if data.subword_sampling else TrainBatches(train_tokens, cfg.max_tokens, recipe.seed))
@@ -170,6 +169,8 @@ def load_data(recipe: Recipe, world: World, from_checkpoint: bool, say) -> tuple
         valid_tokens, report = filter_pairs(tokenize(valid_pairs, tokenizer), recipe.model.max_positions - 1, 0)
         if report.kept < len(valid_pairs):
             say(f"validation loss: {report.kept} of {len(valid_pairs)} pairs ({report.too_long} longer than model.max_positions, {report.empty} empty left out)")
+        if world.is_main and not from_checkpoint:  # once the data is known to be usable: a refused run leaves nothing behind
+            save_model_config(out, recipe, tokenizer)  # weights only once trained: until then the folder can be started again
     return tokenizer, train_batches, TrainBatches(valid_tokens, cfg.max_tokens, recipe.seed), valid_pairs
 
 

@@ -1,0 +1,74 @@
+"""Local split files, checked before `datasets` reads them and explained when it cannot.
+
+Each check returns what is wrong, naming the file and line, or None: `datasets` and pandas
+say "corresponds to no data" for an empty file, read the CSV cell `NA` as missing, and name
+the row of a JSON Lines reader's error but not the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from itertools import islice
+
+import datasets
+
+
+def nothing_to_read(file: str, builder: str) -> str | None:
+    """An empty (or blank) file, or a CSV file with a header and no rows."""
+    with open(file, "rb") as f:
+        blank = not any(block.strip() for block in iter(lambda: f.read(1 << 16), b""))
+    if blank:
+        return f"{file}: the file is empty (no pairs)"
+    if builder == "csv" and _csv_rows(file)[1] is None:
+        return f"{file}: a header and no pairs"
+    return None
+
+
+def _csv_rows(file: str) -> tuple[list[str], list[str] | None]:
+    """The header and the first row (None if there is none)."""
+    with open(file, encoding="utf-8", newline="") as f:
+        rows = csv.reader(f)
+        return next(rows, []), next(rows, None)
+
+
+def csv_as_text(file: str) -> dict:
+    """`load_dataset("csv", ...)` options that read every cell as text: pandas would read NA, null,
+    None, n/a and the like as missing (and the pair would be dropped), and 007 as the number 7."""
+    header, _ = _csv_rows(file)
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    return {"features": features, "keep_default_na": False, "na_filter": False}
+
+
+def first_unreadable_json_line(file: str, languages: tuple[str, str]) -> str | None:
+    """The first line of a JSON Lines file that is not one JSON object, or whose text for one of
+    `languages` (flat, or in a translation dict) is neither a string nor missing."""
+    with open(file, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"{file}, line {number}: not valid JSON ({e.msg} at column {e.colno})"
+            if not isinstance(row, dict):
+                return f"{file}, line {number}: expected a JSON object of {{language: text}}, got {type(row).__name__}"
+            texts = row["translation"] if isinstance(row.get("translation"), dict) else row
+            for language in languages:
+                if (problem := not_text(texts.get(language), language)):
+                    return f"{file}, line {number}: {problem}"
+    return None
+
+
+def not_text(value, language: str) -> str | None:
+    """A cell that is neither text nor missing (missing is an empty side, which the filter drops)."""
+    if value is None or isinstance(value, str):
+        return None
+    return f"{language!r} is {type(value).__name__} {value!r:.40}, expected text"
+
+
+def line_of_row(file: str, row: int) -> int:
+    """The line of a JSON Lines file that holds row `row` (0-based; blank lines hold none)."""
+    with open(file, encoding="utf-8") as f:
+        rows = (number for number, line in enumerate(f, start=1) if line.strip())
+        return next(islice(rows, row, None))
