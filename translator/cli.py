@@ -7,7 +7,6 @@ failure, 2 usage error (a bad recipe, override, dataset or model directory).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -77,7 +76,7 @@ def input_lines(stream, name: str) -> Iterator[str]:
         yield line.removesuffix("\n").removesuffix("\r")
 
 
-@contextlib.contextmanager
+@contextmanager
 def output_file(path: str | None):
     """stdout, or a file that appears only when the command succeeds (written beside it, then renamed)."""
     if path is None:

@@ -104,7 +104,10 @@ def _one_line(error: BaseException) -> str:
 def split_source(cfg: DataConfig, split: str) -> str:
     """Where a split's pairs come from, for messages: its file, or the hub dataset and split."""
     folder = Path(cfg.path).expanduser()
-    if folder.is_dir():
+    if folder.is_dir() and (text_splits := plain_text_splits(folder, cfg.src_lang, cfg.tgt_lang)):
+        if split in text_splits:
+            return " + ".join(map(str, text_splits[split]))
+    elif folder.is_dir():
         _, split_files = _local_split_files(folder)
         if split in split_files:
             return split_files[split]
