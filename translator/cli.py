@@ -247,25 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=cmd_train)
 
-    translate = verbs.add_parser("translate", help="translate lines (stdin or -i) to lines (stdout or -o)", parents=[decoding],
-                                 epilog=TRANSLATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    translate.add_argument("model_dir")
-    translate.add_argument("-i", "--input", default=None, help="read this file instead of stdin")
-    translate.add_argument("-o", "--output", default=None, help="write this file (only once all is translated) instead of stdout")
-    translate.add_argument("--beam-size", type=int, default=None, help="1 for greedy (default: the recipe's decode.beam_size)")
-    translate.add_argument("--alpha", type=float, default=None, help="beam search's length penalty ((5 + length) / 6) ** alpha (default: the recipe's)")
-    translate.add_argument("--n-best", type=positive_int, default=None, metavar="N",
-                           help="N lines an input line: index<TAB>score<TAB>text, best first (N <= beam size, or N samples)")
-    translate.add_argument("--sample", action="store_true", help="draw each token from the model's distribution instead of searching")
-    translate.add_argument("--temperature", type=float, default=None, help="with --sample: < 1 sharpens, > 1 flattens (default 1)")
-    translate.add_argument("--top-k", type=int, default=None, help="with --sample: only among the k likeliest tokens (default: all)")
-    translate.add_argument("--top-p", type=float, default=None, help="with --sample: only among the likeliest tokens that add up to p (default 1)")
-    translate.add_argument("--seed", type=int, default=None, help="with --sample: the same seed and input give the same samples")
-    translate.add_argument("--set", **overrides)
-    translate.add_argument("--chunk-lines", type=positive_int, default=2000, help="lines read, translated and written at a time")
-    translate.add_argument("--no-truncate", action="store_true", help="fail on a sentence longer than the model's positions instead of truncating it")
-    translate.add_argument("--quiet", action="store_true", help="no progress bar, no device and precision line")
-    translate.set_defaults(run=cmd_translate)
+    _add_translate(verbs, decoding, overrides)
 
     evaluate = verbs.add_parser("evaluate", help="BLEU and chrF on a dataset split", parents=[decoding],
                                 epilog="example: translator evaluate runs/multi30k_de_en --split test --set data.path=../shared/data/multi30k")
@@ -292,6 +274,33 @@ def build_parser() -> argparse.ArgumentParser:
     average.add_argument("-o", "--output", required=True, help="the model directory to write")
     average.set_defaults(run=cmd_average)
 
+    _add_plot_and_serve(verbs, decoding, overrides)
+    return parser
+
+
+def _add_translate(verbs, decoding: argparse.ArgumentParser, overrides: dict) -> None:
+    translate = verbs.add_parser("translate", help="translate lines (stdin or -i) to lines (stdout or -o)", parents=[decoding],
+                                 epilog=TRANSLATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    translate.add_argument("model_dir")
+    translate.add_argument("-i", "--input", default=None, help="read this file instead of stdin")
+    translate.add_argument("-o", "--output", default=None, help="write this file (only once all is translated) instead of stdout")
+    translate.add_argument("--beam-size", type=int, default=None, help="1 for greedy (default: the recipe's decode.beam_size)")
+    translate.add_argument("--alpha", type=float, default=None, help="beam search's length penalty ((5 + length) / 6) ** alpha (default: the recipe's)")
+    translate.add_argument("--n-best", type=positive_int, default=None, metavar="N",
+                           help="N lines an input line: index<TAB>score<TAB>text, best first (N <= beam size, or N samples)")
+    translate.add_argument("--sample", action="store_true", help="draw each token from the model's distribution instead of searching")
+    translate.add_argument("--temperature", type=float, default=None, help="with --sample: < 1 sharpens, > 1 flattens (default 1)")
+    translate.add_argument("--top-k", type=int, default=None, help="with --sample: only among the k likeliest tokens (default: all)")
+    translate.add_argument("--top-p", type=float, default=None, help="with --sample: only among the likeliest tokens that add up to p (default 1)")
+    translate.add_argument("--seed", type=int, default=None, help="with --sample: the same seed and input give the same samples")
+    translate.add_argument("--set", **overrides)
+    translate.add_argument("--chunk-lines", type=positive_int, default=2000, help="lines read, translated and written at a time")
+    translate.add_argument("--no-truncate", action="store_true", help="fail on a sentence longer than the model's positions instead of truncating it")
+    translate.add_argument("--quiet", action="store_true", help="no progress bar, no device and precision line")
+    translate.set_defaults(run=cmd_translate)
+
+
+def _add_plot_and_serve(verbs, decoding: argparse.ArgumentParser, overrides: dict) -> None:
     plot = verbs.add_parser("plot", help="PNG training curves of a run, or (--attention) a translation's attention maps",
                             epilog='examples: translator plot runs/multi30k_de_en\n'
                                    '          translator plot --attention runs/multi30k_de_en "Ein Mann fährt Fahrrad." -o attention.png',
@@ -316,7 +325,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-wait-ms", type=milliseconds, default=5.0, help="how long a request reaching an idle server waits for others to batch with (default 5)")
     serve.add_argument("--set", **overrides)
     serve.set_defaults(run=cmd_serve)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
