@@ -160,7 +160,7 @@ def test_a_batch_holds_equal_options_within_the_token_budget(tiny_translator):
     sizes = sorted(len(call) for call in translator.calls)
     assert sum(sizes) == 8 and max(sizes) <= 3
     assert [SENTENCES[0], SENTENCES[3]] in translator.calls  # the two greedy requests, together
-    assert [SENTENCES[1]] in translator.calls and [SENTENCES[2]] in translator.calls  # sampled draws depend on the batch: alone
+    assert [SENTENCES[1], SENTENCES[2]] in translator.calls  # seeded samples depend on the sentence alone: batched too
     for (sentences, opts), result in zip(jobs, results):
         alone = tiny_translator.translate(sentences, **opts)
         assert [[t.text for t in hyps] for hyps in result] == [[t.text for t in hyps] for hyps in alone]

@@ -90,8 +90,7 @@ class Batcher:
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
 
     def submit(self, sentences: list[str], options: dict) -> asyncio.Future:
-        # Sampled draws depend on the batch they are drawn in: a sampling request is decoded on its own.
-        key = tuple(options.items()) + ((id(sentences),) if options["sampling"] else ())
+        key = tuple(options.items())  # seeded samples depend on the seed and the sentence alone: they batch too
         lengths = [len(ids) + 1 for ids in self.translator.tokenizer.encode(sentences)] or [0]
         job = Job(sentences, options, key, (len(sentences), max(lengths)), asyncio.get_running_loop().create_future())
         self.queue.append(job)
