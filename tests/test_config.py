@@ -232,6 +232,9 @@ def test_ints_are_accepted_for_floats():
         (["train.label_smoothing=1"], "train.label_smoothing"),
         (["train.clip_norm=-1"], "train.clip_norm"),
         (["train.threads=0"], "train.threads"),
+        (["train.rdrop_alpha=-1"], "train.rdrop_alpha"),
+        (["data.subword_sampling=1.5"], "data.subword_sampling"),
+        (["data.subword_sampling=0.3", "data.streaming=true"], "data.subword_sampling"),
     ],
 )
 def test_out_of_range_names_the_key(overrides, key):
