@@ -408,6 +408,7 @@ class SampledTrainBatches(TrainBatches):
         super().__init__(tokenized, max_tokens, seed)
         self.texts = tokenized.select_columns(["src", "tgt"])
         self.tokenizer, self.sampling, self.max_len = tokenizer, sampling, max_len
+        self.best = {side: list(self.dataset[side + "_ids"]) for side in ("src", "tgt")}  # the fallback for a long draw, read once
         self.segmented: tuple[int, dict[str, list[list[int]]], np.ndarray] | None = None
 
     def _segment(self, epoch: int) -> tuple[dict[str, list[list[int]]], np.ndarray]:
@@ -416,8 +417,7 @@ class SampledTrainBatches(TrainBatches):
             for i, side in enumerate(("src", "tgt")):
                 seed = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0])
                 drawn = self.tokenizer.encode([text or "" for text in self.texts[side]], self.sampling, seed)
-                best = list(self.dataset[side + "_ids"])
-                ids[side] = [d if len(d) <= self.max_len else b for d, b in zip(drawn, best)]
+                ids[side] = [d if len(d) <= self.max_len else b for d, b in zip(drawn, self.best[side])]
             sizes = np.maximum([len(x) for x in ids["src"]], [len(x) for x in ids["tgt"]]) + 1
             self.segmented = (epoch, ids, sizes)
         return self.segmented[1], self.segmented[2]

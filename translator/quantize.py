@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 from torch import nn
 
 from .model import Transformer

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .api import Translator
 from .checkpoint import (
-    CHECKPOINTS, CONFIG, SPM, WEIGHTS, average_weights, clean_interrupted_writes, load_recipe_json, load_training_checkpoint,
+    CHECKPOINTS, SPM, WEIGHTS, average_weights, clean_interrupted_writes, load_recipe_json, load_training_checkpoint,
     save_model_config, save_training_checkpoint, save_weights, training_checkpoints,
 )
 from .config import Recipe, RecipeError, TrainConfig
