@@ -12,7 +12,8 @@ lengths 16, 64 and 256. With --peer, `../shared/bench-peers/decode.sh` runs firs
 install.sh, prepare.sh and train.sh to have run, see its README), and the ratios to Joey NMT
 are measured in the same run. With --ctranslate2 the model is exported (`translator export`) to
 CTranslate2 in float32 and int8 and timed on the same sentences and threads: 8,192-token batches,
-2 threads in one worker, and 2 workers of 1 thread. With a trained model, every row has its BLEU.
+2 threads in one worker, and 2 workers of 1 thread. Ours runs both ways too (`workers=2`: forked
+processes). With a trained model, every row has its BLEU.
 """
 
 from __future__ import annotations
@@ -181,11 +182,16 @@ def main() -> None:
     test = load_split(data, "test")
     sentences, references = list(test["src"]), list(test["tgt"])
     model, tokenizer = translator.model, translator.tokenizer
-    for precision in ("fp32", "bf16", "int8"):  # warm up (and build the int8 copy)
+    # CTranslate2's "2 workers x 1 thread", ours: the same model in `threads` forked processes of one thread each
+    in_workers = Translator(model, tokenizer, translator.recipe, workers=args.threads)
+    for precision in ("fp32", "bf16", "int8"):  # warm up (and build the int8 copy, fork the workers)
         translator.translate(sentences[:64], beam_size=1, precision=precision)
+        in_workers.translate(sentences[:64], beam_size=1, precision=precision)
 
-    runs = {(name, beam, f"ours {precision}"): (lambda beam=beam, precision=precision: translator.translate(sentences, beam_size=beam, precision=precision))
-            for (name, beam), precision in itertools.product((("greedy", 1), ("beam 5", 5)), ("fp32", "bf16", "int8"))}
+    runs = {}
+    for (name, beam), precision in itertools.product((("greedy", 1), ("beam 5", 5)), ("fp32", "bf16", "int8")):
+        for label, ours in ((f"ours {precision}", translator), (f"ours {precision}, {args.threads} workers x 1 thread", in_workers)):
+            runs[(name, beam, label)] = lambda ours=ours, beam=beam, precision=precision: ours.translate(sentences, beam_size=beam, precision=precision)
     machine = f"{describe(translator.device)}; decode.precision auto picks {translator.precision('auto')}"  # before CTranslate2 sets OpenMP's threads
     if args.ctranslate2:
         runs |= ctranslate2_runs(args.model, translator, sentences, args.threads, Path(tempfile.mkdtemp(prefix="bench_ct2_")))

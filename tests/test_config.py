@@ -25,6 +25,7 @@ from translator.config import (
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.yaml"
 MULTI30K = ROOT / "recipes" / "multi30k_de_en.yaml"
+SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
 
 
 def write_recipe(tmp_path: Path, values: dict) -> Path:
@@ -40,7 +41,7 @@ def tiny_values() -> dict:
 # --- the shipped recipes ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [TINY, MULTI30K], ids=["tiny", "multi30k_de_en"])
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_shipped_recipes_load(path):
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe)
@@ -389,7 +390,7 @@ def test_overrides_are_validated_like_the_file():
 # --- round trip ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", [TINY, MULTI30K], ids=["tiny", "multi30k_de_en"])
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_to_dict_round_trips(path):
     recipe = load_recipe(path, ["train.betas=[0.8, 0.9]", "train.threads=2"])
     as_dict = recipe.to_dict()
@@ -421,3 +422,16 @@ def test_attention_and_activation_dropout_follow_model_dropout_unless_set():
     assert model.attention_dropout == model.activation_dropout == 0.2
     model = load_recipe(TINY, ["model.dropout=0.2", "model.activation_dropout=0"]).model
     assert (model.attention_dropout, model.activation_dropout) == (0.2, 0.0)
+
+
+def test_the_multi30k_recipes_differ_only_in_their_languages_and_names():
+    """The en-de and en-fr recipes promise the de-en recipe's settings."""
+    main = load_recipe(MULTI30K).to_dict()
+    for pair in ("en_de", "en_fr"):
+        other = load_recipe(ROOT / "recipes" / f"multi30k_{pair}.yaml").to_dict()
+        src, tgt = pair.split("_")
+        assert (other["data"]["src_lang"], other["data"]["tgt_lang"]) == (src, tgt)
+        for recipe in (main, other):
+            recipe.update(name=None, out_dir=None)
+            recipe["data"].update(src_lang=None, tgt_lang=None)
+        assert other == main

@@ -114,6 +114,21 @@ def test_evaluate_scores_with_the_recipes_tokenizer(tiny_translator, toy_corpus)
     assert scores.bleu == score(greedy, [r["en"] for r in read_split(toy_corpus, "validation")], tokenize="char").bleu
 
 
+def test_lowercased_scores_are_sacrebleus_and_say_so(tiny_translator, toy_corpus):
+    shouted = [h.upper() for h in HYPS]
+    lowered = score(shouted, REFS, lowercase=True)
+    assert lowered.bleu == pytest.approx(sacrebleu.corpus_bleu(shouted, [REFS], lowercase=True).score, abs=1e-9)
+    assert lowered.bleu == pytest.approx(score(HYPS, REFS, lowercase=True).bleu, abs=1e-9)
+    assert lowered.bleu > score(shouted, REFS).bleu + 20  # cased, the shouted words match almost nothing
+    assert lowered.chrf == pytest.approx(sacrebleu.corpus_chrf(shouted, [REFS], lowercase=True).score, abs=1e-9)
+    assert "case:lc" in lowered.bleu_signature and "case:lc" in lowered.chrf_signature
+    recipe = replace(tiny_translator.recipe, evaluate=replace(tiny_translator.recipe.evaluate, lowercase=True))
+    scores = evaluate(Translator(tiny_translator.model, tiny_translator.tokenizer, recipe), "validation", beam_size=1)
+    greedy = tiny_translator.translate([r["de"] for r in read_split(toy_corpus, "validation")], beam_size=1)
+    assert scores == score(greedy, [r["en"] for r in read_split(toy_corpus, "validation")], lowercase=True)
+    assert load_recipe(TINY_RECIPE, ["evaluate.lowercase=true"]).evaluate.lowercase is True
+
+
 @pytest.mark.parametrize("n_hyps, n_refs", [(2, 3), (3, 2), (0, 1)])
 def test_length_mismatch_raises(n_hyps, n_refs):
     with pytest.raises(ValueError, match=rf"{n_hyps} hypotheses for {n_refs} references"):

@@ -6,6 +6,7 @@
     t.translate("Ein Hund.", beam_size=5, n_best=3)          # -> list[Translation], best first
     t.translate("Ein Hund.", sampling=Sampling(top_p=0.9, seed=1), n_best=4)  # 4 samples
     t.translate("Ein Hund.", return_attention=True).attention  # AttentionMaps: the three modes' weights
+    Translator.from_pretrained("runs/multi30k_de_en", workers=2)  # 2 decoding processes sharing the threads (CPU)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .model import Transformer
 from .quantize import int8_model, weights_version
 from .search import Hypothesis, Sampling, beam_search, greedy_search, max_output_lengths, sample
 from .tokenizer import PAD_ID, Tokenizer
+from .workers import DecodingWorkers
 
 
 @dataclass(frozen=True)
@@ -38,19 +40,25 @@ class Translation:
 
 
 class Translator:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, recipe: Recipe):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, recipe: Recipe, workers: int = 1):
         self.model, self.tokenizer, self.recipe = model.eval(), tokenizer, recipe
         self.device = next(model.parameters()).device
+        if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
+            raise ValueError(f"workers: got {workers!r}, expected an integer of 1 or more")
+        self.workers = workers
         self._int8: tuple[tuple[int, ...], Transformer] | None = None  # (weights version, int8 copy), built on first use
+        self._pool: DecodingWorkers | None = None  # forked on first use when workers > 1
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "auto") -> Translator:
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "auto", workers: int = 1) -> Translator:
         """Load a model directory written by training or `save_pretrained` (no pickle involved).
-        device: "auto" (the GPU when torch sees one), "cpu", "cuda" or a torch.device."""
+        device: "auto" (the GPU when torch sees one), "cpu", "cuda" or a torch.device.
+        workers: decoding processes on the CPU, sharing torch's threads (2 workers of 1 thread
+        decode faster than 1 of 2 on a 2-core machine; see docs/deployment.md)."""
         if isinstance(device, str) and device in ("auto", "cpu", "cuda"):
             device = pick_device(device, key="device")
         recipe, model, tokenizer = load_model_dir(path, device)
-        return cls(model, tokenizer, recipe)
+        return cls(model, tokenizer, recipe, workers)
 
     def save_pretrained(self, path: str | Path) -> None:
         save_model_dir(path, self.model, self.recipe, self.tokenizer)
@@ -106,7 +114,11 @@ class Translator:
         k = 1 if n_best is None else n_best
         if k < 1 or (sampling is None and k > decode.beam_size):
             raise ValueError(f"n_best={n_best}: expected 1 to beam_size={decode.beam_size} (or any number of samples with sampling)")
-        hypotheses = self._translate(batch, decode, k, sampling, truncate, progress, return_attention)
+        if self.workers > 1 and len(batch) > 1:
+            hypotheses = self._decoding_workers(decode).translate(
+                batch, decode=decode, n_best=k, sampling=sampling, truncate=truncate, progress=False, return_attention=return_attention)
+        else:
+            hypotheses = self._translate(batch, decode, k, sampling, truncate, progress, return_attention)
         if n_best is None:
             outputs = [hyps[0] if return_attention else hyps[0].text for hyps in hypotheses]
         else:
@@ -125,6 +137,16 @@ class Translator:
         if self._int8 is None or self._int8[0] != version:
             self._int8 = version, int8_model(self.model)
         return self._int8[1]
+
+    def _decoding_workers(self, decode: DecodeConfig) -> DecodingWorkers:
+        """The worker processes, forked again if the weights changed since; the int8 copy is built
+        before forking, so that the workers share it rather than each building its own."""
+        self.decoding_model(self.precision(decode.precision))
+        if self._pool is None or self._pool.weights != weights_version(self.model):
+            if self._pool is not None:
+                self._pool.close()
+            self._pool = DecodingWorkers(self, self.workers)
+        return self._pool
 
     def _decode_config(self, **overrides) -> DecodeConfig:
         """The recipe's decode section with the caller's non-None arguments, validated like the recipe."""

@@ -45,12 +45,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_translator(model_dir: str, overrides: list[str], device: str = "auto", precision: str | None = None, announce: bool = False):
+def load_translator(model_dir: str, overrides: list[str], device: str = "auto", precision: str | None = None, announce: bool = False,
+                    workers: int = 1):
     """The model directory on `device`, with `--set` overrides applied to its recipe (data.*, decode.*,
     evaluate.*) and `precision`, validated the same way; with `announce`, the precision it decodes at goes to stderr."""
     from .api import Translator
 
-    translator = Translator.from_pretrained(model_dir, device=device)
+    translator = Translator.from_pretrained(model_dir, device=device, workers=workers)
     overrides = overrides + ([f"decode.precision={precision}"] if precision else [])
     if overrides:
         recipe = recipe_from_dict(apply_overrides(translator.recipe.to_dict(), overrides))
@@ -119,7 +120,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     options = translate_options(args)
     if args.input and not Path(args.input).is_file():
         raise DataError(f"--input {args.input}: no such file")
-    translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=not args.quiet)
+    translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=not args.quiet, workers=args.workers)
     beam_size = args.beam_size or translator.recipe.decode.beam_size
     if args.n_best and not args.sample and args.n_best > beam_size:
         raise RecipeError(f"--n-best {args.n_best}: at most the beam size, {beam_size} (--beam-size), or any number with --sample")
@@ -144,7 +145,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
-    translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=not args.quiet)
+    translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=not args.quiet, workers=args.workers)
     scores = evaluate(translator, args.split, translator.recipe.data, args.beam_size, args.output, progress=not args.quiet)
     print(json.dumps(scores.to_dict()) if args.json else str(scores))
     return 0
@@ -225,6 +226,9 @@ def milliseconds(text: str) -> float:
     return value
 
 
+WORKERS = dict(type=positive_int, default=1, help="decoding processes sharing the threads, CPU only (on 2 cores, 2 of 1 thread beat 1 of 2)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="translator", description="Train and run encoder-decoder Transformer translation models.",
@@ -258,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", **overrides)
     evaluate.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar, no device and precision line")
+    evaluate.add_argument("--workers", **WORKERS)
     evaluate.set_defaults(run=cmd_evaluate)
 
     export = verbs.add_parser("export", help="convert a model directory for another runtime (CTranslate2)",
@@ -297,6 +302,7 @@ def _add_translate(verbs, decoding: argparse.ArgumentParser, overrides: dict) ->
     translate.add_argument("--chunk-lines", type=positive_int, default=2000, help="lines read, translated and written at a time")
     translate.add_argument("--no-truncate", action="store_true", help="fail on a sentence longer than the model's positions instead of truncating it")
     translate.add_argument("--quiet", action="store_true", help="no progress bar, no device and precision line")
+    translate.add_argument("--workers", **WORKERS)
     translate.set_defaults(run=cmd_translate)
 
 

@@ -146,6 +146,7 @@ BleuTokenizer = Literal["13a", "intl", "zh", "ja-mecab", "ko-mecab", "char", "no
 @dataclass(frozen=True)
 class EvaluateConfig:
     tokenize: BleuTokenizer | None = None  # BLEU's tokenizer; None: sacreBLEU's choice for data.tgt_lang (zh, ja-mecab, ko-mecab, else 13a)
+    lowercase: bool = False  # BLEU and chrF on lowercased text (sacreBLEU's lowercase=True, "case:lc" in the signature); default cased
 
 
 @dataclass(frozen=True)

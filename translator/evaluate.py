@@ -30,23 +30,23 @@ class Scores:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def bleu_metric(tgt_lang: str = "", tokenize: str | None = None) -> BLEU:
+def bleu_metric(tgt_lang: str = "", tokenize: str | None = None, lowercase: bool = False) -> BLEU:
     """sacreBLEU's BLEU with `tokenize`, or with the tokenizer sacreBLEU picks for the target language
-    (zh for Chinese, ja-mecab for Japanese, ko-mecab for Korean, 13a for the rest)."""
+    (zh for Chinese, ja-mecab for Japanese, ko-mecab for Korean, 13a for the rest); cased unless `lowercase`."""
     try:
-        return BLEU(tokenize=tokenize, trg_lang=tgt_lang)
+        return BLEU(tokenize=tokenize, trg_lang=tgt_lang, lowercase=lowercase)
     except RuntimeError as e:  # mecab's dictionaries are extras of sacreBLEU
         extra = "sacrebleu[ko]" if "Korean" in str(e) else "sacrebleu[ja]"
         raise RecipeError(f"BLEU for data.tgt_lang={tgt_lang!r} (evaluate.tokenize={tokenize!r}) needs `pip install {extra}`, "
                           "or another tokenizer, e.g. --set evaluate.tokenize=char") from None
 
 
-def score(hypotheses: list[str], references: list[str], tgt_lang: str = "", tokenize: str | None = None) -> Scores:
-    """Corpus BLEU (cased; tokenized as `bleu_metric` says) and chrF of detokenized hypotheses against one
-    reference each. chrF compares character n-grams and needs no tokenizer, in any language."""
+def score(hypotheses: list[str], references: list[str], tgt_lang: str = "", tokenize: str | None = None, lowercase: bool = False) -> Scores:
+    """Corpus BLEU (tokenized as `bleu_metric` says) and chrF of detokenized hypotheses against one reference
+    each, both cased unless `lowercase`. chrF compares character n-grams and needs no tokenizer, in any language."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
-    bleu, chrf = bleu_metric(tgt_lang, tokenize), CHRF()
+    bleu, chrf = bleu_metric(tgt_lang, tokenize, lowercase), CHRF(lowercase=lowercase)
     bleu_result = bleu.corpus_score(hypotheses, [references])
     chrf_result = chrf.corpus_score(hypotheses, [references])
     return Scores(bleu_result.score, chrf_result.score, str(bleu.get_signature()), str(chrf.get_signature()), str(bleu_result))
@@ -75,4 +75,5 @@ def evaluate(
     hypotheses = translator.translate(list(pairs["src"]), beam_size=beam_size, progress=progress)
     if output is not None:
         Path(output).write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
-    return score(hypotheses, list(pairs["tgt"]), data.tgt_lang, translator.recipe.evaluate.tokenize)
+    settings = translator.recipe.evaluate
+    return score(hypotheses, list(pairs["tgt"]), data.tgt_lang, settings.tokenize, settings.lowercase)

@@ -435,7 +435,8 @@ def validate(translator: Translator, batches: TrainBatches, pairs: datasets.Data
         n = batch.n_tgt_tokens
         total, tokens = total + loss.item() * n, tokens + n
     recipe = translator.recipe
-    scores = score(translator.translate(list(pairs["src"]), beam_size=1), list(pairs["tgt"]), recipe.data.tgt_lang, recipe.evaluate.tokenize)
+    scores = score(translator.translate(list(pairs["src"]), beam_size=1), list(pairs["tgt"]), recipe.data.tgt_lang,
+                   recipe.evaluate.tokenize, recipe.evaluate.lowercase)
     return total / max(tokens, 1), scores
 
 

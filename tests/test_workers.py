@@ -1,0 +1,74 @@
+"""Decoding in several processes: the same translations as one process, in input order, from the current weights."""
+
+import copy
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from translator import Sampling, Translator
+from translator.workers import DecodingWorkers
+
+from test_search import SENTENCES
+
+MIXED = SENTENCES * 3 + ["", "   "] + SENTENCES[::-1]  # blank lines map to "" wherever they land
+
+
+@pytest.fixture(scope="module")
+def two_workers(tiny_translator):
+    translator = Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe, workers=2)
+    yield translator
+    translator._pool.close()
+
+
+@pytest.mark.parametrize("options", [dict(beam_size=1), dict(beam_size=4), dict(beam_size=4, n_best=3), dict(beam_size=1, precision="int8"),
+                                     dict(sampling=Sampling(top_k=5, seed=7), n_best=2)],
+                         ids=["greedy", "beam", "n_best", "int8", "sampling"])
+def test_two_workers_translate_as_one_process(tiny_translator, two_workers, options):
+    """The same texts; the same scores up to float rounding (a sentence's batch companions differ)."""
+    in_workers, alone = two_workers.translate(MIXED, **options), tiny_translator.translate(MIXED, **options)
+    if "n_best" not in options:
+        assert in_workers == alone
+        return
+    assert [[t.text for t in ts] for ts in in_workers] == [[t.text for t in ts] for ts in alone]
+    assert [t.score for ts in in_workers for t in ts] == pytest.approx([t.score for ts in alone for t in ts], rel=1e-5)
+
+
+def test_the_sentences_are_decoded_in_the_worker_processes(two_workers, monkeypatch):
+    expected = two_workers.translate(SENTENCES, beam_size=1)  # the workers are forked by now, with the real _translate
+    monkeypatch.setattr(two_workers, "_translate", lambda *a, **k: pytest.fail("decoded in the parent process"))
+    assert two_workers.translate(SENTENCES, beam_size=1) == expected
+    pids = set(two_workers._pool.pool.map(_pid, range(16), chunksize=1))
+    assert os.getpid() not in pids and len(pids) <= 2
+
+
+def _pid(_):
+    return os.getpid()
+
+
+def test_workers_forked_before_the_weights_changed_are_replaced(tiny_translator):
+    model = copy.deepcopy(tiny_translator.model)
+    translator = Translator(model, tiny_translator.tokenizer, tiny_translator.recipe, workers=2)
+    before = translator.translate(SENTENCES, beam_size=1)
+    first_pool = translator._pool
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)  # as training would between two validations, in place
+    after = translator.translate(SENTENCES, beam_size=1)
+    translator._pool.close()
+    assert translator._pool is not first_pool
+    assert after == Translator(model, tiny_translator.tokenizer, tiny_translator.recipe).translate(SENTENCES, beam_size=1)
+    assert after != before  # the noise changed the translations, so the comparison above means something
+
+
+@pytest.mark.parametrize("workers", [0, -1, True, 1.5, "2"])
+def test_a_bad_worker_count_names_the_argument(tiny_translator, workers):
+    with pytest.raises(ValueError, match="workers"):
+        Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe, workers=workers)
+
+
+def test_workers_are_refused_on_a_gpu_naming_the_device():
+    on_gpu = SimpleNamespace(device=torch.device("cuda", 0), model=None)
+    with pytest.raises(ValueError, match="CPU only.*cuda:0"):
+        DecodingWorkers(on_gpu, 2)
