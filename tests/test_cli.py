@@ -124,6 +124,7 @@ def test_translate_samples_with_a_seed_like_the_api(tiny_model_dir, tiny_transla
     (["--chunk-lines", "-3"], "--chunk-lines"),
     (["--n-best", "9", "--beam-size", "2"], "--n-best 9"),
     (["--precision", "int4"], "--precision"),
+    (["--workers", "0"], "--workers"),
 ])
 def test_translate_bad_flags_are_usage_errors(tiny_model_dir, flags, named):
     result = cli("translate", tiny_model_dir, *flags, "--quiet", stdin=STDIN)
@@ -138,6 +139,15 @@ def test_translate_files_in_and_out(tiny_model_dir, tiny_translator, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     assert target.read_text(encoding="utf-8").splitlines() == tiny_translator.translate(SOURCES)
+
+
+def test_translate_and_evaluate_with_two_workers_give_what_one_process_gives(tiny_model_dir, tiny_translator):
+    result = cli("translate", tiny_model_dir, "--workers", "2", "--beam-size", "3", "--quiet", stdin=STDIN * 3)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == tiny_translator.translate(SOURCES * 3, beam_size=3)
+    alone, in_workers = (json.loads(cli("evaluate", tiny_model_dir, "--split", "test", "--json", "--quiet", *flags).stdout)
+                         for flags in ((), ("--workers", "2")))
+    assert in_workers == alone
 
 
 def test_translate_that_fails_leaves_no_output_file(tiny_model_dir, tmp_path):
