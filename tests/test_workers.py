@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from translator import Sampling, Translator
+from translator.api import Translation
 from translator.workers import DecodingWorkers
 
 from test_search import SENTENCES
@@ -18,8 +19,7 @@ MIXED = SENTENCES * 3 + ["", "   "] + SENTENCES[::-1]  # blank lines map to "" w
 @pytest.fixture(scope="module")
 def two_workers(tiny_translator):
     translator = Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe, workers=2)
-    yield translator
-    translator._pool.close()
+    return translator
 
 
 @pytest.mark.parametrize("options", [dict(beam_size=1), dict(beam_size=4), dict(beam_size=4, n_best=3), dict(beam_size=1, precision="int8"),
@@ -35,29 +35,28 @@ def test_two_workers_translate_as_one_process(tiny_translator, two_workers, opti
     assert [t.score for ts in in_workers for t in ts] == pytest.approx([t.score for ts in alone for t in ts], rel=1e-5)
 
 
-def test_the_sentences_are_decoded_in_the_worker_processes(two_workers, monkeypatch):
-    expected = two_workers.translate(SENTENCES, beam_size=1)  # the workers are forked by now, with the real _translate
-    monkeypatch.setattr(two_workers, "_translate", lambda *a, **k: pytest.fail("decoded in the parent process"))
-    assert two_workers.translate(SENTENCES, beam_size=1) == expected
-    pids = set(two_workers._pool.pool.map(_pid, range(16), chunksize=1))
-    assert os.getpid() not in pids and len(pids) <= 2
+def test_the_sentences_are_decoded_in_two_other_processes(two_workers, monkeypatch):
+    def whose(sentences, **options):  # what each forked worker inherits: translations that name its process
+        return [[Translation(str(os.getpid()), 0.0)] for _ in sentences]
+
+    monkeypatch.setattr(two_workers, "_translate", whose)
+    pids = set(two_workers.translate(SENTENCES * 2, beam_size=1))
+    assert len(pids) == 2 and str(os.getpid()) not in pids
 
 
-def _pid(_):
-    return os.getpid()
+def test_an_error_in_a_worker_is_raised_by_the_call(two_workers):
+    with pytest.raises(ValueError, match="longer than model.max_positions"):
+        two_workers.translate(SENTENCES + ["Ein mann sieht der hut. " * 300], truncate=False)
 
 
-def test_workers_forked_before_the_weights_changed_are_replaced(tiny_translator):
+def test_workers_decode_with_the_weights_of_the_moment(tiny_translator):
     model = copy.deepcopy(tiny_translator.model)
     translator = Translator(model, tiny_translator.tokenizer, tiny_translator.recipe, workers=2)
     before = translator.translate(SENTENCES, beam_size=1)
-    first_pool = translator._pool
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.5)  # as training would between two validations, in place
     after = translator.translate(SENTENCES, beam_size=1)
-    translator._pool.close()
-    assert translator._pool is not first_pool
     assert after == Translator(model, tiny_translator.tokenizer, tiny_translator.recipe).translate(SENTENCES, beam_size=1)
     assert after != before  # the noise changed the translations, so the comparison above means something
 

@@ -226,7 +226,7 @@ def milliseconds(text: str) -> float:
     return value
 
 
-WORKERS = dict(type=positive_int, default=1, help="decoding processes sharing the threads, CPU only (on 2 cores, 2 of 1 thread beat 1 of 2)")
+WORKERS = dict(type=positive_int, default=1, help="decoding processes, forked for each chunk and sharing the threads; CPU only (see docs/deployment.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
