@@ -597,7 +597,9 @@ def test_a_signal_ends_a_command_with_128_plus_its_number(tiny_model_dir, signum
     process.stdin.flush()
     assert process.stdout.readline()  # translated: the model is loaded and the command waits for more input
     process.send_signal(signum)
-    _, stderr = process.communicate(timeout=60)
+    process.wait(timeout=60)  # stdin stays open until then: closing it first races the signal with an end of input (exit 0)
+    stderr = process.stderr.read()
+    process.stdin.close()
     assert process.returncode == status, stderr
     assert stderr.strip().splitlines() == [f"translator translate: {word}"]
 
