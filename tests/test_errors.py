@@ -591,8 +591,10 @@ def test_quiet_shows_no_progress_bars_from_datasets(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("signum, status, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
 def test_a_signal_ends_a_command_with_128_plus_its_number(tiny_model_dir, signum, status, word):
     environment = {k: v for k, v in os.environ.items() if k != "TRANSLATOR_DEBUG"}
+    # A shell's background job starts with SIGINT ignored, and Python then keeps it ignored: give the command the default.
     process = subprocess.Popen([sys.executable, "-m", "translator", "translate", str(tiny_model_dir), "--quiet", "--chunk-lines", "1"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     process.stdin.write("Ein hund.\n")
     process.stdin.flush()
     assert process.stdout.readline()  # translated: the model is loaded and the command waits for more input
