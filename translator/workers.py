@@ -64,7 +64,8 @@ class DecodingWorkers:
                 try:
                     answers.append(receive.recv())
                 except EOFError:
-                    raise RuntimeError(f"a decoding worker ended without an answer (exit code {process.join() or process.exitcode})") from None
+                    process.join()
+                    raise RuntimeError(f"a decoding worker ended without an answer (exit code {process.exitcode})") from None
         finally:
             for process in processes:
                 process.kill()
