@@ -1,4 +1,4 @@
-"""int8 decoding: the quantized copy stays close to the model, leaves it untouched, and searches like it."""
+"""int8 and bf16 decoding on the CPU: the copy stays close to the model, leaves it untouched, and searches like it."""
 
 import copy
 
@@ -9,7 +9,7 @@ from test_search import SENTENCES, encode
 from translator import Translator
 from translator.config import RecipeError
 from translator.devices import resolve_precision
-from translator.quantize import int8_model
+from translator.quantize import bf16_model, int8_model
 from translator.search import beam_search, greedy_search
 
 
@@ -37,18 +37,29 @@ def test_int8_logits_stay_close_to_fp32_and_the_output_projection_is_int8(tiny_t
     assert torch.allclose(tied, projected, atol=0.05 * tied.abs().max().item())  # ... of the same table
 
 
-def test_int8_copy_leaves_the_model_untouched(tiny_translator):
+def test_bf16_copy_is_bf16_throughout_and_its_logits_stay_close_to_fp32(tiny_translator):
+    bf16 = bf16_model(tiny_translator.model)
+    assert {p.dtype for p in bf16.parameters()} == {p.dtype for p in bf16.buffers()} == {torch.bfloat16}
+    fp32, low = teacher_forced(tiny_translator.model, tiny_translator), teacher_forced(bf16, tiny_translator).float()
+    assert (low - fp32).abs().mean() < 0.02 * fp32.std()  # bf16 keeps 8 bits of mantissa: about 0.4% per rounding
+    assert (low.argmax(-1) == fp32.argmax(-1)).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("make_copy", [int8_model, bf16_model])
+def test_a_copy_leaves_the_model_untouched(tiny_translator, make_copy):
     before = {k: v.clone() for k, v in tiny_translator.model.state_dict().items()}
-    int8_model(tiny_translator.model)
+    make_copy(tiny_translator.model)
     after = tiny_translator.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert "logits" not in vars(tiny_translator.model)
 
 
-def test_int8_beam_size_one_is_int8_greedy(tiny_translator, int8):
+@pytest.mark.parametrize("make_copy", [int8_model, bf16_model])
+def test_beam_size_one_is_greedy_on_a_copy(tiny_translator, make_copy):
+    low = make_copy(tiny_translator.model)
     src, max_lens = encode(tiny_translator, SENTENCES)
-    greedy = greedy_search(int8, src, max_lens)
-    beam = beam_search(int8, src, max_lens, beam_size=1, alpha=0.0)
+    greedy = greedy_search(low, src, max_lens)
+    beam = beam_search(low, src, max_lens, beam_size=1, alpha=0.0)
     assert [h.tokens for h in greedy] == [hyps[0].tokens for hyps in beam]
 
 
@@ -62,19 +73,20 @@ def test_int8_translations_agree_with_fp32_and_n_best_is_sorted(tiny_translator)
         assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
 
 
-def test_int8_copy_is_built_once_and_again_when_the_weights_change(tiny_translator):
+@pytest.mark.parametrize("name", ["int8", "bf16"])
+def test_a_copy_is_built_once_and_again_when_the_weights_change(tiny_translator, name):
     translator = Translator(copy.deepcopy(tiny_translator.model), tiny_translator.tokenizer, tiny_translator.recipe)
-    int8 = translator.precision("int8")
-    first = translator.decoding_model(int8)
-    assert translator.decoding_model(int8) is first
+    low = translator.precision(name)
+    first = translator.decoding_model(low)
+    assert translator.decoding_model(low) is first
     assert translator.decoding_model(translator.precision("fp32")) is translator.model
     with torch.no_grad():
         translator.model.embedding.weight.mul_(-1)  # as an optimizer step would, in place
-    second = translator.decoding_model(int8)
+    second = translator.decoding_model(low)
     assert second is not first
-    outputs = torch.ones(1, translator.model.d_model)
+    outputs = torch.ones(1, translator.model.d_model, dtype=second.embedding.weight.dtype)  # bf16 for the bf16 copy
     with torch.inference_mode():
-        before, after = first.logits(outputs), second.logits(outputs)
+        before, after = first.logits(outputs).float(), second.logits(outputs).float()
     assert torch.allclose(after, -before, atol=0.02 * before.abs().max().item())  # the new weights, quantized
 
 

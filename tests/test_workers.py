@@ -2,6 +2,8 @@
 
 import copy
 import os
+import signal
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -35,13 +37,51 @@ def test_two_workers_translate_as_one_process(tiny_translator, two_workers, opti
     assert [t.score for ts in in_workers for t in ts] == pytest.approx([t.score for ts in alone for t in ts], rel=1e-5)
 
 
-def test_the_sentences_are_decoded_in_two_other_processes(two_workers, monkeypatch):
-    def whose(sentences, **options):  # what each forked worker inherits: translations that name its process
-        return [[Translation(str(os.getpid()), 0.0)] for _ in sentences]
+def pids_translator(tiny_translator, monkeypatch) -> Translator:
+    """Two workers whose translations name the process that made them (patched before they fork)."""
+    translator = Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe, workers=2)
+    monkeypatch.setattr(translator, "_translate", lambda sentences, **options: [[Translation(str(os.getpid()), 0.0)] for _ in sentences])
+    return translator
 
-    monkeypatch.setattr(two_workers, "_translate", whose)
-    pids = set(two_workers.translate(SENTENCES * 2, beam_size=1))
+
+def alive(pid: str) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_sentences_are_decoded_in_two_other_processes_that_stay_for_the_next_call(tiny_translator, monkeypatch):
+    translator = pids_translator(tiny_translator, monkeypatch)
+    pids = set(translator.translate(SENTENCES * 2, beam_size=1))
     assert len(pids) == 2 and str(os.getpid()) not in pids
+    assert set(translator.translate(SENTENCES * 2, beam_size=1)) == pids
+    translator.close()
+    assert not any(alive(pid) for pid in pids)
+
+
+def test_a_worker_that_died_is_replaced_at_the_next_call(tiny_translator, monkeypatch):
+    translator = pids_translator(tiny_translator, monkeypatch)
+    first = set(translator.translate(SENTENCES * 2, beam_size=1))
+    os.kill(int(min(first)), signal.SIGKILL)
+    while alive(min(first)):  # the signal lands a moment later
+        time.sleep(0.01)
+    second = set(translator.translate(SENTENCES * 2, beam_size=1))
+    assert len(second) == 2 and not second & first and not any(alive(pid) for pid in first)
+    translator.close()
+
+
+def test_a_worker_dying_mid_call_is_an_error_that_names_it_and_the_next_call_works(tiny_translator, monkeypatch):
+    translator = Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe, workers=2)
+    real = translator._translate
+    monkeypatch.setattr(translator, "_translate", lambda sentences, **options: os._exit(3) if "crash" in sentences else real(sentences, **options))
+    with pytest.raises(RuntimeError, match="decoding worker ended without an answer"):
+        translator.translate(SENTENCES + ["crash"], beam_size=1)
+    monkeypatch.setattr(translator, "_translate", real)  # the next workers fork from here
+    assert translator.translate(SENTENCES, beam_size=1) == tiny_translator.translate(SENTENCES, beam_size=1)
+    translator.close()
 
 
 def test_an_error_in_a_worker_is_raised_by_the_call(two_workers):

@@ -26,7 +26,7 @@ from .checkpoint import load_model_dir, save_model_dir
 from .config import DecodeConfig, Recipe, RecipeError, recipe_from_dict
 from .devices import Precision, pick_device, resolve_precision
 from .model import Transformer
-from .quantize import int8_model, weights_version
+from .quantize import bf16_model, int8_model, weights_version
 from .search import Hypothesis, Sampling, beam_search, greedy_search, max_output_lengths, sample
 from .tokenizer import PAD_ID, Tokenizer
 from .workers import DecodingWorkers
@@ -46,14 +46,15 @@ class Translator:
         if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
             raise ValueError(f"workers: got {workers!r}, expected an integer of 1 or more")
         self.workers = workers
-        self._int8: tuple[tuple[int, ...], Transformer] | None = None  # (weights version, int8 copy), built on first use
+        self._copies: dict[str, tuple[tuple[int, ...], Transformer]] = {}  # precision -> (weights version, copy), built on first use
+        self._workers: tuple[tuple, DecodingWorkers] | None = None  # (what they were forked with, the workers), on first use
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "auto", workers: int = 1) -> Translator:
         """Load a model directory written by training or `save_pretrained` (no pickle involved).
         device: "auto" (the GPU when torch sees one), "cpu", "cuda" or a torch.device.
-        workers: decoding processes on the CPU, forked for each call and sharing torch's threads (on 2
-        cores, 2 workers of 1 thread run beam search about 1.1x faster than 1 process of 2; see docs/deployment.md)."""
+        workers: decoding processes on the CPU, sharing torch's threads; forked on the first call of
+        several sentences and kept until `close()` (see docs/deployment.md for what they buy)."""
         if isinstance(device, str) and device in ("auto", "cpu", "cuda"):
             device = pick_device(device, key="device")
         recipe, model, tokenizer = load_model_dir(path, device)
@@ -129,19 +130,33 @@ class Translator:
         return resolve_precision(requested or self.recipe.decode.precision, self.device)
 
     def decoding_model(self, precision: Precision) -> Transformer:
-        """The model itself, or for int8 its quantized copy: built once, again only if the weights change."""
-        if precision.name != "int8":
+        """The model itself (run under autocast at bf16 or fp16 on a GPU), or on the CPU its copy at the
+        precision, int8 or bf16 (see quantize.py): built once, again only if the weights change."""
+        build = {"int8": int8_model, "bf16": bf16_model}.get(precision.name) if self.device.type == "cpu" else None
+        if build is None:
             return self.model
         version = weights_version(self.model)
-        if self._int8 is None or self._int8[0] != version:
-            self._int8 = version, int8_model(self.model)
-        return self._int8[1]
+        if self._copies.get(precision.name, (None,))[0] != version:
+            self._copies[precision.name] = version, build(self.model)
+        return self._copies[precision.name][1]
 
     def _decoding_workers(self, decode: DecodeConfig) -> DecodingWorkers:
-        """The worker processes' launcher; the int8 copy is built first, so that the forked workers
-        share it rather than each building its own."""
+        """The worker processes, forked again when what they hold is stale (the weights moved, or a
+        precision's copy was built since) or one has died. The copy is built first, so that the
+        workers share it rather than each building its own."""
         self.decoding_model(self.precision(decode.precision))
-        return DecodingWorkers(self, self.workers)
+        holds = weights_version(self.model), sorted((name, version) for name, (version, _) in self._copies.items())
+        if self._workers is None or self._workers[0] != holds or not self._workers[1].alive:
+            if self._workers is not None:
+                self._workers[1].close()
+            self._workers = holds, DecodingWorkers(self, self.workers)
+        return self._workers[1]
+
+    def close(self) -> None:
+        """End the decoding worker processes, if any (they also end with this object, or the program)."""
+        if self._workers is not None:
+            self._workers[1].close()
+            self._workers = None
 
     def _decode_config(self, **overrides) -> DecodeConfig:
         """The recipe's decode section with the caller's non-None arguments, validated like the recipe."""
@@ -172,7 +187,7 @@ class Translator:
         batches = sorted_batches(todo, sizes, decode.max_tokens)
         precision = self.precision(decode.precision)
         model = self.decoding_model(precision)
-        autocast = torch.autocast(self.device.type, dtype=precision.dtype, enabled=precision.dtype is not None)
+        autocast = torch.autocast(self.device.type, dtype=precision.dtype, enabled=precision.dtype is not None and model is self.model)
         for indices in tqdm(batches, desc="translating", unit="batch", disable=not progress):
             src = source_tensor([src_ids[i] for i in indices]).to(self.device)
             max_lens = max_output_lengths(src, PAD_ID, decode.max_len_a, decode.max_len_b, limit)

@@ -226,7 +226,7 @@ def milliseconds(text: str) -> float:
     return value
 
 
-WORKERS = dict(type=positive_int, default=1, help="decoding processes, forked for each chunk and sharing the threads; CPU only (see docs/deployment.md)")
+WORKERS = dict(type=positive_int, default=1, help="decoding processes sharing the threads, forked once; CPU only (see docs/deployment.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,10 @@
-"""int8 decoding on the CPU: every matmul with a weight (the Linear layers and the tied output
+"""Copies of a model at a lower precision, for decoding on the CPU.
+
+bf16: every weight cast to bf16 once. Under autocast each step would cast every weight again,
+the tied output projection's D x V table included: 20% of bf16 decoding's time (profiled on the
+Multi30k model, AMD EPYC with avx512_bf16; docs/deployment.md).
+
+int8: every matmul with a weight (the Linear layers and the tied output
 projection) runs on int8 weights, one scale per output row, with the activations quantized
 per call from their range (torch's dynamic quantization; fbgemm uses VNNI where the CPU has it).
 
@@ -9,11 +15,18 @@ per token): it gets its own quantized Linear over the same table. The embedding 
 
 from __future__ import annotations
 
+import copy
 import warnings
 
+import torch
 from torch import nn
 
 from .model import Transformer
+
+
+def bf16_model(model: Transformer) -> Transformer:
+    """A copy of `model` whose weights and activations are bf16 (the original is untouched)."""
+    return copy.deepcopy(model).to(torch.bfloat16).eval()
 
 
 def int8_model(model: Transformer) -> Transformer:

@@ -3,74 +3,103 @@
 
 The matmuls of one decoding step are small, and a step waits on Python between them, so two
 threads in one process leave each other idle; two processes of one thread each do not
-(bench/decode.py measures both on the same model). Each call forks its workers from the process
-that holds the `Translator`: they start at once with its model (and its current weights) in
-memory, only the translations travel back, and nothing outlives the call. Forking is Linux's (and
-macOS's) start method, and CPU-only: CUDA does not survive a fork.
+(bench/decode.py measures both on the same model). The workers are forked from the process that
+holds the `Translator`: they start at once with its model in memory, and only sentences and
+translations travel through their pipes. They stay for the next call, with their kernels and
+memory warm, until the weights change, a call fails, or `close()`; every way out kills them, so
+nothing outlives the parent. Forking is Linux's (and macOS's) start method, and CPU-only: CUDA
+does not survive a fork.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import signal
+import weakref
 
 import torch
 
 
-def _translate_share(translator, sentences: list[str], options: dict, threads: int, send) -> None:
+def _serve(translator, threads: int, pipe) -> None:
+    """A worker: translate each (sentences, options) that arrives, until the parent's end closes."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the CLI's handler turns SIGTERM into KeyboardInterrupt: a worker just ends
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent decides, and kills us
     torch.set_num_threads(threads)
-    try:
-        send.send((True, translator._translate(sentences, **options)))
-    except Exception as e:  # the caller raises it, as one process would have
-        send.send((False, e))
+    while True:
+        try:
+            sentences, options = pipe.recv()
+        except EOFError:
+            return
+        try:
+            answer = True, translator._translate(sentences, **options)
+        except Exception as e:  # the caller raises it, as one process would have
+            answer = False, e
+        pipe.send(answer)
+
+
+def _kill(processes: list, pipes: list) -> None:
+    for process in processes:
+        process.kill()
+    for process in processes:
+        process.join(timeout=10)
+    for pipe in pipes:
+        pipe.close()
 
 
 class DecodingWorkers:
-    """`workers` processes forked from `translator` for each call, splitting the available threads."""
+    """`workers` processes forked from `translator`, splitting the available threads between them."""
 
     def __init__(self, translator, workers: int):
         if translator.device.type != "cpu":
             raise ValueError(f"workers={workers}: several decoding processes run on the CPU only (CUDA does not survive a fork); use workers=1 on {translator.device}")
         if "fork" not in multiprocessing.get_all_start_methods():
             raise ValueError(f"workers={workers}: several decoding processes need the fork start method, which this platform lacks; use workers=1")
-        self.translator, self.workers = translator, workers
+        context = multiprocessing.get_context("fork")
+        threads = max(1, torch.get_num_threads() // workers)
+        self.pipes, self.processes = [], []
+        for _ in range(workers):
+            pipe, child_end = context.Pipe()
+            process = context.Process(target=_serve, args=(translator, threads, child_end), daemon=True)
+            process.start()
+            child_end.close()  # the worker's end: recv() here then sees EOF if the worker dies
+            self.pipes.append(pipe)
+            self.processes.append(process)
+        self._finalizer = weakref.finalize(self, _kill, self.processes, self.pipes)
+
+    @property
+    def alive(self) -> bool:
+        """Not closed, and no worker has died (the OOM killer, a stray kill): a dead one is not waited for."""
+        return self._finalizer.alive and all(process.is_alive() for process in self.processes)
+
+    def close(self) -> None:
+        """Kill the workers (also done when this object is collected, and at exit)."""
+        self._finalizer()
 
     def translate(self, sentences: list[str], **options) -> list:
         """Translator._translate(sentences, **options), the sentences dealt out in even shares, results in input order."""
         by_length = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
-        shares = [by_length[w::self.workers] for w in range(self.workers)]  # dealt like cards: each share as long as the others
-        results = self._run([[sentences[i] for i in share] for share in shares], options)
+        shares = [by_length[w::len(self.pipes)] for w in range(len(self.pipes))]  # dealt like cards: each share as long as the others
+        try:
+            answers = self._exchange([[sentences[i] for i in share] for share in shares], options)
+        except BaseException:  # answers may be left in the pipes (Ctrl-C, a dead worker): these workers are done
+            self.close()
+            raise
+        for ok, value in answers:
+            if not ok:
+                raise value
         outputs = [None] * len(sentences)
-        for share, translations in zip(shares, results):
+        for share, (_, translations) in zip(shares, answers):
             for i, translation in zip(share, translations):
                 outputs[i] = translation
         return outputs
 
-    def _run(self, shares: list[list[str]], options: dict) -> list:
-        context = multiprocessing.get_context("fork")
-        threads = max(1, torch.get_num_threads() // self.workers)
-        receivers, processes = [], []
+    def _exchange(self, shares: list[list[str]], options: dict) -> list[tuple[bool, object]]:
+        """Each worker's answer to its share: (True, translations) or (False, the exception it raised)."""
         try:
-            for share in shares:
-                receive, send = context.Pipe(duplex=False)
-                process = context.Process(target=_translate_share, args=(self.translator, share, options, threads, send), daemon=True)
-                process.start()
-                send.close()  # the child's end: recv() then sees EOF if the child dies
-                receivers.append(receive)
-                processes.append(process)
-            answers = []
-            for process, receive in zip(processes, receivers):
-                try:
-                    answers.append(receive.recv())
-                except EOFError:
-                    process.join()
-                    raise RuntimeError(f"a decoding worker ended without an answer (exit code {process.exitcode})") from None
-        finally:
-            for process in processes:
-                process.kill()
-                process.join()
-        for ok, value in answers:
-            if not ok:
-                raise value
-        return [value for _, value in answers]
+            for pipe, share in zip(self.pipes, shares):
+                pipe.send((share, options))
+            return [pipe.recv() for pipe in self.pipes]
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            _kill(self.processes, [])
+            codes = [process.exitcode for process in self.processes]
+            raise RuntimeError(f"a decoding worker ended without an answer (exit codes {codes})") from None
