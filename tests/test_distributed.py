@@ -2,7 +2,6 @@
 process that accumulates the same batches, dropout masks included."""
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +12,6 @@ from safetensors.torch import load_file
 
 from conftest import TINY_RECIPE
 from translator.checkpoint import WEIGHTS, training_checkpoints
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def settings(corpus, out, *extra):
@@ -33,7 +26,8 @@ def train_cli(launcher, corpus, out, *extra, resume=False):
 
 
 def torchrun(n):
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    """--standalone: the launcher binds a free port itself (a port picked here first could be taken before it binds)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
 
 
 @pytest.mark.slow
