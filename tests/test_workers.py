@@ -73,6 +73,21 @@ def test_a_worker_that_died_is_replaced_at_the_next_call(tiny_translator, monkey
     translator.close()
 
 
+def test_an_error_that_does_not_pickle_still_reaches_the_caller_in_words(tiny_translator, monkeypatch):
+    class Unpicklable(Exception):
+        def __reduce__(self):
+            raise TypeError("no pickling")
+
+    translator = Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe, workers=2)
+    def fail(sentences, **options):
+        raise Unpicklable("the model broke")
+
+    monkeypatch.setattr(translator, "_translate", fail)
+    with pytest.raises(RuntimeError, match="in a decoding worker: .*the model broke"):
+        translator.translate(SENTENCES, beam_size=1)
+    translator.close()
+
+
 def test_a_worker_dying_mid_call_is_an_error_that_names_it_and_the_next_call_works(tiny_translator, monkeypatch):
     translator = Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe, workers=2)
     real = translator._translate

@@ -34,7 +34,10 @@ def _serve(translator, threads: int, pipe) -> None:
             answer = True, translator._translate(sentences, **options)
         except Exception as e:  # the caller raises it, as one process would have
             answer = False, e
-        pipe.send(answer)
+        try:
+            pipe.send(answer)
+        except Exception:  # an exception that does not pickle (send writes nothing then): its words still do
+            pipe.send((False, RuntimeError(f"in a decoding worker: {answer[1]!r}")))
 
 
 def _kill(processes: list, pipes: list) -> None:
