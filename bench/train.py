@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from translator.config import ModelConfig, TrainConfig, load_recipe
-from translator.data import TrainBatches, filter_pairs, load_split, tokenize
+from translator.data import load_split
+from translator.trainset import TrainBatches, filter_pairs, tokenize
 from translator.devices import describe, pick_device, resolve_precision
 from translator.model import Transformer
 from translator.tokenizer import Tokenizer, interleave

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from conftest import MULTI30K, toy_pair
 from translator.batching import bucketed_batches, chunk_by_budget, pad, source_tensor, target_tensors
 from translator.config import DataConfig
-from translator.data import Batch, DataError, FilterReport, StreamBatches, TrainBatches, filter_pairs, load_split, lengths, to_pairs, tokenize, training_pairs
+from translator.data import DataError, load_split, to_pairs
+from translator.trainset import Batch, FilterReport, StreamBatches, TrainBatches, filter_pairs, lengths, tokenize, training_pairs
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 DE = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen, \"draußen\" im Schnee.", "Die Straße ist nass."]
@@ -653,7 +654,7 @@ def test_a_streaming_recipe_reads_whole_splits_through_a_stream(tmp_path):
 
 
 def test_subword_sampling_draws_other_pieces_each_epoch_of_the_same_pairs_reproducibly(toy_corpus):
-    from translator.data import SampledTrainBatches
+    from translator.trainset import SampledTrainBatches
 
     pairs = load_split(DataConfig(path=str(toy_corpus)), "train")
     tokenizer = Tokenizer.train((x for p in zip(pairs["src"], pairs["tgt"]) for x in p), 60, seed=0)

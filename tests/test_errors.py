@@ -29,7 +29,8 @@ import translator
 from conftest import TINY_RECIPE, toy_pair, write_toy_corpus
 from translator.checkpoint import CONFIG, SPM, WEIGHTS, CheckpointError
 from translator.config import DataConfig
-from translator.data import DataError, FilterReport, filter_pairs, load_split, tokenize
+from translator.data import DataError, load_split
+from translator.trainset import FilterReport, filter_pairs, tokenize
 from translator.tokenizer import Tokenizer
 
 

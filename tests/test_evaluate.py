@@ -11,7 +11,7 @@ import sacrebleu
 from conftest import TINY_RECIPE
 from translator import Translator
 from translator.config import DataConfig, RecipeError, load_recipe
-from translator.evaluate import Scores, evaluate, score
+from translator.evaluate import evaluate, score
 
 HYPS = [
     "A man in an orange hat starring at something.",

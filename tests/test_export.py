@@ -3,9 +3,7 @@
 import json
 
 import pytest
-import torch
 
-from conftest import toy_pair
 from test_errors import assert_usage_error, cli
 from test_search import SENTENCES, encode
 from translator.checkpoint import CheckpointError

@@ -11,7 +11,7 @@ from translator import load_recipe
 from translator.batching import source_tensor, target_tensors
 from translator.checkpoint import load_training_checkpoint, training_checkpoints
 from translator.config import ModelConfig, TrainConfig
-from translator.data import Batch
+from translator.trainset import Batch
 from translator.model import Transformer
 from translator.tokenizer import Tokenizer
 

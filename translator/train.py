@@ -32,7 +32,8 @@ from .checkpoint import (
     save_model_config, save_training_checkpoint, save_weights, training_checkpoints,
 )
 from .config import Recipe, RecipeError, TrainConfig
-from .data import Batch, SampledTrainBatches, StreamBatches, TrainBatches, filter_pairs, load_split, tokenize, training_pairs
+from .data import load_split
+from .trainset import Batch, SampledTrainBatches, StreamBatches, TrainBatches, filter_pairs, tokenize, training_pairs
 from .devices import Precision, pick_device, resolve_precision
 from .distributed import World, join, leave
 from .evaluate import Scores, bleu_metric, evaluate, score
