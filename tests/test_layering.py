@@ -18,7 +18,9 @@ FORBIDDEN = {
     "workers": {"data", "search", "train", "api", "checkpoint", "evaluate", "cli", "serve"},  # given a Translator, never importing it
     "export": {"data", "search", "train", "evaluate", "cli", "api", "serve"},
     "datafiles": {"config", "tokenizer", "data", "model", "train", "api", "checkpoint", "evaluate", "cli"},  # below data: plain file checks
-    "api": {"train", "evaluate", "cli", "data", "serve", "plot", "export"},
+    "data": {"trainset", "tokenizer", "model", "train", "api", "checkpoint", "evaluate", "cli"},  # loading knows nothing of subwords
+    "trainset": {"model", "search", "train", "api", "checkpoint", "evaluate", "cli"},
+    "api": {"train", "evaluate", "cli", "data", "trainset", "serve", "plot", "export"},
     "serve": {"train", "evaluate", "cli", "data", "plot"},  # the service needs only the Translator
     "evaluate": {"train", "cli"},
     "train": {"cli"},
