@@ -142,7 +142,7 @@ def test_translate_files_in_and_out(tiny_model_dir, tiny_translator, tmp_path):
 
 
 def test_translate_and_evaluate_with_two_workers_give_what_one_process_gives(tiny_model_dir, tiny_translator):
-    result = cli("translate", tiny_model_dir, "--workers", "2", "--beam-size", "3", "--quiet", stdin=STDIN * 3)
+    result = cli("translate", tiny_model_dir, "--workers", "2", "--beam-size", "3", "--chunk-lines", "4", "--quiet", stdin=STDIN * 3)  # the same workers, chunk after chunk
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == tiny_translator.translate(SOURCES * 3, beam_size=3)
     alone, in_workers = (json.loads(cli("evaluate", tiny_model_dir, "--split", "test", "--json", "--quiet", *flags).stdout)
