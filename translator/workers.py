@@ -103,6 +103,6 @@ class DecodingWorkers:
                 pipe.send((share, options))
             return [pipe.recv() for pipe in self.pipes]
         except (EOFError, BrokenPipeError, ConnectionResetError):
-            _kill(self.processes, [])
+            self.close()  # joins them: their exit codes are known then
             codes = [process.exitcode for process in self.processes]
             raise RuntimeError(f"a decoding worker ended without an answer (exit codes {codes})") from None
