@@ -531,6 +531,10 @@ BATTERY = [
      ["{tmp}/data/train.jsonl, line 4: expected a JSON object"]),
     ("data-validation-column-missing", lambda tmp, m: train_on(tmp, validation_jsonl=b'{"de": "Ein hund.", "fr": "Un chien."}\n'),
      ["{tmp}/data/validation.jsonl: language column(s) 'en' not found"]),
+    ("data-test-split-missing", lambda tmp, m: train_on(tmp, "--set", "data.test_split=dev"),
+     ["split 'dev' not found", "splits there: test, train, validation"]),  # found before training, not after it
+    ("data-test-malformed-line", lambda tmp, m: train_on(tmp, test_jsonl=TOY_LINES + b'{"de": "Ein hund.", "en": \n'),
+     ["{tmp}/data/test.jsonl, line 4: not valid JSON"]),
     ("data-nothing-left-after-filtering", lambda tmp, m: train_on(tmp, "--set", "data.max_len=1"),
      ["{tmp}/data/train.jsonl: no pair left to train on", "longer than data.max_len"]),
     ("data-csv-header-only", lambda tmp, m: evaluate_on(tmp, m, train_csv=b"de,en\n", validation_csv=b"de,en\n", test_csv=b"de,en\n"),

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_RECIPE, write_toy_corpus
-from translator import Translator, load_recipe
+from translator import Translator, load_recipe, train
 from translator.checkpoint import (
     CHECKPOINTS, WEIGHTS, CheckpointError, clean_interrupted_writes, save_training_checkpoint, training_checkpoints,
 )
@@ -42,6 +42,15 @@ def test_a_run_that_dies_before_its_first_checkpoint_starts_again_and_serves_not
     training.train(recipe(toy_corpus, out), progress=False)  # the same folder starts afresh
     assert training_checkpoints(out)[-1].name == "step_00000020"
     Translator.from_pretrained(out)
+
+
+@pytest.mark.slow
+def test_a_recipe_without_a_test_split_trains_and_scores_nothing(tmp_path):
+    corpus = write_toy_corpus(tmp_path / "data", sizes=(("train", 200), ("validation", 10)))
+    out = tmp_path / "run"
+    assert train(recipe(corpus, out, "data.test_split=null"), progress=False) == {}
+    assert (out / "model.safetensors").exists()
+    assert not any("test" in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
 
 
 def test_max_len_must_fit_the_position_table():

@@ -31,7 +31,7 @@ class DataConfig:
     tgt_lang: str = "en"
     train_split: str = "train"
     valid_split: str = "validation"
-    test_split: str = "test"
+    test_split: str | None = "test"  # scored once at the end of training (None: no test split)
     max_len: int = 128  # training pairs with more subword tokens on either side are dropped
     num_proc: int | None = None  # processes for tokenizing with datasets.map (None: this one)
     max_ratio: float = 9.0  # training pairs whose longer side has more than this many times the shorter's tokens are dropped (0: off)

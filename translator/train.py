@@ -151,7 +151,9 @@ def load_data(recipe: Recipe, world: World, from_checkpoint: bool, say) -> tuple
     with world.main_first():  # rank 0 downloads, trains the tokenizer and fills the caches; the rest reuse them
         train_pairs = load_split(data, data.train_split, data.streaming)
         valid_pairs = load_split(data, data.valid_split)
-        say(f"data: {'a stream of' if data.streaming else len(train_pairs)} training pairs, {len(valid_pairs)} validation pairs from {data.path}")
+        # Loaded now only to be checked: a missing or broken test split fails before training, not after it.
+        test = f"{len(load_split(data, data.test_split))} test" if data.test_split else "no test"
+        say(f"data: {'a stream of' if data.streaming else len(train_pairs)} training, {len(valid_pairs)} validation, {test} pairs from {data.path}")
         if from_checkpoint or not world.is_main:
             tokenizer = Tokenizer.load(out / SPM)
         else:
@@ -472,12 +474,13 @@ def finish(run: Run, state: TrainingState) -> dict[str, Scores]:
     elif not (out / WEIGHTS).exists():  # never validated (e.g. resumed past its last step): the last weights
         save_weights(run.model, out / WEIGHTS)
     run.log.say(f"trained {state.step} steps; best validation BLEU {state.best_bleu:.2f}")
-    best = Translator.from_pretrained(out, run.device)
-    test = run.recipe.data.test_split
-    results = {"greedy": evaluate(best, test, beam_size=1)}
-    if run.recipe.decode.beam_size > 1:
-        results[f"beam{run.recipe.decode.beam_size}"] = evaluate(best, test)
-    run.log.record({"test": {name: s.to_dict() for name, s in results.items()}})
+    test, results = run.recipe.data.test_split, {}
+    if test:
+        best = Translator.from_pretrained(out, run.device)
+        results["greedy"] = evaluate(best, test, beam_size=1)
+        if run.recipe.decode.beam_size > 1:
+            results[f"beam{run.recipe.decode.beam_size}"] = evaluate(best, test)
+        run.log.record({"test": {name: s.to_dict() for name, s in results.items()}})
     run.log.close()
     return results
 
