@@ -162,11 +162,8 @@ def _token_by_token(model: Transformer, src: Tensor, max_lens: list[int], choose
 def beam_search(model: Transformer, src: Tensor, max_lens: list[int], beam_size: int, alpha: float, n_best: int = 1) -> list[list[Hypothesis]]:
     """Returns per sentence the n_best finished hypotheses, best first.
 
-    A sentence is done when it holds `beam_size` finished hypotheses that no open one can
-    beat (an open hypothesis only loses log-probability, so its best possible normalised
-    score is its current score over the largest length penalty it can still reach), or
-    when its length limit is reached. Only eos among the top K candidates finishes a
-    hypothesis, so beam_size=1 with alpha=0 is exactly greedy search.
+    A sentence is done when `_beaten` says so or at its length limit. Only eos among the top K
+    candidates finishes a hypothesis, so beam_size=1 with alpha=0 is exactly greedy search.
     """
     K, device = beam_size, src.device
     memory, src_mask = model.encode(src)
@@ -182,11 +179,7 @@ def beam_search(model: Transformer, src: Tensor, max_lens: list[int], beam_size:
     while alive:
         step += 1
         outputs, state = model.decode(last, state)
-        # A sentence's best 2K continuations are among the best 2K of each of its beams: rank those alone.
-        top_logp, top_tokens = top_log_probs(model, outputs[:, -1], 2 * K)  # (B*K, 2K)
-        candidates = (scores.view(-1, 1) + top_logp).view(len(alive), K * 2 * K)
-        cand_scores, cand_index = candidates.topk(2 * K, dim=1)  # (B, 2K): at least K do not end in eos
-        cand_beam, cand_token = cand_index // (2 * K), top_tokens.view(len(alive), -1).gather(1, cand_index)
+        cand_scores, cand_beam, cand_token = _best_continuations(model, outputs[:, -1], scores)
         cand_is_eos = cand_token == EOS_ID
 
         # Continue with the best K candidates that do not end in eos.
@@ -209,11 +202,8 @@ def beam_search(model: Transformer, src: Tensor, max_lens: list[int], beam_size:
                 for tokens, score in zip(open_tokens, open_scores[b].tolist()):
                     finished[i].append(Hypothesis(tokens, score / length_penalty(step, alpha)))
                 continue
-            if len(finished[i]) >= K:
-                kth_best = sorted(h.score for h in finished[i])[-K]
-                if kth_best >= best_open[b] / length_penalty(max_lens[i], alpha):
-                    continue
-            keep.append(b)
+            if not _beaten(finished[i], best_open[b], K, length_penalty(max_lens[i], alpha)):
+                keep.append(b)
 
         sources = None  # the same sentences go on: their memory stays as it is
         if len(keep) < len(alive):  # finished sentences leave: pick the rest's rows and memory in the same step
@@ -225,3 +215,20 @@ def beam_search(model: Transformer, src: Tensor, max_lens: list[int], beam_size:
         prefixes = torch.cat([prefixes.index_select(0, rows), next_tokens], dim=1)
         state, scores, last = state.select(rows, sources), open_scores, next_tokens
     return [sorted(hyps, key=lambda h: -h.score)[:n_best] for hyps in finished]
+
+
+def _best_continuations(model: Transformer, outputs: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Decoder outputs (B*K, D) of K beams per sentence with scores (B, K) -> each sentence's best 2K
+    continuations: their scores, beams and tokens, (B, 2K) each. At least K of them do not end in eos."""
+    B, K = scores.shape
+    # A sentence's best 2K continuations are among the best 2K of each of its beams: rank those alone.
+    top_logp, top_tokens = top_log_probs(model, outputs, 2 * K)  # (B*K, 2K)
+    cand_scores, cand_index = (scores.view(-1, 1) + top_logp).view(B, K * 2 * K).topk(2 * K, dim=1)
+    return cand_scores, cand_index // (2 * K), top_tokens.view(B, -1).gather(1, cand_index)
+
+
+def _beaten(finished: list[Hypothesis], best_open_score: float, K: int, largest_penalty: float) -> bool:
+    """Whether K finished hypotheses score at least what the best open one can still reach: an open
+    hypothesis only loses log-probability, so at best it keeps its score over the largest length
+    penalty it can still reach."""
+    return len(finished) >= K and sorted(h.score for h in finished)[-K] >= best_open_score / largest_penalty
