@@ -45,7 +45,9 @@ def test_average_last_checkpoints_at_the_end_and_through_the_cli(tmp_path, toy_c
     out = tmp_path / "run"
     train_tiny(toy_corpus, out, "train.max_steps=30", "train.checkpoint_every=10", "train.valid_every=30",
                "train.keep_checkpoints=3", "train.average_last=2")
-    assert "warning: the averaged checkpoints reach back to step 20 of 30" in capfd.readouterr().err  # early weights pull back
+    err = capfd.readouterr().err  # early weights pull back: said before training, and again at the end
+    assert err.count("warning: the averaged checkpoints reach back to step 20 of 30") == 2
+    assert err.index("reach back") < err.index("step 30: valid") < err.rindex("reach back")
     train_tiny(toy_corpus, tmp_path / "late", "train.max_steps=50", "train.checkpoint_every=5", "train.valid_every=50",
                "train.keep_checkpoints=3", "train.average_last=3")
     assert "warning: the averaged" not in capfd.readouterr().err  # steps 40, 45, 50: the last fifth

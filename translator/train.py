@@ -137,6 +137,8 @@ def setup(recipe: Recipe, world: World, device: torch.device, resume: bool) -> t
     log.open(up_to_step=state.step)
     say(f"{model.num_parameters() / 1e6:.2f} M parameters, on {device}; precision: {precision}")
     log.record({"step": state.step, "precision": precision.name, "precision_reason": precision.reason, "device": str(device)})
+    if cfg.average_last and (warning := averaging_warning(cfg.max_steps - (cfg.average_last - 1) * cfg.checkpoint_every, cfg.max_steps)):
+        say(warning)  # now, as well as at the end: before the hours of training it would spoil
     if world.size > 1:
         say(f"data parallel: {world.size} processes, each update reads {world.size} x {cfg.accum_steps} batches")
     trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world.size > 1 else model
@@ -467,10 +469,8 @@ def finish(run: Run, state: TrainingState) -> dict[str, Scores]:
         run.model.load_state_dict(average_weights(averaged))
         save_weights(run.model, out / WEIGHTS)
         run.log.say(f"model weights: the mean of {', '.join(p.name for p in averaged)}")
-        oldest = int(averaged[0].name.split("_")[1])
-        if oldest < 0.8 * state.step:  # averaging helps with close, late checkpoints; early ones pull the weights back
-            run.log.say(f"warning: the averaged checkpoints reach back to step {oldest} of {state.step}; average checkpoints of the "
-                        "last fifth of a run (lower train.checkpoint_every or train.average_last)")
+        if warning := averaging_warning(int(averaged[0].name.split("_")[1]), state.step):
+            run.log.say(warning)
     elif not (out / WEIGHTS).exists():  # never validated (e.g. resumed past its last step): the last weights
         save_weights(run.model, out / WEIGHTS)
     run.log.say(f"trained {state.step} steps; best validation BLEU {state.best_bleu:.2f}")
@@ -483,6 +483,14 @@ def finish(run: Run, state: TrainingState) -> dict[str, Scores]:
         run.log.record({"test": {name: s.to_dict() for name, s in results.items()}})
     run.log.close()
     return results
+
+
+def averaging_warning(oldest: int, last: int) -> str | None:
+    """Averaging helps with close, late checkpoints; early ones pull the weights back."""
+    if oldest >= 0.8 * last:
+        return None
+    return (f"warning: the averaged checkpoints reach back to step {oldest} of {last}; average checkpoints of the "
+            "last fifth of a run (lower train.checkpoint_every or train.average_last)")
 
 
 @contextmanager
