@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -225,6 +226,29 @@ def test_sigterm_answers_the_requests_in_flight_then_exits(tiny_model_dir, tiny_
     assert answers and answers[0].status_code == 200, stderr
     assert answers[0].json()["translatedText"] == tiny_translator.translate(SENTENCES)
     assert process.returncode == 0, stderr
+
+
+def children(pid: int) -> set[int]:
+    return {int(p) for task in Path(f"/proc/{pid}/task").iterdir() for p in (task / "children").read_text().split()}
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads child processes from /proc (Linux)")
+def test_workers_decode_a_servers_batches_and_leave_with_it(tiny_model_dir, tiny_translator):
+    import httpx
+
+    process, url = start_server(tiny_model_dir, "--workers", "2")
+    assert children(process.pid) == set()  # forked at the first batch of several sentences, not before
+    answer = httpx.post(f"{url}/translate", json={"q": SENTENCES, **PAIR}, timeout=60)
+    assert answer.status_code == 200 and answer.json()["translatedText"] == tiny_translator.translate(SENTENCES)
+    workers = children(process.pid)
+    assert len(workers) == 2
+    again = httpx.post(f"{url}/translate", json={"q": SENTENCES[::-1], **PAIR}, timeout=60)
+    assert again.json()["translatedText"] == tiny_translator.translate(SENTENCES[::-1])
+    assert children(process.pid) == workers  # the same processes serve the next requests
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
 
 
 def test_serve_command_errors(tiny_model_dir, tmp_path):

@@ -159,6 +159,7 @@ def create_app(translator: Translator, limits: Limits = Limits(), batch_wait_ms:
         yield  # uvicorn returns here after the requests in flight have been answered
         task.cancel()
         batcher.worker.shutdown(wait=True)
+        translator.close()  # its decoding processes (--workers), if any
 
     app = FastAPI(title="translator", summary=f"{translator.recipe.name}: {data.src_lang} -> {data.tgt_lang}", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
