@@ -77,10 +77,12 @@ def test_killed_twice_and_resumed_equals_uninterrupted(tmp_path, toy_corpus):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path, toy_corpus):
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes_to_the_unstopped_runs_average(tmp_path, toy_corpus):
+    averaging = ("--set", "train.average_last=3")
+    train(load_recipe(TINY_RECIPE, [*overrides(toy_corpus, tmp_path / "straight"), "train.average_last=3"]), progress=False)
     out = tmp_path / "run"
-    process = start(toy_corpus, out)
-    wait_for_checkpoint_after(out, 0, process)
+    process = start(toy_corpus, out, *averaging)
+    wait_for_checkpoint_after(out, STEPS - 40, process)  # late: the step it stops at would be among the last 3
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     if process.returncode == 0:
@@ -89,9 +91,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes(tmp_path, toy
     assert "stopped by SIGTERM" in stderr and "--resume" in stderr
     stopped_at = int(training_checkpoints(out)[-1].name.split("_")[1])
     assert stopped_at < STEPS
-    resumed = start(toy_corpus, out, "--resume")
+    resumed = start(toy_corpus, out, "--resume", *averaging)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
-    assert training_checkpoints(out)[-1].name == f"step_{STEPS:08d}"
+    # The step it stopped at (between two of every 20) is gone: the same checkpoints, the same mean of the last 3.
+    assert [p.name for p in training_checkpoints(out)] == [p.name for p in training_checkpoints(tmp_path / "straight")]
+    straight, stopped = load_file(tmp_path / "straight" / WEIGHTS), load_file(out / WEIGHTS)
+    assert all(torch.equal(straight[k], stopped[k]) for k in straight)
 
 
 def test_a_run_directory_is_never_overwritten_and_resume_needs_a_checkpoint(tmp_path, toy_corpus):

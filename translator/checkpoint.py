@@ -153,9 +153,14 @@ def training_checkpoints(run_dir: Path) -> list[Path]:
 
 def save_training_checkpoint(
     run_dir: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer, state: dict, keep: int, best_step: int | None = None,
+    scheduled: bool = True,
 ) -> Path:
     """Write checkpoints/step_N as a whole (temporary directory, fsync, rename), then keep the
-    newest `keep` and the one of `best_step` (the best validation BLEU so far)."""
+    newest `keep` and the one of `best_step` (the best validation BLEU so far).
+
+    One saved only because training stopped there (`scheduled=False`: a signal) goes as soon as a
+    newer one is written: a resumed run then keeps, and averages, the checkpoints of a run that
+    was never stopped."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -164,18 +169,27 @@ def save_training_checkpoint(
         save_file(_tensors(model), tmp / WEIGHTS)
         optim = optimizer.state_dict()
         save_file({f"{i}.{name}": value for i, slots in optim["state"].items() for name, value in slots.items()}, tmp / OPTIMIZER)
-        (tmp / STATE).write_text(json.dumps({**state, "optimizer_groups": optim["param_groups"]}), encoding="utf-8")
+        (tmp / STATE).write_text(json.dumps({**state, "scheduled": scheduled, "optimizer_groups": optim["param_groups"]}), encoding="utf-8")
         for file in (WEIGHTS, OPTIMIZER, STATE):
             _fsync(tmp / file)
         _rename_over(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for stop in [p for p in training_checkpoints(run_dir) if p < final and not _scheduled(p)]:
+        shutil.rmtree(stop)
     best = root / f"step_{best_step:08d}" if best_step is not None else None
     for old in training_checkpoints(run_dir)[:-keep]:
         if old != best:
             shutil.rmtree(old)
     return final
+
+
+def _scheduled(checkpoint: Path) -> bool:
+    try:
+        return json.loads((checkpoint / STATE).read_text(encoding="utf-8")).get("scheduled", True)
+    except (OSError, ValueError):
+        return True  # unreadable: not this function's to delete; resuming from it names the problem
 
 
 def _rename_over(new: Path, final: Path) -> None:

@@ -278,8 +278,9 @@ def loop(run: Run, state: TrainingState, progress: bool) -> None:
             if state.step % cfg.valid_every == 0 or state.step == cfg.max_steps:
                 improved, converged = validate_and_keep_best(run, state)
             stop = world.any(bool(signals))
-            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps or stop or converged or improved:
-                save_checkpoint(run, state)
+            scheduled = state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps or converged or improved
+            if scheduled or stop:
+                save_checkpoint(run, state, scheduled)
             if converged:
                 run.log.say(f"early stop at step {state.step}: no better validation BLEU in {cfg.patience} validations")
                 break
@@ -445,11 +446,12 @@ def validate(translator: Translator, batches: TrainBatches, pairs: datasets.Data
     return total / max(tokens, 1), scores
 
 
-def save_checkpoint(run: Run, state: TrainingState) -> None:
+def save_checkpoint(run: Run, state: TrainingState, scheduled: bool) -> None:
     if run.world.is_main:
         state.scheduler, state.grad_scaler = run.scheduler.state_dict(), run.scaler.state_dict()
         cfg = run.recipe.train
-        save_training_checkpoint(run.out, state.step, run.model, run.optimizer, asdict(state), cfg.keep_checkpoints, state.best_step)
+        save_training_checkpoint(run.out, state.step, run.model, run.optimizer, asdict(state), cfg.keep_checkpoints, state.best_step,
+                                 scheduled)
 
 
 # --- the end -------------------------------------------------------------------------------------
