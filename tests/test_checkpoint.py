@@ -9,6 +9,7 @@ import pathlib
 import pickle
 import random
 import shutil
+import stat
 
 import pytest
 import sentencepiece as spm
@@ -16,7 +17,7 @@ import torch
 
 from conftest import toy_pair
 from translator import Translator
-from translator.checkpoint import CONFIG, FORMAT_VERSION, SPM, WEIGHTS, CheckpointError, atomic_write, load_model_dir
+from translator.checkpoint import CONFIG, FORMAT_VERSION, SPM, WEIGHTS, CheckpointError, atomic_write, load_model_dir, training_checkpoints
 
 
 class TouchOnUnpickle:
@@ -271,3 +272,13 @@ def test_copy_of_a_model_directory_loads(saved, tmp_path):
     shutil.rmtree(saved)
     sentences = toy_sentences(4)
     assert len(Translator.from_pretrained(copy).translate(sentences, beam_size=1)) == 4
+
+
+def test_a_model_directory_and_its_checkpoints_are_readable_as_plain_files_and_directories(tiny_model_dir):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    files, checkpoints = [tiny_model_dir / name for name in (CONFIG, WEIGHTS, SPM)], training_checkpoints(tiny_model_dir)
+    assert checkpoints
+    # what open() and mkdir() give under this umask, not mkstemp's and mkdtemp's owner-only 0600 and 0700
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o666 & ~umask}
+    assert {stat.S_IMODE(d.stat().st_mode) for d in checkpoints} == {0o777 & ~umask}

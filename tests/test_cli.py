@@ -1,6 +1,8 @@
 """The command line end to end: train the tiny recipe, translate a pipe, evaluate a split."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -139,6 +141,9 @@ def test_translate_files_in_and_out(tiny_model_dir, tiny_translator, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     assert target.read_text(encoding="utf-8").splitlines() == tiny_translator.translate(SOURCES)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask  # as a shell's > would make it, not mkstemp's 0600
 
 
 def test_translate_and_evaluate_with_two_workers_give_what_one_process_gives(tiny_model_dir, tiny_translator):

@@ -1,6 +1,8 @@
 """CTranslate2 export: the exported model decodes to exactly our greedy token ids; the command changes nothing when it fails."""
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -55,6 +57,9 @@ def test_export_command_writes_once_and_a_failure_changes_nothing(tiny_model_dir
     result = cli("export", tiny_model_dir, "--to", "ctranslate2", out, "--quantization", "int8_float32")
     assert result.returncode == 0, result.stderr
     assert str(out) in result.stdout
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # a directory a server's user can open, not mkdtemp's 0700
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert_usage_error(cli("export", tiny_model_dir, "--to", "ctranslate2", out), "export", str(out), "exists")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -45,6 +45,17 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once, at import: setting it is the only way to read it, and threads share it
+
+
+def plain_mode(path: str | Path) -> None:
+    """Give a file or directory from mkstemp or mkdtemp (owner-only: 0600, 0700), about to be renamed
+    into place, the mode open() or mkdir() would have given it: 0666 or 0777 less the umask, so that
+    a service's user can read the model a trainer wrote."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_UMASK)
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """`write(tmp_path)` then fsync and rename over `path`: readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,6 +64,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     try:
         write(tmp)
         _fsync(Path(tmp))
+        plain_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -172,6 +184,7 @@ def save_training_checkpoint(
         (tmp / STATE).write_text(json.dumps({**state, "scheduled": scheduled, "optimizer_groups": optim["param_groups"]}), encoding="utf-8")
         for file in (WEIGHTS, OPTIMIZER, STATE):
             _fsync(tmp / file)
+        plain_mode(tmp)
         _rename_over(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

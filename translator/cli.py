@@ -83,11 +83,14 @@ def output_file(path: str | None):
     if path is None:
         yield sys.stdout
         return
+    from .checkpoint import plain_mode
+
     target = Path(path)
     fd, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
         with open(fd, "w", encoding="utf-8") as f:
             yield f
+        plain_mode(staging)
         os.replace(staging, target)
     finally:
         Path(staging).unlink(missing_ok=True)

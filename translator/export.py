@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import SPM, CheckpointError, load_model_dir
+from .checkpoint import SPM, CheckpointError, load_model_dir, plain_mode
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -113,6 +113,7 @@ def export_ctranslate2(model_dir: str | Path, out: str | Path, quantization: str
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         SpecConverter().convert(str(staging), quantization=quantization, force=True)
+        plain_mode(staging)
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
