@@ -232,6 +232,8 @@ def test_ints_are_accepted_for_floats():
         (["train.betas=[0.9, 1.0]"], "train.betas"),
         (["train.label_smoothing=1"], "train.label_smoothing"),
         (["train.clip_norm=-1"], "train.clip_norm"),
+        (["train.weight_decay=-0.1"], "train.weight_decay"),
+        (["tokenizer.input_sentence_size=0"], "tokenizer.input_sentence_size"),
         (["train.threads=0"], "train.threads"),
         (["train.rdrop_alpha=-1"], "train.rdrop_alpha"),
         (["data.subword_sampling=1.5"], "data.subword_sampling"),

@@ -258,6 +258,8 @@ def test_serve_command_errors(tiny_model_dir, tmp_path):
     missing = run(str(tmp_path / "nope"))
     assert missing.returncode == 2 and "nope" in missing.stderr and "Traceback" not in missing.stderr
     assert run(str(tiny_model_dir), "--max-chars", "0").returncode == 2
+    no_port = run(str(tiny_model_dir), "--port", "70000")
+    assert no_port.returncode == 2 and "expected a port from 1 to 65535, got '70000'" in no_port.stderr and len(no_port.stderr) < 1000
     with socket.socket() as taken:  # a port in use
         taken.bind(("127.0.0.1", 0))
         taken.listen()

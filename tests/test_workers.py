@@ -4,14 +4,12 @@ import copy
 import os
 import signal
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from translator import Sampling, Translator
 from translator.api import Translation
-from translator.workers import DecodingWorkers
 
 from test_search import SENTENCES
 
@@ -122,7 +120,7 @@ def test_a_bad_worker_count_names_the_argument(tiny_translator, workers):
         Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe, workers=workers)
 
 
-def test_workers_are_refused_on_a_gpu_naming_the_device():
-    on_gpu = SimpleNamespace(device=torch.device("cuda", 0), model=None)
-    with pytest.raises(ValueError, match="CPU only.*cuda:0"):
-        DecodingWorkers(on_gpu, 2)
+def test_workers_are_refused_off_the_cpu_when_the_translator_is_made_naming_the_device(tiny_translator):
+    elsewhere = copy.deepcopy(tiny_translator.model).to("meta")  # any device but the CPU: what a GPU's model would meet
+    with pytest.raises(ValueError, match="CPU only.*meta"):
+        Translator(elsewhere, tiny_translator.tokenizer, tiny_translator.recipe, workers=2)

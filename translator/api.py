@@ -45,6 +45,9 @@ class Translator:
         self.device = next(model.parameters()).device
         if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
             raise ValueError(f"workers: got {workers!r}, expected an integer of 1 or more")
+        if workers > 1 and self.device.type != "cpu":  # refused now, not at the first call of several sentences
+            raise RecipeError(f"workers={workers}: several decoding processes run on the CPU only (CUDA does not survive a fork); "
+                              f"use workers=1 on {self.device}")
         self.workers = workers
         self._copies: dict[str, tuple[tuple[int, ...], Transformer]] = {}  # precision -> (weights version, copy), built on first use
         self._workers: tuple[tuple, DecodingWorkers] | None = None  # (what they were forked with, the workers), on first use

@@ -219,6 +219,12 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text!r}")
+    return int(text)
+
+
 def milliseconds(text: str) -> float:
     try:
         value = float(text)
@@ -328,7 +334,7 @@ def _add_plot_and_serve(verbs, decoding: argparse.ArgumentParser, overrides: dic
                              epilog="example: translator serve runs/multi30k_de_en --port 8000   (then open http://127.0.0.1:8000/)")
     serve.add_argument("model_dir")
     serve.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1; no authentication: put a reverse proxy in front)")
-    serve.add_argument("--port", type=int, choices=range(1, 65536), default=8000, metavar="PORT", help="default 8000")
+    serve.add_argument("--port", type=port, default=8000, help="default 8000")
     serve.add_argument("--max-sentences", type=positive_int, default=100, help="sentences per request (default 100)")
     serve.add_argument("--max-chars", type=positive_int, default=10_000, help="characters per request, all sentences together (default 10000)")
     serve.add_argument("--batch-wait-ms", type=milliseconds, default=5.0, help="how long a request reaching an idle server waits for others to batch with (default 5)")

@@ -57,6 +57,7 @@ class TokenizerConfig:
     def validate(self) -> None:
         _check(self.vocab_size >= 8, "tokenizer.vocab_size", self.vocab_size, "at least 8")
         _check(0 < self.character_coverage <= 1, "tokenizer.character_coverage", self.character_coverage, "in (0, 1]")
+        _check(self.input_sentence_size > 0, "tokenizer.input_sentence_size", self.input_sentence_size, "a positive number of sentences")
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class TrainConfig:
         _check(all(0 <= b < 1 for b in self.betas), "train.betas", list(self.betas), "two numbers in [0, 1)")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "in [0, 1)")
         _check(self.clip_norm >= 0, "train.clip_norm", self.clip_norm, "zero (off) or more")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "zero (off) or more")
         _check(self.threads is None or self.threads > 0, "train.threads", self.threads, "a positive integer or null")
         _check(self.rdrop_alpha >= 0, "train.rdrop_alpha", self.rdrop_alpha, "zero (off) or more")
         _check(self.patience is None or self.patience > 0, "train.patience", self.patience, "a positive integer or null")

@@ -53,8 +53,6 @@ class DecodingWorkers:
     """`workers` processes forked from `translator`, splitting the available threads between them."""
 
     def __init__(self, translator, workers: int):
-        if translator.device.type != "cpu":
-            raise ValueError(f"workers={workers}: several decoding processes run on the CPU only (CUDA does not survive a fork); use workers=1 on {translator.device}")
         if "fork" not in multiprocessing.get_all_start_methods():
             raise ValueError(f"workers={workers}: several decoding processes need the fork start method, which this platform lacks; use workers=1")
         context = multiprocessing.get_context("fork")
