@@ -50,11 +50,21 @@ class RunLog:
 def _reopen(path: Path, up_to_step: int):
     kept = []
     if up_to_step and path.exists():
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line).get("step", 0) <= up_to_step]
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _step(line) <= up_to_step]
     path.parent.mkdir(parents=True, exist_ok=True)
     metrics = path.open("w", encoding="utf-8")
     metrics.write("".join(line + "\n" for line in kept))
     return metrics
+
+
+def _step(line: str) -> float:
+    """The step a line logged; past every step for the end's test scores (logged again by the resumed
+    run) and for a line a killed write left torn."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return float("inf")
+    return entry.get("step", float("inf")) if isinstance(entry, dict) else float("inf")
 
 
 def _tensorboard(out: Path):
