@@ -91,6 +91,8 @@ class Batcher:
 
     def submit(self, sentences: list[str], options: dict) -> asyncio.Future:
         key = tuple(options.items())  # seeded samples depend on the seed and the sentence alone: they batch too
+        if options["sampling"] is not None and options["sampling"].seed is None:
+            key = (object(),)  # unseeded ones go alone: batched, they would share one draw of a seed (the same sentence, the same samples)
         lengths = [len(ids) + 1 for ids in self.translator.tokenizer.encode(sentences)] or [0]
         job = Job(sentences, options, key, (len(sentences), max(lengths)), asyncio.get_running_loop().create_future())
         self.queue.append(job)
