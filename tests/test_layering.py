@@ -1,4 +1,4 @@
-"""Imports flow one way (DESIGN.md): leaf modules never import the layers above them."""
+"""Imports flow one way (docs/design.md, Layout): leaf modules never import the layers above them."""
 
 import ast
 from pathlib import Path

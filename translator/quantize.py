@@ -1,7 +1,7 @@
 """Copies of a model at a lower precision, for decoding on the CPU.
 
 bf16: every weight cast to bf16 once. Under autocast each step would cast every weight again,
-the tied output projection's D x V table included: the copy decodes 5-8% faster in single-thread
+the tied output projection's D x V table included: the copy decodes 4-8% faster in single-thread
 workers (the same speed in one process of 2 threads; Multi30k model, AMD EPYC with avx512_bf16,
 docs/deployment.md).
 
@@ -49,6 +49,6 @@ def int8_model(model: Transformer) -> Transformer:
 
 
 def weights_version(model: nn.Module) -> tuple[int, ...]:
-    """Changes whenever a weight is written in place (an optimizer step, load_state_dict): when a
-    quantized copy is stale. Training validates through one Translator whose weights keep moving."""
+    """Changes whenever a weight is written in place (an optimizer step, load_state_dict), which makes
+    a lower-precision copy stale: a Translator over a model still being trained, or loaded anew."""
     return tuple(p._version for p in model.parameters())
