@@ -1,8 +1,11 @@
 """Decoding in several processes: the same translations as one process, in input order, from the current weights."""
 
 import copy
+import gc
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -49,6 +52,25 @@ def alive(pid: str) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_workers_go_when_their_translator_is_collected(tiny_translator, monkeypatch):
+    translator = pids_translator(tiny_translator, monkeypatch)
+    pids = set(translator.translate(SENTENCES * 2, beam_size=1))
+    monkeypatch.undo()  # the patch holds the translator too
+    del translator
+    gc.collect()
+    assert len(pids) == 2 and not any(alive(pid) for pid in pids)
+
+
+def test_workers_go_when_the_program_exits(tiny_model_dir):
+    program = (f"import glob, os, translator; t = translator.Translator.from_pretrained({str(tiny_model_dir)!r}, workers=2); "
+               f"t.translate({SENTENCES * 2!r}, beam_size=1); "
+               "print(*(pid for task in glob.glob(f'/proc/{os.getpid()}/task/*/children') for pid in open(task).read().split()))")
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    pids = result.stdout.split()
+    assert result.returncode == 0 and len(pids) == 2, result.stderr
+    assert not any(alive(pid) for pid in pids)
 
 
 def test_the_sentences_are_decoded_in_two_other_processes_that_stay_for_the_next_call(tiny_translator, monkeypatch):
