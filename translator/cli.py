@@ -1,4 +1,4 @@
-"""Command line: `translator train | translate | evaluate`.
+"""Command line: `translator train | translate | evaluate | export | average | plot | serve`.
 
 Results go to stdout; progress bars and logs to stderr. Exit status: 0 ok, 1 runtime
 failure, 2 usage error (a bad recipe, override, dataset or model directory).
