@@ -212,6 +212,8 @@ def _checked(body: TranslateRequest, translator: Translator, limits: Limits) -> 
     beam_size = body.beam_size
     if beam_size is None and body.sampling is None and n_best > 1:  # alternatives need that many beams
         beam_size = max(translator.recipe.decode.beam_size, n_best)
+    if body.sampling is None and isinstance(beam_size, int) and 1 <= beam_size < n_best:
+        raise HTTPException(400, f"alternatives: {body.alternatives} need beam_size {n_best} or more, got beam_size {beam_size}")
     try:
         sampling = Sampling(**body.sampling.model_dump()) if body.sampling else None
         options = dict(beam_size=beam_size, alpha=body.alpha, n_best=n_best, sampling=sampling, return_attention=body.attention)
