@@ -109,6 +109,22 @@ def test_leftovers_of_a_killed_write_are_cleaned_and_a_checkpoint_stepping_aside
     assert json.loads((root / "step_00000020" / "state.json").read_text())["step"] == 20
 
 
+@pytest.mark.parametrize("damage", ["no optimizer groups", "a foreign optimizer key"])
+def test_a_checkpoint_with_a_damaged_optimizer_state_is_refused_naming_it(tmp_path, damage):
+    from safetensors.torch import save_file
+
+    from translator.checkpoint import OPTIMIZER, STATE, load_training_checkpoint
+
+    model, optimizer = small_model_and_optimizer()
+    checkpoint = save_training_checkpoint(tmp_path, 10, model, optimizer, {"step": 10}, keep=3)
+    if damage == "no optimizer groups":
+        (checkpoint / STATE).write_text(json.dumps({"step": 10}), encoding="utf-8")
+    else:
+        save_file({"first.exp_avg": torch.zeros(1)}, checkpoint / OPTIMIZER)
+    with pytest.raises(CheckpointError, match=f"^{checkpoint}: the optimizer's state cannot be restored"):
+        load_training_checkpoint(checkpoint, *small_model_and_optimizer())
+
+
 def test_saving_a_step_again_replaces_it_whole(tmp_path):
     model, optimizer = small_model_and_optimizer()
     save_training_checkpoint(tmp_path, 10, model, optimizer, {"step": 10, "mark": "old"}, keep=3)

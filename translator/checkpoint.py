@@ -247,12 +247,15 @@ def load_training_checkpoint(path: Path, model: Transformer, optimizer: torch.op
         raise CheckpointError(f"{path}: cannot load the training checkpoint ({e})") from None
     _load_weights(model, weights, path / WEIGHTS, "the recipe")
     slots: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("rng."):  # random generator states of checkpoints older than keyed dropout: no longer needed
-            continue
-        index, name = key.split(".", 1)
-        slots.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": slots, "param_groups": state.pop("optimizer_groups")})
+    try:
+        for key, value in tensors.items():
+            if key.startswith("rng."):  # random generator states of checkpoints older than keyed dropout: no longer needed
+                continue
+            index, name = key.split(".", 1)
+            slots.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": slots, "param_groups": state.pop("optimizer_groups")})
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: the optimizer's state cannot be restored ({type(e).__name__}: {e})") from None
     return state
 
 
