@@ -9,6 +9,7 @@ from translator import Sampling
 from translator.batching import source_tensor
 from translator.config import ModelConfig
 from translator.model import Transformer
+from translator.quantize import bf16_model
 from translator.search import Hypothesis, beam_search, greedy_search, length_penalty, max_output_lengths, sample
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -131,8 +132,10 @@ def test_n_best_lists_are_sorted_best_first(tiny_translator):
         assert len(hyps) == 5 and scores == sorted(scores, reverse=True)
 
 
-def test_a_sentence_translates_the_same_alone_and_in_a_mixed_batch(tiny_translator):
-    model = tiny_translator.model
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_sentence_translates_the_same_alone_and_in_a_mixed_batch(tiny_translator, precision):
+    # bf16: the copy that decode.precision auto decodes from on a CPU with native bf16
+    model = tiny_translator.model if precision == "fp32" else bf16_model(tiny_translator.model)
     src, max_lens = encode(tiny_translator, SENTENCES)
     assert (src == PAD_ID).any()  # the batch really mixes lengths
     batched_greedy = greedy_search(model, src, max_lens)
