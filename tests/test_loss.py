@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import DEVICES
 from translator import loss as loss_module
-from translator.loss import cross_entropy
+from translator.loss import cross_entropy, symmetric_kl
 
 PAD = 0
 
@@ -96,3 +96,37 @@ def test_the_loss_on_every_device_is_torch_cross_entropy_times_the_scale(device,
     ref = value_and_grad(lambda x, t: 0.37 * F.cross_entropy(x, t, ignore_index=PAD, label_smoothing=0.1), exact, target, 0.1)
     torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours[1].float(), ref[1], rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
+
+
+def written_out_symmetric_kl(logits_a, logits_b, counted):
+    """R-Drop's term as the paper writes it, through autograd: the reference."""
+    log_a, log_b = F.log_softmax(logits_a[counted].float(), dim=-1), F.log_softmax(logits_b[counted].float(), dim=-1)
+    return 0.5 * (F.kl_div(log_b, log_a, log_target=True, reduction="sum") + F.kl_div(log_a, log_b, log_target=True, reduction="sum"))
+
+
+@pytest.mark.parametrize("block_elements", [1, 64, 1 << 20])
+def test_symmetric_kl_value_and_gradients_equal_the_written_out_form(monkeypatch, block_elements):
+    monkeypatch.setattr(loss_module, "BLOCK_ELEMENTS", block_elements)
+    (a, target), (b, _) = logits_and_targets(seed=0), logits_and_targets(seed=1)
+    counted = target != PAD
+    results = []
+    for fn in (symmetric_kl, written_out_symmetric_kl):
+        a.grad = b.grad = None
+        value = fn(a, b, counted)
+        (value * 3.0).backward()
+        results.append((value.detach(), a.grad.clone(), b.grad.clone()))
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    assert results[0][1][~counted].abs().sum() == 0 and results[0][2][~counted].abs().sum() == 0
+    assert results[0][0] > 0  # the premise: the two distributions differ
+
+
+def test_symmetric_kl_of_bf16_logits_gets_bf16_gradients_close_to_the_fp32_ones():
+    (a, target), (b, _) = logits_and_targets(dtype=torch.bfloat16, seed=0), logits_and_targets(dtype=torch.bfloat16, seed=1)
+    counted = target != PAD
+    symmetric_kl(a, b, counted).backward()
+    exact_a, exact_b = (x.detach().float().requires_grad_() for x in (a, b))
+    written_out_symmetric_kl(exact_a, exact_b, counted).backward()
+    assert a.grad.dtype == b.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(a.grad.float(), exact_a.grad, rtol=1e-2, atol=1e-4)  # one bf16 rounding
+    torch.testing.assert_close(b.grad.float(), exact_b.grad, rtol=1e-2, atol=1e-4)

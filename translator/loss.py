@@ -33,9 +33,14 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: f
 
 def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
     """R-Drop's consistency term (Liang et al., 2021): (KL(p_a || p_b) + KL(p_b || p_a)) / 2 per counted row,
-    summed over the rows. logits (N, V) of the same inputs under two dropout masks; counted (N,) bool."""
-    log_a, log_b = F.log_softmax(logits_a[counted].float(), dim=-1), F.log_softmax(logits_b[counted].float(), dim=-1)
-    return 0.5 * ((log_a.exp() - log_b.exp()) * (log_a - log_b)).sum()
+    summed over the rows. logits (N, V) of the same inputs under two dropout masks; counted (N,) bool.
+
+    On the CPU in blocks of rows, its gradient written in the same pass (as the cross-entropy's): through
+    autograd, its passes over (N, V) fp32 tensors made an R-Drop step 4.2x a plain one instead of 2x."""
+    if logits_a.device.type != "cpu":
+        log_a, log_b = F.log_softmax(logits_a[counted].float(), dim=-1), F.log_softmax(logits_b[counted].float(), dim=-1)
+        return 0.5 * ((log_a.exp() - log_b.exp()) * (log_a - log_b)).sum()
+    return _SymmetricKL.apply(logits_a, logits_b, counted)
 
 
 class _SmoothedCrossEntropy(torch.autograd.Function):
@@ -72,3 +77,36 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         (grad,) = ctx.saved_tensors
         return (grad * grad_loss.to(grad.dtype)).to(ctx.logits_dtype), None, None, None, None
+
+
+class _SymmetricKL(torch.autograd.Function):
+    """With d = log p_a - log p_b and KL_ab = sum p_a d, KL_ba = -sum p_b d per row:
+
+        loss = (KL_ab + KL_ba) / 2
+        d loss / d logits_a = (p_a (d - KL_ab) + p_a - p_b) / 2,   and for b with a and b swapped (d -> -d)."""
+
+    @staticmethod
+    def forward(ctx, logits_a: torch.Tensor, logits_b: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+        rows, vocab = logits_a.shape
+        grad_dtype = torch.float32 if logits_a.dtype == torch.float16 else logits_a.dtype
+        wants_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grads = [torch.empty_like(logits_a, dtype=grad_dtype) for _ in range(2)] if wants_grad else []
+        ctx.logits_dtype = logits_a.dtype
+        total = torch.zeros((), dtype=torch.float32, device=logits_a.device)
+        block = max(1, BLOCK_ELEMENTS // vocab)
+        for start in range(0, rows, block):
+            part, weight = slice(start, min(start + block, rows)), counted[start:start + block, None]  # (b, 1)
+            log_a, log_b = (torch.log_softmax(x[part].float(), dim=-1) for x in (logits_a, logits_b))  # (b, V)
+            p_a, p_b, d = log_a.exp(), log_b.exp(), log_a - log_b
+            kl_ab, kl_ba = (p_a * d).sum(-1, keepdim=True), -(p_b * d).sum(-1, keepdim=True)  # (b, 1)
+            total += ((kl_ab + kl_ba) * weight).sum() / 2
+            if grads:
+                grads[0][part] = ((d - kl_ab).mul_(p_a).add_(p_a).sub_(p_b)).mul_(weight / 2)
+                grads[1][part] = ((d.neg_() - kl_ba).mul_(p_b).add_(p_b).sub_(p_a)).mul_(weight / 2)
+        ctx.save_for_backward(*grads)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_a, grad_b = ctx.saved_tensors
+        return (grad_a * grad_loss.to(grad_a.dtype)).to(ctx.logits_dtype), (grad_b * grad_loss.to(grad_b.dtype)).to(ctx.logits_dtype), None
