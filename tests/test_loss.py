@@ -1,4 +1,4 @@
-"""The blockwise label-smoothed cross-entropy has F.cross_entropy's value and gradient."""
+"""The blockwise label-smoothed cross-entropy has F.cross_entropy's value and gradient; the blockwise symmetric KL, the written-out one's."""
 
 import pytest
 import torch

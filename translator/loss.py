@@ -1,4 +1,4 @@
-"""Label-smoothed cross-entropy over the vocabulary, its gradient computed in the same pass.
+"""Label-smoothed cross-entropy over the vocabulary, and R-Drop's symmetric KL, each with its gradient computed in the same pass.
 
 `F.cross_entropy` makes about eight passes over the (N, V) logits: the cast to fp32, the
 log-softmax, the smoothing term's sum, and in backward a zero-fill, a scatter, an add and the
