@@ -202,7 +202,7 @@ def beam_search(model: Transformer, src: Tensor, max_lens: list[int], beam_size:
                 for tokens, score in zip(open_tokens, open_scores[b].tolist()):
                     finished[i].append(Hypothesis(tokens, score / length_penalty(step, alpha)))
                 continue
-            if not _beaten(finished[i], best_open[b], K, length_penalty(max_lens[i], alpha)):
+            if not _beaten(finished[i], best_open[b], K, max_lens[i], alpha):
                 keep.append(b)
 
         sources = None  # the same sentences go on: their memory stays as it is
@@ -227,8 +227,8 @@ def _best_continuations(model: Transformer, outputs: Tensor, scores: Tensor) -> 
     return cand_scores, cand_index // (2 * K), top_tokens.view(B, -1).gather(1, cand_index)
 
 
-def _beaten(finished: list[Hypothesis], best_open_score: float, K: int, largest_penalty: float) -> bool:
+def _beaten(finished: list[Hypothesis], best_open_score: float, K: int, max_len: int, alpha: float) -> bool:
     """Whether K finished hypotheses score at least what the best open one can still reach: an open
     hypothesis only loses log-probability, so at best it keeps its score over the largest length
-    penalty it can still reach."""
-    return len(finished) >= K and sorted(h.score for h in finished)[-K] >= best_open_score / largest_penalty
+    penalty it can still reach (that of `max_len`)."""
+    return len(finished) >= K and sorted(h.score for h in finished)[-K] >= best_open_score / length_penalty(max_len, alpha)
