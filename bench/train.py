@@ -4,12 +4,14 @@
     python bench/train.py --reference             # and PyTorch's nn.Transformer of the same size, in this run
     python bench/train.py --size base --device cuda --reference   # Transformer-base (d512, 6+6, ff2048) on a GPU
     python bench/train.py --peer                  # also Joey NMT's train.sh now (about 12 minutes)
+    python bench/train.py --set train.rdrop_alpha=2.5 --set train.max_tokens=2048   # recipe overrides: R-Drop at half the batch
 
 It prints where it ran (CPU model and flags, or the GPU) and the precision `auto` picks there;
 the table has one row per precision, the `auto` one marked. Per precision: target and
 source+target tokens/s (real tokens, padding excluded), achieved GFLOP/s and its share of the
 matmul peak measured here for that precision, counting only useful FLOPs (each sentence's own
-length, no padding; forward + backward = 3x forward), padding fraction, peak RSS. --reference runs
+length, no padding; forward + backward = 3x forward; R-Drop's two passes count twice), padding
+fraction, peak RSS; tokens/s count each batch once, so R-Drop's price shows there. --reference runs
 `../shared/bench-peers/torch_reference.py` (unpadded batches of 256 x 16 tokens) with the same
 size, device and threads, and prints our tokens/s over its own at the same precision and at
 its fastest.
@@ -114,7 +116,7 @@ def measure(model: Transformer, model_cfg: ModelConfig, batches: TrainBatches, p
         n_src, n_tgt = int((batch.src != 0).sum()), batch.n_tgt_tokens
         tgt_tokens, src_tokens = tgt_tokens + n_tgt, src_tokens + n_src
         real, padded = real + n_src + n_tgt, padded + batch.src.numel() + batch.tgt_out.numel()
-        macs += useful_macs(model_cfg, model.embedding.num_embeddings, batch)
+        macs += useful_macs(model_cfg, model.embedding.num_embeddings, batch) * (2 if cfg.rdrop_alpha else 1)
     return {"tgt tok/s": tgt_tokens / seconds, "src+tgt tok/s": (src_tokens + tgt_tokens) / seconds,
             "useful GFLOP/s": 3 * 2 * macs / seconds / 1e9, "padding": 1 - real / padded, "s/step": seconds / steps}
 
@@ -129,6 +131,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reference", action="store_true", help="run PyTorch's nn.Transformer of the same size in this run")
     parser.add_argument("--peer", action="store_true", help="run Joey NMT's train.sh in this run and print the ratio")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the Multi30k recipe")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = pick_device(args.device, key="--device")
@@ -136,7 +139,7 @@ def main() -> None:
     precisions = ["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"]
 
     joey = run_peer() if args.peer else None
-    recipe = load_recipe(ROOT / "recipes" / "multi30k_de_en.yaml", [f"data.path={args.data}"])
+    recipe = load_recipe(ROOT / "recipes" / "multi30k_de_en.yaml", [f"data.path={args.data}", *args.set])
     cfg, data = recipe.train, recipe.data
     model_cfg = ModelConfig(**{**recipe.model.__dict__, **SIZES[args.size]})
     reference = run_reference(model_cfg, device, args.threads, precisions) if args.reference else {}
@@ -165,7 +168,7 @@ def main() -> None:
 
     print(f"# translator training benchmark on {describe(device)}; auto picks {auto}")
     print(f"# Multi30k de-en batches, d_model {model_cfg.d_model}, {model_cfg.encoder_layers}+{model_cfg.decoder_layers} layers, "
-          f"{model_cfg.n_heads} heads, ff {model_cfg.d_ff}, {cfg.max_tokens}-token batches, {args.steps} timed steps, "
+          f"{model_cfg.n_heads} heads, ff {model_cfg.d_ff}, {cfg.max_tokens}-token batches, R-Drop alpha {cfg.rdrop_alpha}, {args.steps} timed steps, "
           f"torch {torch.__version__}, peak RSS {rss:.0f} MiB")
     columns = list(dict.fromkeys(c for r in rows for c in r))
     print("| " + " | ".join(columns) + " |")

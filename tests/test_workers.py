@@ -38,6 +38,17 @@ def test_two_workers_translate_as_one_process(tiny_translator, two_workers, opti
     assert [t.score for ts in in_workers for t in ts] == pytest.approx([t.score for ts in alone for t in ts], rel=1e-5)
 
 
+def test_progress_shows_one_bar_from_the_workers_and_none_when_off(tiny_translator, capfd):
+    # Workers forked here, under this test's capture of stderr (they keep the stderr they were forked with).
+    two_workers = Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe, workers=2)
+    capfd.readouterr()  # what making the fixtures printed
+    two_workers.translate(MIXED, beam_size=1)
+    assert "translating" not in capfd.readouterr().err
+    two_workers.translate(MIXED, beam_size=1, progress=True)
+    err = capfd.readouterr().err
+    assert err.count("translating:   0%") == 1 and "100%" in err  # one bar (the first worker's), to its end
+
+
 def pids_translator(tiny_translator, monkeypatch) -> Translator:
     """Two workers whose translations name the process that made them (patched before they fork)."""
     translator = Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe, workers=2)

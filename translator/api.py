@@ -119,7 +119,7 @@ class Translator:
             raise ValueError(f"n_best={n_best}: expected 1 to beam_size={decode.beam_size} (or any number of samples with sampling)")
         if self.workers > 1 and len(batch) > 1:
             hypotheses = self._decoding_workers(decode).translate(
-                batch, decode=decode, n_best=k, sampling=sampling, truncate=truncate, progress=False, return_attention=return_attention)
+                batch, decode=decode, n_best=k, sampling=sampling, truncate=truncate, progress=progress, return_attention=return_attention)
         else:
             hypotheses = self._translate(batch, decode, k, sampling, truncate, progress, return_attention)
         if n_best is None:

@@ -76,12 +76,13 @@ class DecodingWorkers:
         """Kill the workers (also done when this object is collected, and at exit)."""
         self._finalizer()
 
-    def translate(self, sentences: list[str], **options) -> list:
-        """Translator._translate(sentences, **options), the sentences dealt out in even shares, results in input order."""
+    def translate(self, sentences: list[str], progress: bool = False, **options) -> list:
+        """Translator._translate(sentences, **options), the sentences dealt out in even shares, results in input order.
+        With `progress`, the first worker shows its bar: the shares are even, so its bar tracks them all."""
         by_length = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
         shares = [by_length[w::len(self.pipes)] for w in range(len(self.pipes))]  # dealt like cards: each share as long as the others
         try:
-            answers = self._exchange([[sentences[i] for i in share] for share in shares], options)
+            answers = self._exchange([[sentences[i] for i in share] for share in shares], options, progress)
         except BaseException:  # answers may be left in the pipes (Ctrl-C, a dead worker): these workers are done
             self.close()
             raise
@@ -94,11 +95,11 @@ class DecodingWorkers:
                 outputs[i] = translation
         return outputs
 
-    def _exchange(self, shares: list[list[str]], options: dict) -> list[tuple[bool, object]]:
+    def _exchange(self, shares: list[list[str]], options: dict, progress: bool) -> list[tuple[bool, object]]:
         """Each worker's answer to its share: (True, translations) or (False, the exception it raised)."""
         try:
-            for pipe, share in zip(self.pipes, shares):
-                pipe.send((share, options))
+            for w, (pipe, share) in enumerate(zip(self.pipes, shares)):
+                pipe.send((share, options | {"progress": progress and w == 0}))
             return [pipe.recv() for pipe in self.pipes]
         except (EOFError, BrokenPipeError, ConnectionResetError):
             self.close()  # joins them: their exit codes are known then
