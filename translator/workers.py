@@ -82,7 +82,8 @@ class DecodingWorkers:
         by_length = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
         shares = [by_length[w::len(self.pipes)] for w in range(len(self.pipes))]  # dealt like cards: each share as long as the others
         try:
-            answers = self._exchange([[sentences[i] for i in share] for share in shares], options, progress)
+            answers = self._exchange([([sentences[i] for i in share], options | {"progress": progress and w == 0})
+                                      for w, share in enumerate(shares)])
         except BaseException:  # answers may be left in the pipes (Ctrl-C, a dead worker): these workers are done
             self.close()
             raise
@@ -95,11 +96,11 @@ class DecodingWorkers:
                 outputs[i] = translation
         return outputs
 
-    def _exchange(self, shares: list[list[str]], options: dict, progress: bool) -> list[tuple[bool, object]]:
-        """Each worker's answer to its share: (True, translations) or (False, the exception it raised)."""
+    def _exchange(self, jobs: list[tuple[list[str], dict]]) -> list[tuple[bool, object]]:
+        """Each worker's answer to its job, (sentences, options): (True, translations) or (False, the exception it raised)."""
         try:
-            for w, (pipe, share) in enumerate(zip(self.pipes, shares)):
-                pipe.send((share, options | {"progress": progress and w == 0}))
+            for pipe, job in zip(self.pipes, jobs):
+                pipe.send(job)
             return [pipe.recv() for pipe in self.pipes]
         except (EOFError, BrokenPipeError, ConnectionResetError):
             self.close()  # joins them: their exit codes are known then
