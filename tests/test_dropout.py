@@ -19,7 +19,7 @@ def test_drops_at_rate_p_and_scales_what_it_keeps(p):
 
 
 def test_lanes_are_independent_of_position():
-    """Each 16-bit lane of a 64-bit draw drops at the same rate (the int64 draws' top bit is always 0)."""
+    """Each 16-bit lane of a 64-bit draw drops at the same rate (a plain int64 `random_()` never sets the top bit)."""
     torch.manual_seed(1)
     out = dropout(torch.ones(400_000, 4), 0.5, training=True)
     rates = (out == 0).double().mean(0)
@@ -50,3 +50,16 @@ def test_keeps_dtype_and_shape_of_a_noncontiguous_input():
     assert out.dtype == torch.bfloat16 and out.shape == x.shape
     kept = out != 0
     torch.testing.assert_close(out[kept], x[kept] / 0.9, rtol=1e-2, atol=0)
+
+
+def test_matches_the_mask_in_bf16_forward_and_backward():
+    """The bf16 output and gradient are x and the upstream gradient times one shared 0 / scale mask."""
+    x = torch.randn(64, 33, dtype=torch.bfloat16, requires_grad=True)
+    torch.manual_seed(5)
+    out = dropout(x, 0.3, training=True)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    mask = (out != 0) | (x == 0)
+    scale = torch.tensor(1 / 0.7, dtype=torch.bfloat16)
+    torch.testing.assert_close(out, torch.where(mask, x * scale, 0).detach())
+    torch.testing.assert_close(x.grad, torch.where(mask, grad * scale, 0))
