@@ -5,6 +5,7 @@
     python bench/train.py --size base --device cuda --reference   # Transformer-base (d512, 6+6, ff2048) on a GPU
     python bench/train.py --peer                  # also Joey NMT's train.sh now (about 12 minutes)
     python bench/train.py --set train.rdrop_alpha=2.5 --set train.max_tokens=2048   # recipe overrides: R-Drop at half the batch
+    python bench/train.py --profile               # CPU: where the auto precision's step goes, by kind of op
 
 It prints where it ran (CPU model and flags, or the GPU) and the precision `auto` picks there;
 the table has one row per precision, the `auto` one marked. Per precision: target and
@@ -15,6 +16,12 @@ fraction, peak RSS; tokens/s count each batch once, so R-Drop's price shows ther
 `../shared/bench-peers/torch_reference.py` (unpadded batches of 256 x 16 tokens) with the same
 size, device and threads, and prints our tokens/s over its own at the same precision and at
 its fastest.
+
+--profile (CPU) runs the auto precision's steps again under torch.profiler and adds, for that
+row, each kind of op's share of the step's CPU time (matmuls, random draws, dtype casts, the
+rest) and "matmuls alone": the share of the peak the step would reach if every other op took no
+time, i.e. the ceiling of kernel work outside the matmuls. The profiler's own overhead falls on
+the many small ops, so the matmul share reads low and that ceiling high.
 """
 
 from __future__ import annotations
@@ -77,6 +84,24 @@ def useful_macs(cfg: ModelConfig, vocab: int, batch) -> int:
     return sum(forward_macs(cfg, vocab, s, t) for s, t in zip(src_lens, tgt_lens))
 
 
+OP_KINDS = {"matmul": {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"},
+            "random": {"aten::random_", "aten::bernoulli_", "aten::uniform_"},
+            "cast": {"aten::copy_"}}
+
+
+def op_shares(model: Transformer, model_cfg: ModelConfig, batches: TrainBatches, precision: str, steps: int,
+              cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """Each kind of op's share of the CPU time of `steps` training steps, from torch.profiler's self times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        measure(model, model_cfg, batches, precision, steps, 0, cfg, device)
+    self_us = {event.key: event.self_cpu_time_total for event in prof.key_averages()}
+    total = sum(self_us.values())
+    shares = {f"{kind} share": sum(self_us.get(name, 0) for name in names) / total for kind, names in OP_KINDS.items()}
+    return {**shares, "other share": 1 - sum(shares.values())}
+
+
 def run_peer() -> float:
     env = dict(os.environ, WORK=os.environ.get("WORK", str(Path.home() / "peers")))
     out = subprocess.run(["bash", str(PEERS / "train.sh"), "joey_train_bench"], check=True, env=env, capture_output=True, text=True).stdout
@@ -131,11 +156,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reference", action="store_true", help="run PyTorch's nn.Transformer of the same size in this run")
     parser.add_argument("--peer", action="store_true", help="run Joey NMT's train.sh in this run and print the ratio")
+    parser.add_argument("--profile", action="store_true", help="CPU: each kind of op's share of the auto precision's step")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the Multi30k recipe")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = pick_device(args.device, key="--device")
     auto = resolve_precision("auto", device)
+    if args.profile and device.type != "cpu":
+        parser.error("--profile reads the CPU's op times; on a GPU use torch.profiler with CUDA activities")
     precisions = ["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"]
 
     joey = run_peer() if args.peer else None
@@ -156,6 +184,9 @@ def main() -> None:
                **measure(model, model_cfg, batches, precision, args.steps, args.warmup, cfg, device)}
         peak = matmul_peak(DTYPES[precision], device)
         row["peak GFLOP/s"], row["of peak"] = peak, row["useful GFLOP/s"] / peak
+        if args.profile and precision == auto.name:
+            row.update(op_shares(model, model_cfg, batches, precision, 8, cfg, device))
+            row["matmuls alone, of peak"] = row["of peak"] / row["matmul share"]
         if precision in reference:
             row["reference tgt tok/s"] = reference[precision]
             row["x reference"] = row["tgt tok/s"] / reference[precision]
