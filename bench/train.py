@@ -17,9 +17,9 @@ fraction, peak RSS; tokens/s count each batch once, so R-Drop's price shows ther
 size, device and threads, and prints our tokens/s over its own at the same precision and at
 its fastest.
 
---profile (CPU) runs the auto precision's steps again under torch.profiler and adds, for that
-row, each kind of op's share of the step's CPU time (matmuls, random draws, dtype casts, the
-rest) and "matmuls alone": the share of the peak the step would reach if every other op took no
+--profile (CPU) runs 8 of the auto precision's steps again under torch.profiler and adds, for
+that row, each kind of op's share of the step's CPU time (matmuls, random draws, copies: dtype
+casts and making tensors contiguous, the rest) and "matmuls alone": the share of the peak the step would reach if every other op took no
 time, i.e. the ceiling of kernel work outside the matmuls. The profiler's own overhead falls on
 the many small ops, so the matmul share reads low and that ceiling high.
 """
@@ -86,12 +86,14 @@ def useful_macs(cfg: ModelConfig, vocab: int, batch) -> int:
 
 OP_KINDS = {"matmul": {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"},
             "random": {"aten::random_", "aten::bernoulli_", "aten::uniform_"},
-            "cast": {"aten::copy_"}}
+            "copy": {"aten::copy_"}}  # dtype casts, and the copies that make tensors contiguous
+PROFILED_STEPS = 8
 
 
 def op_shares(model: Transformer, model_cfg: ModelConfig, batches: TrainBatches, precision: str, steps: int,
               cfg: TrainConfig, device: torch.device) -> dict[str, float]:
-    """Each kind of op's share of the CPU time of `steps` training steps, from torch.profiler's self times."""
+    """Each kind of op's share of the CPU time of `steps` training steps, from torch.profiler's self times
+    (AdamW's state is allocated in the first: 6.8M parameters, about 1% of one step)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -185,8 +187,8 @@ def main() -> None:
         peak = matmul_peak(DTYPES[precision], device)
         row["peak GFLOP/s"], row["of peak"] = peak, row["useful GFLOP/s"] / peak
         if args.profile and precision == auto.name:
-            row.update(op_shares(model, model_cfg, batches, precision, 8, cfg, device))
-            row["matmuls alone, of peak"] = row["of peak"] / row["matmul share"]
+            row.update(op_shares(model, model_cfg, batches, precision, PROFILED_STEPS, cfg, device))
+            row["matmuls alone, of peak"] = row["of peak"] / max(row["matmul share"], 1e-9)
         if precision in reference:
             row["reference tgt tok/s"] = reference[precision]
             row["x reference"] = row["tgt tok/s"] / reference[precision]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from translator.dropout import Dropout, dropout
+from translator.dropout import Dropout, dropout, keep_mask
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
@@ -52,14 +52,24 @@ def test_keeps_dtype_and_shape_of_a_noncontiguous_input():
     torch.testing.assert_close(out[kept], x[kept] / 0.9, rtol=1e-2, atol=0)
 
 
-def test_matches_the_mask_in_bf16_forward_and_backward():
-    """The bf16 output and gradient are x and the upstream gradient times one shared 0 / scale mask."""
-    x = torch.randn(64, 33, dtype=torch.bfloat16, requires_grad=True)
-    torch.manual_seed(5)
-    out = dropout(x, 0.3, training=True)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    mask = (out != 0) | (x == 0)
-    scale = torch.tensor(1 / 0.7, dtype=torch.bfloat16)
-    torch.testing.assert_close(out, torch.where(mask, x * scale, 0).detach())
-    torch.testing.assert_close(x.grad, torch.where(mask, grad * scale, 0))
+def test_output_and_gradient_are_one_shared_mask_in_each_dtype():
+    """x and the upstream gradient are multiplied by the same 0 / scale mask, exactly, with the mask
+    that the same generator state gives."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(64, 33).to(dtype).requires_grad_()
+        torch.manual_seed(5)
+        mask = keep_mask(x, 0.3)
+        torch.manual_seed(5)
+        out = dropout(x, 0.3, training=True)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        assert torch.equal(out, x.detach() * mask) and torch.equal(x.grad, grad * mask)
+        assert set(mask.unique().tolist()) == {0.0, torch.tensor(1 / 0.7, dtype=dtype).item()}
+
+
+@pytest.mark.parametrize("p", [1 - 2**-18, 0.999999])
+def test_a_rate_next_to_one_still_drops_almost_everything(p):
+    """round(p * 2^16) = 2^16 must not wrap the int16 threshold around (which would keep everything)."""
+    torch.manual_seed(0)
+    out = dropout(torch.ones(100_000), p, training=True)
+    assert (out != 0).sum() < 20

@@ -74,6 +74,7 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         return total * scale / n
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the saved gradient is a constant: no double backward
     def backward(ctx, grad_loss: torch.Tensor):
         (grad,) = ctx.saved_tensors
         return _chain(grad, grad_loss, ctx.logits_dtype), None, None, None, None
@@ -107,6 +108,7 @@ class _SymmetricKL(torch.autograd.Function):
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the saved gradient is a constant: no double backward
     def backward(ctx, grad_loss: torch.Tensor):
         grad_a, grad_b = ctx.saved_tensors
         return _chain(grad_a, grad_loss, ctx.logits_dtype), _chain(grad_b, grad_loss, ctx.logits_dtype), None
