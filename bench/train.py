@@ -19,9 +19,10 @@ its fastest.
 
 --profile (CPU) runs 8 of the auto precision's steps again under torch.profiler and adds, for
 that row, each kind of op's share of the step's CPU time (matmuls, random draws, copies: dtype
-casts and making tensors contiguous, the rest) and "matmuls alone": the share of the peak the step would reach if every other op took no
-time, i.e. the ceiling of kernel work outside the matmuls. The profiler's own overhead falls on
-the many small ops, so the matmul share reads low and that ceiling high.
+casts and making tensors contiguous, the rest) and "matmuls alone": the share of the peak the
+step would reach if every other op took no time, i.e. the ceiling of kernel work outside the
+matmuls. The profiler's own overhead falls on the many small ops, so the matmul share reads low
+and that ceiling high.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def main() -> None:
         row["peak GFLOP/s"], row["of peak"] = peak, row["useful GFLOP/s"] / peak
         if args.profile and precision == auto.name:
             row.update(op_shares(model, model_cfg, batches, precision, PROFILED_STEPS, cfg, device))
-            row["matmuls alone, of peak"] = row["of peak"] / max(row["matmul share"], 1e-9)
+            row["matmuls alone, of peak"] = row["of peak"] / row["matmul share"]
         if precision in reference:
             row["reference tgt tok/s"] = reference[precision]
             row["x reference"] = row["tgt tok/s"] / reference[precision]
