@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -177,8 +178,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     peer = run_peer() if args.peer else {}
-    data = DataConfig(path=args.data, src_lang="de", tgt_lang="en")
-    translator = Translator.from_pretrained(args.model, device="cpu") if args.model else random_translator(data)
+    if args.model:  # the model's own pair (an en->de model decodes the English side), read from --data
+        translator = Translator.from_pretrained(args.model, device="cpu")
+        data = replace(translator.recipe.data, path=args.data, name=None)
+    else:
+        data = DataConfig(path=args.data, src_lang="de", tgt_lang="en")
+        translator = random_translator(data)
     test = load_split(data, "test")
     sentences, references = list(test["src"]), list(test["tgt"])
     model, tokenizer = translator.model, translator.tokenizer
@@ -203,7 +208,7 @@ def main() -> None:
         row = {"what": f"{name}, {label}, {len(sentences)} test sentences", "seconds": seconds,
                "sent/s": len(sentences) / seconds, "tok/s": tokens / seconds}
         if args.model:
-            row["BLEU"] = score(out, references).bleu
+            row["BLEU"] = score(out, references, data.tgt_lang).bleu
         if beam in peer:
             joey_s = peer[beam]["generation_s"]
             row["Joey NMT s"] = joey_s

@@ -15,6 +15,7 @@ FORBIDDEN = {
     "checkpoint": {"data", "train", "api", "evaluate", "cli", "search"},
     "attention_maps": {"search", "data", "train", "api", "checkpoint", "evaluate", "cli"},
     "quantize": {"data", "search", "train", "api", "checkpoint", "evaluate", "cli"},
+    "ensemble": {"data", "search", "train", "api", "checkpoint", "evaluate", "cli", "quantize"},  # a model, like model.py
     "workers": {"data", "search", "train", "api", "checkpoint", "evaluate", "cli", "serve"},  # given a Translator, never importing it
     "export": {"data", "search", "train", "evaluate", "cli", "api", "serve"},
     "datafiles": {"config", "tokenizer", "data", "model", "train", "api", "checkpoint", "evaluate", "cli"},  # below data: plain file checks

@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 
 from .attention_maps import AttentionMaps, attention_maps
 from .batching import sorted_batches, source_tensor
-from .checkpoint import load_model_dir, save_model_dir
+from .checkpoint import load_ensemble, load_model_dir, save_model_dir
 from .config import DecodeConfig, Recipe, RecipeError, recipe_from_dict
 from .devices import Precision, pick_device, resolve_precision
+from .ensemble import Ensemble
 from .model import Transformer
 from .quantize import bf16_model, int8_model, weights_version
 from .search import Hypothesis, Sampling, beam_search, greedy_search, max_output_lengths, sample
@@ -40,7 +41,7 @@ class Translation:
 
 
 class Translator:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, recipe: Recipe, workers: int = 1):
+    def __init__(self, model: Transformer | Ensemble, tokenizer: Tokenizer, recipe: Recipe, workers: int = 1):
         self.model, self.tokenizer, self.recipe = model.eval(), tokenizer, recipe
         self.device = next(model.parameters()).device
         if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
@@ -53,17 +54,22 @@ class Translator:
         self._workers: tuple[tuple, DecodingWorkers] | None = None  # (what they were forked with, the workers), on first use
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "auto", workers: int = 1) -> Translator:
-        """Load a model directory written by training or `save_pretrained` (no pickle involved).
+    def from_pretrained(cls, path: str | Path | list[str | Path], device: str | torch.device = "auto", workers: int = 1) -> Translator:
+        """Load a model directory written by training or `save_pretrained` (no pickle involved), or a
+        list of them: an ensemble (ensemble.py) of models sharing one SentencePiece model and language
+        pair, decoding with the first one's recipe.
         device: "auto" (the GPU when torch sees one), "cpu", "cuda" or a torch.device.
         workers: decoding processes on the CPU, sharing torch's threads; forked on the first call of
         several sentences and kept until `close()` (see docs/deployment.md for what they buy)."""
         if isinstance(device, str) and device in ("auto", "cpu", "cuda"):
             device = pick_device(device, key="device")
-        recipe, model, tokenizer = load_model_dir(path, device)
+        paths = [path] if isinstance(path, (str, Path)) else list(path)
+        recipe, model, tokenizer = load_model_dir(paths[0], device) if len(paths) == 1 else load_ensemble(paths, device)
         return cls(model, tokenizer, recipe, workers)
 
     def save_pretrained(self, path: str | Path) -> None:
+        if isinstance(self.model, Ensemble):
+            raise ValueError("an ensemble is several model directories, not one: keep its members' directories")
         save_model_dir(path, self.model, self.recipe, self.tokenizer)
 
     def translate(
@@ -111,6 +117,8 @@ class Translator:
                 raise TypeError(f"translate() takes a str or a list of str; item {i} is {type(s).__name__}: {s!r}")
         if n_best is not None and (isinstance(n_best, bool) or not isinstance(n_best, numbers.Integral)):
             raise TypeError(f"n_best: got {n_best!r} ({type(n_best).__name__}), expected an integer or None")
+        if return_attention and isinstance(self.model, Ensemble):
+            raise ValueError("return_attention: each model of an ensemble attends in its own way; ask a Translator of one of them")
         if sampling is not None and not isinstance(sampling, Sampling):
             raise TypeError(f"sampling: got {type(sampling).__name__}, expected Sampling(temperature=..., top_k=..., top_p=..., seed=...)")
         decode = self._decode_config(beam_size=beam_size, alpha=alpha, max_tokens=max_tokens, precision=precision)

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import Recipe, RecipeError, recipe_from_dict
+from .ensemble import Ensemble
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -127,6 +128,25 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
         raise CheckpointError(f"{directory / WEIGHTS}: cannot load the weights ({e})") from None
     _load_weights(model, state, directory / WEIGHTS, CONFIG)
     return recipe, model.to(device).eval(), tokenizer
+
+
+def load_ensemble(directories: list[str | Path], device: str | torch.device = "cpu") -> tuple[Recipe, Ensemble, Tokenizer]:
+    """Model directories -> the first one's recipe (its decode settings are the ensemble's), the ensemble
+    and the shared tokenizer; models that cannot decode together are refused, naming the directory."""
+    loaded = [load_model_dir(directory, device) for directory in directories]
+    recipe, _, tokenizer = loaded[0]
+    first = Path(directories[0])
+    for directory, (other, _, other_tokenizer) in zip(directories[1:], loaded[1:]):
+        if other_tokenizer.model_proto != tokenizer.model_proto:
+            raise CheckpointError(f"{directory}: its SentencePiece model differs from {first}'s; an ensemble's models must share "
+                                  "one (train them on the same data with the same tokenizer settings)")
+        if (other.data.src_lang, other.data.tgt_lang) != (recipe.data.src_lang, recipe.data.tgt_lang):
+            raise CheckpointError(f"{directory}: translates {other.data.src_lang} to {other.data.tgt_lang}, "
+                                  f"{first} {recipe.data.src_lang} to {recipe.data.tgt_lang}")
+        if other.model.max_positions != recipe.model.max_positions:
+            raise CheckpointError(f"{directory}: model.max_positions is {other.model.max_positions}, {first}'s {recipe.model.max_positions}; "
+                                  "an ensemble's models must cover the same positions")
+    return recipe, Ensemble([model for _, model, _ in loaded]), tokenizer
 
 
 def _load_tokenizer(path: Path) -> Tokenizer:

@@ -26,6 +26,7 @@ EXAMPLES = """examples:
   translator translate runs/multi30k_de_en --precision int8 < input.de > output.en
   translator translate runs/multi30k_de_en -i input.de -o nbest.tsv --beam-size 5 --n-best 5
   translator evaluate runs/multi30k_de_en --split test --beam-size 5 --output hyps.en
+  translator evaluate runs/en_de_seed1 runs/en_de_seed2 --split test     # an ensemble of two models
   translator serve runs/multi30k_de_en --port 8000
   translator export runs/multi30k_de_en --to ctranslate2 ct2_model --quantization int8
 
@@ -45,9 +46,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_translator(model_dir: str, overrides: list[str], device: str = "auto", precision: str | None = None, announce: bool = False,
+def load_translator(model_dir: str | list[str], overrides: list[str], device: str = "auto", precision: str | None = None, announce: bool = False,
                     workers: int = 1):
-    """The model directory on `device`, with `--set` overrides applied to its recipe (data.*, decode.*,
+    """The model directory (several: an ensemble) on `device`, with `--set` overrides applied to its recipe (data.*, decode.*,
     evaluate.*) and `precision`, validated the same way; with `announce`, the precision it decodes at goes to stderr."""
     from .api import Translator
 
@@ -235,6 +236,7 @@ def milliseconds(text: str) -> float:
     return value
 
 
+ENSEMBLE_HELP = "a model directory, or several sharing one SentencePiece model: an ensemble, decoding with the first one's recipe"
 WORKERS = dict(type=positive_int, default=1, help="decoding processes sharing the threads, forked once; CPU only (see docs/deployment.md)")
 
 
@@ -264,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = verbs.add_parser("evaluate", help="BLEU and chrF on a dataset split", parents=[decoding],
                                 epilog="example: translator evaluate runs/multi30k_de_en --split test --set data.path=../shared/data/multi30k")
-    evaluate.add_argument("model_dir")
+    evaluate.add_argument("model_dir", nargs="+", help=ENSEMBLE_HELP)
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--beam-size", type=int, default=None, help="1 for greedy (default: the recipe's decode.beam_size)")
     evaluate.add_argument("--output", default=None, help="write the hypotheses to this file")
@@ -295,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_translate(verbs, decoding: argparse.ArgumentParser, overrides: dict) -> None:
     translate = verbs.add_parser("translate", help="translate lines (stdin or -i) to lines (stdout or -o)", parents=[decoding],
                                  epilog=TRANSLATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    translate.add_argument("model_dir")
+    translate.add_argument("model_dir", nargs="+", help=ENSEMBLE_HELP)
     translate.add_argument("-i", "--input", default=None, help="read this file instead of stdin")
     translate.add_argument("-o", "--output", default=None, help="write this file (only once all is translated) instead of stdout")
     translate.add_argument("--beam-size", type=int, default=None, help="1 for greedy (default: the recipe's decode.beam_size)")

@@ -22,18 +22,21 @@ import warnings
 import torch
 from torch import nn
 
+from .ensemble import Ensemble
 from .model import Transformer
 
 
-def bf16_model(model: Transformer) -> Transformer:
+def bf16_model(model: Transformer | Ensemble) -> Transformer | Ensemble:
     """A copy of `model` whose weights and activations are bf16 (the original is untouched)."""
     return copy.deepcopy(model).to(torch.bfloat16).eval()
 
 
-def int8_model(model: Transformer) -> Transformer:
+def int8_model(model: Transformer | Ensemble) -> Transformer | Ensemble:
     """A copy of `model` whose weights are int8, for decoding on the CPU (the original is untouched)."""
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("int8 decoding runs on the CPU only (torch's dynamic quantization); use bf16 or fp16 on a GPU")
+    if isinstance(model, Ensemble):  # each member's output projection is its own table
+        return Ensemble([int8_model(member) for member in model.members])
     from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
