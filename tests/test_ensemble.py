@@ -127,6 +127,8 @@ def test_models_that_cannot_decode_together_are_refused_naming_the_directory(tin
 
 
 def test_an_ensemble_refuses_what_only_one_model_has(ensemble, tmp_path):
+    with pytest.raises(ValueError, match="empty list"):
+        Translator.from_pretrained([], device="cpu")
     with pytest.raises(ValueError, match="return_attention"):
         ensemble.translate("Ein hund.", return_attention=True)
     with pytest.raises(ValueError, match="several model directories"):

@@ -64,6 +64,8 @@ class Translator:
         if isinstance(device, str) and device in ("auto", "cpu", "cuda"):
             device = pick_device(device, key="device")
         paths = [path] if isinstance(path, (str, Path)) else list(path)
+        if not paths:
+            raise ValueError("from_pretrained: got an empty list, expected a model directory or several")
         recipe, model, tokenizer = load_model_dir(paths[0], device) if len(paths) == 1 else load_ensemble(paths, device)
         return cls(model, tokenizer, recipe, workers)
 
