@@ -10,12 +10,12 @@ from sentencepiece import sentencepiece_model_pb2
 
 from conftest import TINY_RECIPE
 from test_cli import run
-from test_search import SENTENCES, encode, reference_beam
+from test_search import SENTENCES, assert_batched_beam_equals_reference, encode
 from translator import Translator, evaluate, load_recipe, train
 from translator.batching import source_tensor
 from translator.checkpoint import CheckpointError
 from translator.ensemble import Ensemble
-from translator.search import beam_search, greedy_search
+from translator.search import greedy_search
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
@@ -76,14 +76,8 @@ def test_greedy_search_takes_the_argmax_of_the_mean_distribution(ensemble):
 
 def test_batched_beam_search_equals_the_slow_reference_over_the_mean_distribution(ensemble):
     """Beam reordering and sentences leaving the batch move every member's cache together."""
-    model = ensemble.model
-    src, max_lens = encode(ensemble, SENTENCES)
-    batched = beam_search(model, src, max_lens, beam_size=3, alpha=0.6, n_best=3)
-    with torch.inference_mode():
-        for row, hyps in enumerate(batched):
-            reference = reference_beam(lambda s, t: mean_log_probs(model.members, s, t), src[row], max_lens[row], 3, 0.6)[:3]
-            assert [h.tokens for h in hyps] == [h.tokens for h in reference]
-            assert all(abs(a.score - b.score) < 1e-4 for a, b in zip(hyps, reference))
+    members = ensemble.model.members
+    assert_batched_beam_equals_reference(ensemble.model, lambda s, t: mean_log_probs(members, s, t), ensemble, beam_size=3)
 
 
 def test_an_ensemble_translates_a_sentence_the_same_alone_in_a_batch_and_in_workers(ensemble, tiny_model_dir, second_model_dir):

@@ -79,15 +79,20 @@ def test_greedy_equals_argmax_of_full_recomputation(tiny_translator):
         assert hyp.tokens == tokens
 
 
-def test_cached_batched_beam_equals_slow_reference(tiny_translator):
-    model = tiny_translator.model
-    src, max_lens = encode(tiny_translator, SENTENCES)
-    batched = beam_search(model, src, max_lens, beam_size=4, alpha=0.6, n_best=4)
+def assert_batched_beam_equals_reference(model, reference_model, translator, beam_size):
+    """Beam search with `model`, batched and cached, finds per sentence the n-best of `reference_beam` over
+    `reference_model` (src, prefix) -> logits, to the same tokens and scores."""
+    src, max_lens = encode(translator, SENTENCES)
+    batched = beam_search(model, src, max_lens, beam_size=beam_size, alpha=0.6, n_best=beam_size)
     with torch.inference_mode():
         for row, hyps in enumerate(batched):
-            reference = reference_beam(model, src[row], max_lens[row], 4, 0.6)[:4]
+            reference = reference_beam(reference_model, src[row], max_lens[row], beam_size, 0.6)[:beam_size]
             assert [h.tokens for h in hyps] == [h.tokens for h in reference]
             assert all(abs(a.score - b.score) < 1e-4 for a, b in zip(hyps, reference))
+
+
+def test_cached_batched_beam_equals_slow_reference(tiny_translator):
+    assert_batched_beam_equals_reference(tiny_translator.model, tiny_translator.model, tiny_translator, beam_size=4)
 
 
 def tiny_vocabulary_model(seed: int) -> Transformer:
