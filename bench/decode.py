@@ -6,7 +6,8 @@
     python bench/decode.py --model runs/multi30k_de_en --ctranslate2   # also CTranslate2 fp32 and int8, exported now
 
 Rows: greedy and beam 5 over the 1,000 test sentences (sentences/s, target tokens/s, counted
-as subword pieces + 1 eos per sentence, as the peer script counts them); incremental
+as subword pieces + 1 eos per sentence, as the peer script counts them), beam 5 under both of
+decode.beam_stop's rules: "exact" (the default) and "first_k" (CTranslate2's own rule); incremental
 (K/V cache) against recomputing the whole prefix every step; per-token step time at output
 lengths 16, 64 and 256. With --peer, `../shared/bench-peers/decode.sh` runs first (it needs
 install.sh, prepare.sh and train.sh to have run, see its README), and the ratios to Joey NMT
@@ -35,7 +36,7 @@ from translator import Translator
 from translator.batching import source_tensor
 from translator.config import DataConfig, DecodeConfig, Recipe
 from translator.data import load_split
-from translator.devices import describe
+from translator.devices import describe, keep_freed_memory
 from translator.evaluate import score
 from translator.export import export_ctranslate2
 from translator.model import Transformer
@@ -86,7 +87,7 @@ def ctranslate2_runs(model_dir: str, translator: Translator, sentences: list[str
         out = export_ctranslate2(model_dir, folder / quantization, quantization)
         for workers in (1, threads):
             ct2 = ctranslate2.Translator(str(out), device="cpu", inter_threads=workers, intra_threads=threads // workers)
-            for name, beam in (("greedy", 1), ("beam 5", 5)):
+            for name, beam in (("greedy", 1), ("beam 5, first_k", 5)):  # its beam search stops at the first K finished
                 def run(ct2=ct2, beam=beam):
                     results = ct2.translate_batch(pieces, max_batch_size=decode.max_tokens, batch_type="tokens", beam_size=beam,
                                                   length_penalty=decode.alpha, min_decoding_length=0,
@@ -194,14 +195,17 @@ def main() -> None:
         in_workers.translate(sentences[:64], beam_size=1, precision=precision)
 
     runs = {}
-    for (name, beam), precision in itertools.product((("greedy", 1), ("beam 5", 5)), ("fp32", "bf16", "int8")):
+    searches = (("greedy", 1, "exact"), ("beam 5, exact", 5, "exact"), ("beam 5, first_k", 5, "first_k"))  # decode.beam_stop
+    for (name, beam, stop), precision in itertools.product(searches, ("fp32", "bf16", "int8")):
         for label, ours in ((f"ours {precision}", translator), (f"ours {precision}, {args.threads} workers x 1 thread", in_workers)):
-            runs[(name, beam, label)] = lambda ours=ours, beam=beam, precision=precision: ours.translate(sentences, beam_size=beam, precision=precision)
-    machine = f"{describe(translator.device)}; decode.precision auto picks {translator.precision('auto')}"  # before CTranslate2 sets OpenMP's threads
+            runs[(name, beam, label)] = lambda ours=ours, beam=beam, stop=stop, precision=precision: ours.translate(
+                sentences, beam_size=beam, beam_stop=stop, precision=precision)
+    machine = (f"{describe(translator.device)}; decode.precision auto picks {translator.precision('auto')}; "  # before CTranslate2 sets OpenMP's threads
+               f"malloc keeps freed memory: {'yes' if keep_freed_memory() else 'no'} (set GLIBC_TUNABLES= to leave it to glibc)")
     if args.ctranslate2:
         runs |= ctranslate2_runs(args.model, translator, sentences, args.threads, Path(tempfile.mkdtemp(prefix="bench_ct2_")))
     rows = []
-    for (name, beam, label), run in sorted(runs.items(), key=lambda item: item[0][1]):
+    for (name, beam, label), run in sorted(runs.items(), key=lambda item: (item[0][1], item[0][0])):
         torch.set_num_threads(args.threads)  # creating a CTranslate2 translator sets OpenMP's thread count for this thread too
         seconds, out = best_of(args.repeat, run)
         tokens = count_tokens(tokenizer, out)

@@ -43,7 +43,7 @@ import torch
 from translator.config import ModelConfig, TrainConfig, load_recipe
 from translator.data import load_split
 from translator.trainset import TrainBatches, filter_pairs, tokenize
-from translator.devices import describe, pick_device, resolve_precision
+from translator.devices import describe, keep_freed_memory, pick_device, resolve_precision
 from translator.model import Transformer
 from translator.tokenizer import Tokenizer, interleave
 from translator.train import optimizer_and_schedule, train_step
@@ -163,6 +163,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the Multi30k recipe")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    kept = keep_freed_memory()  # as `translator train` does
     device = pick_device(args.device, key="--device")
     auto = resolve_precision("auto", device)
     if args.profile and device.type != "cpu":
@@ -203,7 +204,7 @@ def main() -> None:
     print(f"# translator training benchmark on {describe(device)}; auto picks {auto}")
     print(f"# Multi30k de-en batches, d_model {model_cfg.d_model}, {model_cfg.encoder_layers}+{model_cfg.decoder_layers} layers, "
           f"{model_cfg.n_heads} heads, ff {model_cfg.d_ff}, {cfg.max_tokens}-token batches, R-Drop alpha {cfg.rdrop_alpha}, {args.steps} timed steps, "
-          f"torch {torch.__version__}, peak RSS {rss:.0f} MiB")
+          f"torch {torch.__version__}, peak RSS {rss:.0f} MiB, malloc keeps freed memory: {'yes' if kept else 'no'}")
     columns = list(dict.fromkeys(c for r in rows for c in r))
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))

@@ -109,6 +109,14 @@ def test_translate_alpha_reaches_the_search(tiny_model_dir, tiny_translator):
         assert scores == pytest.approx([h.score for hyps in expected for h in hyps], abs=1e-4)
 
 
+def test_translate_beam_stop_reaches_the_search(tiny_model_dir, tiny_translator):
+    expected = {stop: tiny_translator.translate(SOURCES, beam_size=4, n_best=4, alpha=2.5, beam_stop=stop) for stop in ("exact", "first_k")}
+    assert expected["exact"] != expected["first_k"]  # the premise: the two rules tell these sentences apart
+    for stop, hypotheses in expected.items():
+        result = cli("translate", tiny_model_dir, "--beam-size", "4", "--n-best", "4", "--alpha", "2.5", "--beam-stop", stop, "--quiet", stdin=STDIN)
+        assert [line.split("\t")[2] for line in result.stdout.splitlines()] == [h.text for hyps in hypotheses for h in hyps]
+
+
 def test_translate_samples_with_a_seed_like_the_api(tiny_model_dir, tiny_translator):
     args = ("translate", tiny_model_dir, "--sample", "--temperature", "1.5", "--top-k", "20", "--top-p", "0.95", "--seed", "3", "--n-best", "2", "--quiet")
     first, again = cli(*args, stdin=STDIN), cli(*args, stdin=STDIN)

@@ -3,6 +3,9 @@ or GPU runs it natively, nothing machine-specific is stored with a model, and th
 must hold everywhere hold on a GPU too when there is one."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -123,3 +126,32 @@ def test_a_run_stopped_and_resumed_ends_where_an_uninterrupted_one_does_on_every
     resumed = train_to(tmp_path / "stopped", 30, resume=True)
     tolerance = 0 if device == "cpu" else 1e-5
     assert all(torch.allclose(straight[k], resumed[k], rtol=0, atol=tolerance) for k in straight)
+
+
+FAULTS_PER_ALLOCATION = """
+import resource, sys, torch
+from translator.devices import keep_freed_memory
+acted = keep_freed_memory()
+for _ in range(8):  # the heap settles: its first few blocks may still come from fresh pages
+    torch.ones(16 * 2**20)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    torch.ones(16 * 2**20)  # 64 MB, allocated, written and freed
+print(acted, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_freed_memory_is_reused_without_page_faults_unless_the_user_set_glibcs_malloc():
+    """glibc maps a block over 32 MB afresh on every allocation (smaller ones too, until its threshold has
+    adapted, and when it trims its heap): 16,384 pages of 4 KB to fault in for 64 MB. Kept, the block
+    costs next to none. A user's own glibc malloc variables (here an empty GLIBC_TUNABLES) rule instead."""
+    def run(**env):
+        result = subprocess.run([sys.executable, "-c", FAULTS_PER_ALLOCATION], capture_output=True, text=True, check=True,
+                                env={k: v for k, v in os.environ.items() if k not in devices.GLIBC_MALLOC_ENV} | env)
+        acted, faults = result.stdout.split()
+        return acted == "True", float(faults)
+
+    (kept, faults_kept), (left, faults_left) = run(), run(GLIBC_TUNABLES="")
+    assert kept and not left
+    assert faults_left > 10 * faults_kept, (faults_left, faults_kept)

@@ -109,9 +109,10 @@ def tiny_vocabulary_model(seed: int) -> Transformer:
     return model.eval()
 
 
-def test_beam_stopping_rule_loses_nothing_against_a_search_without_early_stopping():
-    """Stopping once no open hypothesis can beat the K finished ones must return what searching on to the
-    length limit returns: the same n-best, in the same order."""
+def test_beam_stopping_rules_match_the_reference_searches():
+    """Stopping once no open hypothesis can beat the K finished ones ("exact") must return what searching on
+    to the length limit returns: the same n-best, in the same order. "first_k" must return what the
+    reference returns when it stops at the first K finished hypotheses."""
     max_len, compared, stops_too_early = 10, 0, 0
     for seed in range(3):
         model = tiny_vocabulary_model(seed)
@@ -120,11 +121,14 @@ def test_beam_stopping_rule_loses_nothing_against_a_search_without_early_stoppin
         for beam_size, alpha in [(2, 0.0), (2, 2.0), (3, 1.0)]:  # alpha 2: a long hypothesis can overtake short ones
             with torch.inference_mode():
                 batched = beam_search(model, src, [max_len] * len(src), beam_size, alpha, n_best=beam_size)
+                first_k = beam_search(model, src, [max_len] * len(src), beam_size, alpha, n_best=beam_size, stop="first_k")
                 for row, hyps in enumerate(batched):
                     full = reference_beam(model, src[row], max_len, beam_size, alpha)[:beam_size]
                     assert [h.tokens for h in hyps] == [h.tokens for h in full], (seed, beam_size, alpha, row)
                     assert [h.score for h in hyps] == pytest.approx([h.score for h in full], abs=1e-4)
                     eager = reference_beam(model, src[row], max_len, beam_size, alpha, stop_at_k_finished=True)[:beam_size]
+                    assert [h.tokens for h in first_k[row]] == [h.tokens for h in eager], (seed, beam_size, alpha, row)
+                    assert [h.score for h in first_k[row]] == pytest.approx([h.score for h in eager], abs=1e-4)
                     compared, stops_too_early = compared + 1, stops_too_early + ([h.tokens for h in eager] != [h.tokens for h in full])
     # the premise: on these cases stopping at the first K finished hypotheses would lose better ones
     assert stops_too_early >= 0.1 * compared, (stops_too_early, compared)

@@ -24,7 +24,7 @@ from .attention_maps import AttentionMaps, attention_maps
 from .batching import sorted_batches, source_tensor
 from .checkpoint import load_ensemble, load_model_dir, save_model_dir
 from .config import DecodeConfig, Recipe, RecipeError, recipe_from_dict
-from .devices import Precision, pick_device, resolve_precision
+from .devices import Precision, keep_freed_memory, pick_device, resolve_precision
 from .ensemble import Ensemble
 from .model import Transformer
 from .quantize import bf16_model, int8_model, weights_version
@@ -50,6 +50,7 @@ class Translator:
             raise RecipeError(f"workers={workers}: several decoding processes run on the CPU only (CUDA does not survive a fork); "
                               f"use workers=1 on {self.device}")
         self.workers = workers
+        keep_freed_memory()
         self._copies: dict[str, tuple[tuple[int, ...], Transformer]] = {}  # precision -> (weights version, copy), built on first use
         self._workers: tuple[tuple, DecodingWorkers] | None = None  # (what they were forked with, the workers), on first use
 
@@ -80,6 +81,7 @@ class Translator:
         *,
         beam_size: int | None = None,
         alpha: float | None = None,
+        beam_stop: str | None = None,
         max_tokens: int | None = None,
         precision: str | None = None,
         n_best: int | None = None,
@@ -93,6 +95,9 @@ class Translator:
         Args:
             beam_size: 1 is greedy search; default from the recipe's `decode` section.
             alpha: GNMT length penalty for beam search; default from the recipe.
+            beam_stop: when beam search ends a sentence: "exact" (once no open hypothesis can beat the
+                best finished ones) or "first_k" (at its first beam_size finished ones, as fairseq and
+                CTranslate2 do: fewer steps); default from the recipe.
             max_tokens: source tokens per batch (sentences are sorted by length into batches).
             precision: "auto" (default: bf16 where this CPU or GPU runs it natively, else fp32
                 on a CPU and fp16 on a GPU), "fp32", "bf16", "fp16" or "int8" (int8 weights, CPU only).
@@ -123,7 +128,7 @@ class Translator:
             raise ValueError("return_attention: each model of an ensemble attends in its own way; ask a Translator of one of them")
         if sampling is not None and not isinstance(sampling, Sampling):
             raise TypeError(f"sampling: got {type(sampling).__name__}, expected Sampling(temperature=..., top_k=..., top_p=..., seed=...)")
-        decode = self._decode_config(beam_size=beam_size, alpha=alpha, max_tokens=max_tokens, precision=precision)
+        decode = self._decode_config(beam_size=beam_size, alpha=alpha, beam_stop=beam_stop, max_tokens=max_tokens, precision=precision)
         k = 1 if n_best is None else n_best
         if k < 1 or (sampling is None and k > decode.beam_size):
             raise ValueError(f"n_best={n_best}: expected 1 to beam_size={decode.beam_size} (or any number of samples with sampling)")
@@ -218,4 +223,4 @@ class Translator:
             return sample(model, src, max_lens, sampling, n_best)
         if decode.beam_size == 1:
             return [[h] for h in greedy_search(model, src, max_lens)]
-        return beam_search(model, src, max_lens, decode.beam_size, decode.alpha, n_best)
+        return beam_search(model, src, max_lens, decode.beam_size, decode.alpha, n_best, decode.beam_stop)

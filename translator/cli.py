@@ -104,8 +104,8 @@ def translate_options(args: argparse.Namespace) -> dict:
     sampling_flags = [f"--{k.replace('_', '-')}" for k in ("temperature", "top_k", "top_p", "seed") if getattr(args, k) is not None]
     if sampling_flags and not args.sample:
         raise RecipeError(f"{', '.join(sampling_flags)} set how --sample draws tokens; add --sample")
-    if args.sample and (args.beam_size is not None or args.alpha is not None):
-        raise RecipeError("--sample draws tokens instead of searching: --beam-size and --alpha do not apply")
+    if args.sample and (args.beam_size is not None or args.alpha is not None or args.beam_stop is not None):
+        raise RecipeError("--sample draws tokens instead of searching: --beam-size, --alpha and --beam-stop do not apply")
     sampling = None
     if args.sample:
         settings = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "seed") if getattr(args, k) is not None}
@@ -113,7 +113,7 @@ def translate_options(args: argparse.Namespace) -> dict:
             sampling = Sampling(**settings)
         except ValueError as e:
             raise RecipeError(str(e).replace("Sampling.", "--").replace("_", "-")) from None
-    return dict(beam_size=args.beam_size, alpha=args.alpha, n_best=args.n_best, sampling=sampling, truncate=not args.no_truncate)
+    return dict(beam_size=args.beam_size, alpha=args.alpha, beam_stop=args.beam_stop, n_best=args.n_best, sampling=sampling, truncate=not args.no_truncate)
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
@@ -302,6 +302,9 @@ def _add_translate(verbs, decoding: argparse.ArgumentParser, overrides: dict) ->
     translate.add_argument("-o", "--output", default=None, help="write this file (only once all is translated) instead of stdout")
     translate.add_argument("--beam-size", type=int, default=None, help="1 for greedy (default: the recipe's decode.beam_size)")
     translate.add_argument("--alpha", type=float, default=None, help="beam search's length penalty ((5 + length) / 6) ** alpha (default: the recipe's)")
+    translate.add_argument("--beam-stop", choices=("exact", "first_k"), default=None,
+                           help="end a sentence's search once nothing open can win (exact), or at its first K finished "
+                                "hypotheses (first_k, fairseq's and CTranslate2's rule) (default: the recipe's)")
     translate.add_argument("--n-best", type=positive_int, default=None, metavar="N",
                            help="N lines an input line: index<TAB>score<TAB>text, best first (N <= beam size, or N samples)")
     translate.add_argument("--sample", action="store_true", help="draw each token from the model's distribution instead of searching")

@@ -128,6 +128,8 @@ class TrainConfig:
 class DecodeConfig:
     beam_size: int = 5
     alpha: float = 0.6  # GNMT length penalty ((5 + len) / 6) ** alpha; 0 ranks by raw log-probability
+    beam_stop: Literal["exact", "first_k"] = "exact"  # exact: a sentence ends once no open hypothesis can beat its K best finished ones;
+    # first_k: at its first K finished hypotheses (fairseq's and CTranslate2's rule): fewer steps, may miss a longer better one
     max_len_a: float = 1.5  # output length limit: a * source_length + b
     max_len_b: int = 10
     max_tokens: int = 8192  # per inference batch: source sentences x longest source

@@ -159,11 +159,12 @@ def _token_by_token(model: Transformer, src: Tensor, max_lens: list[int], choose
 
 
 @torch.inference_mode()
-def beam_search(model: Transformer, src: Tensor, max_lens: list[int], beam_size: int, alpha: float, n_best: int = 1) -> list[list[Hypothesis]]:
+def beam_search(model: Transformer, src: Tensor, max_lens: list[int], beam_size: int, alpha: float, n_best: int = 1,
+                stop: str = "exact") -> list[list[Hypothesis]]:
     """Returns per sentence the n_best finished hypotheses, best first.
 
-    A sentence is done when `_beaten` says so or at its length limit. Only eos among the top K
-    candidates finishes a hypothesis, so beam_size=1 with alpha=0 is exactly greedy search.
+    A sentence is done at its length limit, or when `_done` says so by the `stop` rule (DecodeConfig.beam_stop).
+    Only eos among the top K candidates finishes a hypothesis, so beam_size=1 with alpha=0 is exactly greedy search.
     """
     K, device = beam_size, src.device
     memory, src_mask = model.encode(src)
@@ -202,7 +203,7 @@ def beam_search(model: Transformer, src: Tensor, max_lens: list[int], beam_size:
                 for tokens, score in zip(open_tokens, open_scores[b].tolist()):
                     finished[i].append(Hypothesis(tokens, score / length_penalty(step, alpha)))
                 continue
-            if not _beaten(finished[i], best_open[b], K, max_lens[i], alpha):
+            if not _done(finished[i], best_open[b], K, max_lens[i], alpha, stop):
                 keep.append(b)
 
         sources = None  # the same sentences go on: their memory stays as it is
@@ -227,8 +228,10 @@ def _best_continuations(model: Transformer, outputs: Tensor, scores: Tensor) -> 
     return cand_scores, cand_index // (2 * K), top_tokens.view(B, -1).gather(1, cand_index)
 
 
-def _beaten(finished: list[Hypothesis], best_open_score: float, K: int, max_len: int, alpha: float) -> bool:
-    """Whether K finished hypotheses score at least what the best open one can still reach: an open
-    hypothesis only loses log-probability, so at best it keeps its score over the largest length
-    penalty it can still reach (that of `max_len`)."""
-    return len(finished) >= K and sorted(h.score for h in finished)[-K] >= best_open_score / length_penalty(max_len, alpha)
+def _done(finished: list[Hypothesis], best_open_score: float, K: int, max_len: int, alpha: float, stop: str) -> bool:
+    """"first_k": whether K hypotheses have finished. "exact": whether K finished hypotheses score at
+    least what the best open one can still reach: an open hypothesis only loses log-probability, so at
+    best it keeps its score over the largest length penalty it can still reach (that of `max_len`)."""
+    if len(finished) < K or stop == "first_k":
+        return len(finished) >= K
+    return sorted(h.score for h in finished)[-K] >= best_open_score / length_penalty(max_len, alpha)

@@ -34,7 +34,7 @@ from .checkpoint import (
 from .config import Recipe, RecipeError, TrainConfig
 from .data import load_split
 from .trainset import Batch, SampledTrainBatches, StreamBatches, TrainBatches, filter_pairs, tokenize, training_pairs
-from .devices import Precision, pick_device, resolve_precision
+from .devices import Precision, keep_freed_memory, pick_device, resolve_precision
 from .distributed import World, join, leave
 from .evaluate import Scores, bleu_metric, evaluate, score
 from .loss import cross_entropy, symmetric_kl
@@ -102,6 +102,7 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     that already holds a run. SIGINT and SIGTERM save a checkpoint, then raise `Stopped`.
     """
     device = pick_device(recipe.train.device)
+    keep_freed_memory()
     run, state = setup(resolved(recipe), join(device), device, resume)
     loop(run, state, progress)
     return finish(run, state)
