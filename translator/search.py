@@ -232,6 +232,8 @@ def _done(finished: list[Hypothesis], best_open_score: float, K: int, max_len: i
     """"first_k": whether K hypotheses have finished. "exact": whether K finished hypotheses score at
     least what the best open one can still reach: an open hypothesis only loses log-probability, so at
     best it keeps its score over the largest length penalty it can still reach (that of `max_len`)."""
-    if len(finished) < K or stop == "first_k":
-        return len(finished) >= K
+    if len(finished) < K:
+        return False
+    if stop == "first_k":
+        return True
     return sorted(h.score for h in finished)[-K] >= best_open_score / length_penalty(max_len, alpha)
