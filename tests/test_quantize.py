@@ -9,7 +9,8 @@ from test_search import SENTENCES, encode
 from translator import Translator
 from translator.config import RecipeError
 from translator.devices import resolve_precision
-from translator.quantize import bf16_model, int8_model
+from translator import quantize
+from translator.quantize import bf16_model, fastest_int8_linear, int8_model
 from translator.search import beam_search, greedy_search
 
 
@@ -25,16 +26,47 @@ def teacher_forced(model, translator):
         return model(src, tgt_in)
 
 
-def test_int8_logits_stay_close_to_fp32_and_the_output_projection_is_int8(tiny_translator, int8):
+def test_int8_logits_stay_close_to_fp32(tiny_translator, int8):
     fp32, quantized = teacher_forced(tiny_translator.model, tiny_translator), teacher_forced(int8, tiny_translator)
     assert (quantized - fp32).abs().max() < fp32.std()
     assert (quantized - fp32).abs().mean() < 0.05 * fp32.std()
     assert (quantized.argmax(-1) == fp32.argmax(-1)).float().mean() > 0.95
+
+
+ENGINES = [e for e in dict.fromkeys((torch.backends.quantized.engine, "onednn")) if e in torch.backends.quantized.supported_engines]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_output_projection_is_int8_under_each_engine(tiny_translator, monkeypatch, engine):
+    # Whichever engine times faster builds the projection: make `engine` the faster one.
+    monkeypatch.setattr(quantize, "_seconds", lambda module, rows: 0.0 if torch.backends.quantized.engine == engine else 1.0)
+    int8 = int8_model(tiny_translator.model)
     outputs = torch.randn(7, tiny_translator.model.d_model)
     with torch.inference_mode():
         tied, projected = tiny_translator.model.logits(outputs), int8.logits(outputs)
     assert not torch.equal(tied, projected)  # the tied projection really runs on int8 weights ...
     assert torch.allclose(tied, projected, atol=0.05 * tied.abs().max().item())  # ... of the same table
+
+
+class Built(torch.nn.Module):
+    """A stand-in for a quantized Linear that remembers the engine it was built under."""
+
+    def __init__(self):
+        super().__init__()
+        self.engine = torch.backends.quantized.engine
+
+    def forward(self, rows):
+        return rows
+
+
+@pytest.mark.skipif(len(ENGINES) < 2, reason="one int8 engine in this torch build: nothing to choose")
+@pytest.mark.parametrize("winner", ENGINES)
+def test_the_faster_engines_copy_is_kept_and_the_engine_setting_restored(monkeypatch, winner):
+    monkeypatch.setattr(quantize, "_seconds", lambda module, rows: 0.0 if module.engine == winner else 1.0)
+    before = torch.backends.quantized.engine
+    built = fastest_int8_linear(torch.nn.Linear(8, 4), lambda linear: Built())
+    assert built.engine == winner
+    assert torch.backends.quantized.engine == before
 
 
 def test_bf16_copy_is_bf16_throughout_and_its_logits_stay_close_to_fp32(tiny_translator):

@@ -211,10 +211,11 @@ class Translator:
             max_lens = max_output_lengths(src, PAD_ID, decode.max_len_a, decode.max_len_b, limit)
             with autocast:
                 hypotheses = self._search(model, src, max_lens, decode, n_best, sampling)
+                # One SentencePiece call a batch: each of its batch calls starts a thread, which costs more than decoding a sentence.
+                texts = iter(self.tokenizer.decode([h.tokens for hyps in hypotheses for h in hyps]))
                 for i, hyps in zip(indices, hypotheses):
-                    texts = self.tokenizer.decode([h.tokens for h in hyps])
                     maps = [attention_maps(self.model, self.tokenizer, src_ids[i], h.tokens) if return_attention else None for h in hyps]
-                    outputs[i] = [Translation(text, h.score, m) for text, h, m in zip(texts, hyps, maps)]
+                    outputs[i] = [Translation(next(texts), h.score, m) for h, m in zip(hyps, maps)]
         return outputs
 
     @staticmethod
