@@ -57,7 +57,7 @@ def int8_model(model: Transformer | Ensemble) -> Transformer | Ensemble:
     return quantized
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def fastest_int8_linear(linear: nn.Linear, quantize) -> nn.Module:
     """`quantize(linear)` under each of torch's int8 engines that this build has among the default and oneDNN,
     the one that runs a batch of 256 rows faster (best of 3, a few milliseconds). Each copy keeps the engine
