@@ -4,6 +4,7 @@
     python bench/decode.py                                          # random weights, output length forced to the source's
     python bench/decode.py --model runs/multi30k_de_en --peer       # also run Joey NMT's decode.sh now, same machine
     python bench/decode.py --model runs/multi30k_de_en --ctranslate2   # also CTranslate2 fp32 and int8, exported now
+    python bench/decode.py --model runs/multi30k_de_en --device cuda    # on a GPU: fp32, bf16 and fp16, one process
 
 Rows: greedy and beam 5 over the 1,000 test sentences (sentences/s, target tokens/s, counted
 as subword pieces + 1 eos per sentence, as the peer script counts them), beam 5 under both of
@@ -36,7 +37,7 @@ from translator import Translator
 from translator.batching import source_tensor
 from translator.config import DataConfig, DecodeConfig, Recipe
 from translator.data import load_split
-from translator.devices import describe, keep_freed_memory
+from translator.devices import describe, keep_freed_memory, pick_device
 from translator.evaluate import score
 from translator.export import export_ctranslate2
 from translator.model import Transformer
@@ -47,13 +48,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT.parent / "shared" / "bench-peers"
 
 
-def random_translator(data: DataConfig) -> Translator:
+def random_translator(data: DataConfig, device: torch.device) -> Translator:
     """The Multi30k recipe's model with random weights; eos can never win, so outputs run to the length limit."""
     recipe = Recipe(data=data)
     train = load_split(data, "train")
     tokenizer = Tokenizer.train(interleave(train["src"], train["tgt"]), recipe.tokenizer.vocab_size)
     torch.manual_seed(0)
-    model = Transformer(recipe.model, tokenizer.vocab_size).eval()
+    model = Transformer(recipe.model, tokenizer.vocab_size).to(device).eval()
     with torch.no_grad():
         model.embedding.weight[EOS_ID].zero_()  # eos's logit is then 0, which never beats the best of 8k random ones
     decode = DecodeConfig(beam_size=5, alpha=0.6, max_len_a=1.0, max_len_b=1)  # output length = source length
@@ -62,6 +63,12 @@ def random_translator(data: DataConfig) -> Translator:
 
 def count_tokens(tokenizer: Tokenizer, texts: list[str]) -> int:
     return sum(len(ids) for ids in tokenizer.encode(texts)) + len(texts)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a clock read after it counts it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def best_of(repeat: int, run) -> tuple[float, list[str]]:
@@ -102,7 +109,7 @@ def ctranslate2_runs(model_dir: str, translator: Translator, sentences: list[str
 def greedy_without_cache(model: Transformer, src: torch.Tensor, steps: int) -> None:
     """The slow way (Joey NMT's): re-feed the whole prefix through the decoder at every step."""
     memory, src_mask = model.encode(src)
-    prefix = torch.full((src.size(0), 1), BOS_ID, dtype=torch.long)
+    prefix = torch.full((src.size(0), 1), BOS_ID, dtype=torch.long, device=src.device)
     for _ in range(steps):
         outputs, _ = model.decode(prefix, model.start(memory, src_mask))
         prefix = torch.cat([prefix, model.logits(outputs[:, -1]).argmax(-1, keepdim=True)], dim=1)
@@ -112,11 +119,12 @@ def greedy_without_cache(model: Transformer, src: torch.Tensor, steps: int) -> N
 def greedy_with_cache(model: Transformer, src: torch.Tensor, steps: int, step_times: list[float] | None = None) -> None:
     memory, src_mask = model.encode(src)
     state = model.start(memory, src_mask)
-    last = torch.full((src.size(0), 1), BOS_ID, dtype=torch.long)
+    last = torch.full((src.size(0), 1), BOS_ID, dtype=torch.long, device=src.device)
     for _ in range(steps):
         start = time.perf_counter()
         outputs, state = model.decode(last, state)
         last = top_log_probs(model, outputs[:, -1], 1)[1]  # as greedy search picks its token
+        synchronize(src.device)
         if step_times is not None:
             step_times.append(time.perf_counter() - start)
 
@@ -134,18 +142,20 @@ def per_token_ms(model: Transformer, src: torch.Tensor, length: int, repeat: int
 def step_rows(model: Transformer, tokenizer: Tokenizer, sentences: list[str], cache_sentences: int, repeat: int) -> list[dict]:
     """Incremental decoding against recomputing the prefix, and the per-token step time by output length."""
     rows = []
-    src = source_tensor(tokenizer.encode(sentences[:cache_sentences]))
+    device = next(model.parameters()).device
+    src = source_tensor(tokenizer.encode(sentences[:cache_sentences])).to(device)
     steps = 32
     start = time.perf_counter()
     greedy_with_cache(model, src, steps)
     cached = time.perf_counter() - start
     start = time.perf_counter()
     greedy_without_cache(model, src, steps)
+    synchronize(device)
     uncached = time.perf_counter() - start
     rows.append({"what": f"{steps} greedy steps x {len(src)} sentences: cache", "seconds": cached})
     rows.append({"what": f"{steps} greedy steps x {len(src)} sentences: no cache", "seconds": uncached, "x cache": uncached / cached})
 
-    batch = source_tensor(tokenizer.encode(sentences[:32]))
+    batch = source_tensor(tokenizer.encode(sentences[:32])).to(device)
     per_token = {n: per_token_ms(model, batch, n, repeat) for n in (16, 64, 256)}
     for n, ms in per_token.items():
         rows.append({"what": f"per-token step, 32 sentences, output length {n}", "ms": ms, "x length 16": ms / per_token[16]})
@@ -168,6 +178,7 @@ def main() -> None:
     parser.add_argument("--model", help="a trained model directory (default: random weights, forced output length)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "multi30k"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="cuda: fp32, bf16 and fp16 in one process (no workers, no int8)")
     parser.add_argument("--peer", action="store_true", help="run Joey NMT's decode.sh in this run and print ratios")
     parser.add_argument("--ctranslate2", action="store_true", help="also export the model to CTranslate2 (float32, int8) and time it (needs --model)")
     parser.add_argument("--repeat", type=int, default=3, help="time each test-set row this many times and keep the best")
@@ -176,28 +187,32 @@ def main() -> None:
     args = parser.parse_args()
     if args.ctranslate2 and not args.model:
         parser.error("--ctranslate2 exports a trained model: give --model")
+    device = pick_device(args.device, key="--device")
+    if args.ctranslate2 and device.type != "cpu":
+        parser.error("--ctranslate2 times CTranslate2 on the CPU: use --device cpu")
     torch.set_num_threads(args.threads)
 
     peer = run_peer() if args.peer else {}
     if args.model:  # the model's own pair (an en->de model decodes the English side), read from --data
-        translator = Translator.from_pretrained(args.model, device="cpu")
+        translator = Translator.from_pretrained(args.model, device=device)
         data = replace(translator.recipe.data, path=args.data, name=None)
     else:
         data = DataConfig(path=args.data, src_lang="de", tgt_lang="en")
-        translator = random_translator(data)
+        translator = random_translator(data, device)
     test = load_split(data, "test")
     sentences, references = list(test["src"]), list(test["tgt"])
     model, tokenizer = translator.model, translator.tokenizer
-    # CTranslate2's "2 workers x 1 thread", ours: the same model in `threads` forked processes of one thread each
-    in_workers = Translator(model, tokenizer, translator.recipe, workers=args.threads)
-    for precision in ("fp32", "bf16", "int8"):  # warm up (and build the int8 copy, fork the workers)
-        translator.translate(sentences[:64], beam_size=1, precision=precision)
-        in_workers.translate(sentences[:64], beam_size=1, precision=precision)
+    ways = [("", translator)]
+    if device.type == "cpu":  # CTranslate2's "2 workers x 1 thread", ours: the same model in `threads` forked processes of one thread each
+        ways.append((f", {args.threads} workers x 1 thread", Translator(model, tokenizer, translator.recipe, workers=args.threads)))
+    precisions = ("fp32", "bf16", "int8") if device.type == "cpu" else ("fp32", "bf16", "fp16")
+    for (_, ours), precision in itertools.product(ways, precisions):  # warm up (and build the int8 copy, fork the workers)
+        ours.translate(sentences[:64], beam_size=1, precision=precision)
 
     runs = {}
     searches = (("greedy", 1, "exact"), ("beam 5, exact", 5, "exact"), ("beam 5, first_k", 5, "first_k"))  # decode.beam_stop
-    for (name, beam, stop), precision in itertools.product(searches, ("fp32", "bf16", "int8")):
-        for label, ours in ((f"ours {precision}", translator), (f"ours {precision}, {args.threads} workers x 1 thread", in_workers)):
+    for (name, beam, stop), precision in itertools.product(searches, precisions):
+        for label, ours in ((f"ours {precision}{way}", ours) for way, ours in ways):
             runs[(name, beam, label)] = lambda ours=ours, beam=beam, stop=stop, precision=precision: ours.translate(
                 sentences, beam_size=beam, beam_stop=stop, precision=precision)
     machine = (f"{describe(translator.device)}; decode.precision auto picks {translator.precision('auto')}; "  # before CTranslate2 sets OpenMP's threads

@@ -105,18 +105,18 @@ def op_shares(model: Transformer, model_cfg: ModelConfig, batches: TrainBatches,
     return {**shares, "other share": 1 - sum(shares.values())}
 
 
-def run_peer() -> float:
+def run_peer(peers: Path) -> float:
     env = dict(os.environ, WORK=os.environ.get("WORK", str(Path.home() / "peers")))
-    out = subprocess.run(["bash", str(PEERS / "train.sh"), "joey_train_bench"], check=True, env=env, capture_output=True, text=True).stdout
+    out = subprocess.run(["bash", str(peers / "train.sh"), "joey_train_bench"], check=True, env=env, capture_output=True, text=True).stdout
     return json.loads(out)["trg_tok_s"]
 
 
-def run_reference(cfg: ModelConfig, device: torch.device, threads: int, precisions: list[str]) -> dict[str, float]:
+def run_reference(cfg: ModelConfig, device: torch.device, threads: int, precisions: list[str], peers: Path) -> dict[str, float]:
     """Target tokens/s of PyTorch's nn.Transformer of the same size, by precision (it knows fp32 and bf16)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "reference.json"
         modes = [p for p in precisions if p in ("fp32", "bf16")]
-        subprocess.run([sys.executable, str(PEERS / "torch_reference.py"), "--device", device.type, "--threads", str(threads),
+        subprocess.run([sys.executable, str(peers / "torch_reference.py"), "--device", device.type, "--threads", str(threads),
                         "--d-model", str(cfg.d_model), "--heads", str(cfg.n_heads), "--layers", str(cfg.encoder_layers),
                         "--ff", str(cfg.d_ff), "--modes", *modes, "--out", str(out)], check=True, capture_output=True)
         return {mode: r["tgt_tok_s_median"] for mode, r in json.loads(out.read_text())["modes"].items()}
@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--peer", action="store_true", help="run Joey NMT's train.sh in this run and print the ratio")
     parser.add_argument("--profile", action="store_true", help="CPU: each kind of op's share of the auto precision's step")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the Multi30k recipe")
+    parser.add_argument("--peers", type=Path, default=PEERS, help="the folder of torch_reference.py and Joey NMT's train.sh")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     kept = keep_freed_memory()  # as `translator train` does
@@ -170,11 +171,11 @@ def main() -> None:
         parser.error("--profile reads the CPU's op times; on a GPU use torch.profiler with CUDA activities")
     precisions = ["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"]
 
-    joey = run_peer() if args.peer else None
+    joey = run_peer(args.peers) if args.peer else None
     recipe = load_recipe(ROOT / "recipes" / "multi30k_de_en.yaml", [f"data.path={args.data}", *args.set])
     cfg, data = recipe.train, recipe.data
     model_cfg = ModelConfig(**{**recipe.model.__dict__, **SIZES[args.size]})
-    reference = run_reference(model_cfg, device, args.threads, precisions) if args.reference else {}
+    reference = run_reference(model_cfg, device, args.threads, precisions, args.peers) if args.reference else {}
     pairs = load_split(data, "train")
     tokenizer = Tokenizer.train(interleave(pairs["src"], pairs["tgt"]), recipe.tokenizer.vocab_size, seed=recipe.seed)
     tokens, _ = filter_pairs(tokenize(pairs, tokenizer), data.max_len, data.max_ratio)
