@@ -15,7 +15,7 @@ install.sh, prepare.sh and train.sh to have run, see its README), and the ratios
 are measured in the same run. With --ctranslate2 the model is exported (`translator export`) to
 CTranslate2 in float32 and int8 and timed on the same sentences and threads: 8,192-token batches,
 2 threads in one worker, and 2 workers of 1 thread. Ours runs both ways too (`workers=2`: forked
-processes). With a trained model, every row has its BLEU.
+processes; on the CPU only). With a trained model, every row has its BLEU.
 """
 
 from __future__ import annotations
@@ -124,8 +124,8 @@ def greedy_with_cache(model: Transformer, src: torch.Tensor, steps: int, step_ti
         start = time.perf_counter()
         outputs, state = model.decode(last, state)
         last = top_log_probs(model, outputs[:, -1], 1)[1]  # as greedy search picks its token
-        synchronize(src.device)
         if step_times is not None:
+            synchronize(src.device)
             step_times.append(time.perf_counter() - start)
 
 
@@ -147,6 +147,7 @@ def step_rows(model: Transformer, tokenizer: Tokenizer, sentences: list[str], ca
     steps = 32
     start = time.perf_counter()
     greedy_with_cache(model, src, steps)
+    synchronize(device)
     cached = time.perf_counter() - start
     start = time.perf_counter()
     greedy_without_cache(model, src, steps)
@@ -178,7 +179,7 @@ def main() -> None:
     parser.add_argument("--model", help="a trained model directory (default: random weights, forced output length)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "multi30k"))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="cuda: fp32, bf16 and fp16 in one process (no workers, no int8)")
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="cuda: fp32, bf16 and fp16 in one process (no workers, no int8)")
     parser.add_argument("--peer", action="store_true", help="run Joey NMT's decode.sh in this run and print ratios")
     parser.add_argument("--ctranslate2", action="store_true", help="also export the model to CTranslate2 (float32, int8) and time it (needs --model)")
     parser.add_argument("--repeat", type=int, default=3, help="time each test-set row this many times and keep the best")
@@ -188,8 +189,8 @@ def main() -> None:
     if args.ctranslate2 and not args.model:
         parser.error("--ctranslate2 exports a trained model: give --model")
     device = pick_device(args.device, key="--device")
-    if args.ctranslate2 and device.type != "cpu":
-        parser.error("--ctranslate2 times CTranslate2 on the CPU: use --device cpu")
+    if (args.ctranslate2 or args.peer) and device.type != "cpu":
+        parser.error("--ctranslate2 and --peer time CPU decoders: use --device cpu")
     torch.set_num_threads(args.threads)
 
     peer = run_peer() if args.peer else {}

@@ -15,6 +15,7 @@
 #   mkdir -p .data/bench-peers && cp -r ../shared/data/multi30k .data/ && cp ../shared/bench-peers/torch_reference.py .data/bench-peers/
 set -euo pipefail
 part=${1:?usage: bash bench/gpu.sh tests|train|bench}
+case "$part" in tests|train|bench) ;; *) echo "unknown part '$part': expected tests, train or bench" >&2; exit 2 ;; esac
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -28,6 +29,7 @@ tests)
     ;;
 train)
     run=/tmp/multi30k_de_en
+    rm -rf $run  # a machine still warm from an earlier call keeps its /tmp
     python3 -m translator train recipes/multi30k_de_en.yaml --set data.path=.data/multi30k --set out_dir=$run \
         --set train.device=cuda --quiet 2>&1 | tee "$OUT/train.log"
     cp $run/metrics.jsonl "$OUT/"
@@ -38,9 +40,5 @@ bench)
         python3 bench/train.py --device cuda --reference --size $size --peers .data/bench-peers --data .data/multi30k \
             | tee "$OUT/bench_train_$size.md"
     done
-    ;;
-*)
-    echo "unknown part '$part': expected tests, train or bench" >&2
-    exit 2
     ;;
 esac

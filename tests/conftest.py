@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -14,6 +15,10 @@ from translator import Translator, load_recipe, train
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RECIPE = ROOT / "recipes" / "tiny.yaml"
 MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
+
+# int8 copies built in different processes (the CLI's, this one's) must decode alike: one engine for the
+# output projection instead of the one each process times faster (translator/quantize.py).
+os.environ.setdefault("TRANSLATOR_INT8_ENGINE", torch.backends.quantized.engine)
 
 # Tests of properties that must hold on every device take `device` from DEVICES: on a machine with a
 # GPU they run there too (fused attention, F.cross_entropy); elsewhere the CUDA case is skipped.

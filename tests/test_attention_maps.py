@@ -94,12 +94,12 @@ def test_to_dict_is_plain_json(tiny_translator):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU path (fused attention in forward) is not run")
-def test_capture_on_the_gpu_equals_the_cpu(tiny_model_dir, tiny_translator):
+def test_capture_on_the_gpu_equals_the_cpu(tiny_model_dir):
     from translator import Translator
 
     gpu = Translator.from_pretrained(tiny_model_dir, device="cuda")
     on_gpu = gpu.translate(SENTENCE, beam_size=1, precision="fp32", return_attention=True)
-    on_cpu = tiny_translator.translate(SENTENCE, beam_size=1, precision="fp32", return_attention=True)
+    on_cpu = Translator.from_pretrained(tiny_model_dir, device="cpu").translate(SENTENCE, beam_size=1, precision="fp32", return_attention=True)
     assert on_gpu.text == on_cpu.text
     for mode in ("encoder", "decoder", "cross"):
         torch.testing.assert_close(getattr(on_gpu.attention, mode), getattr(on_cpu.attention, mode), atol=1e-4, rtol=1e-3)

@@ -10,7 +10,7 @@ from translator import Translator
 from translator.config import RecipeError
 from translator.devices import resolve_precision
 from translator import quantize
-from translator.quantize import bf16_model, fastest_int8_linear, int8_model
+from translator.quantize import bf16_model, fastest_int8_linear, int8_engines, int8_model
 from translator.search import beam_search, greedy_search
 
 
@@ -33,13 +33,9 @@ def test_int8_logits_stay_close_to_fp32(tiny_translator, int8):
     assert (quantized.argmax(-1) == fp32.argmax(-1)).float().mean() > 0.95
 
 
-ENGINES = [e for e in dict.fromkeys((torch.backends.quantized.engine, "onednn")) if e in torch.backends.quantized.supported_engines]
-
-
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", int8_engines())
 def test_the_output_projection_is_int8_under_each_engine(tiny_translator, monkeypatch, engine):
-    # Whichever engine times faster builds the projection: make `engine` the faster one.
-    monkeypatch.setattr(quantize, "_seconds", lambda module, rows: 0.0 if torch.backends.quantized.engine == engine else 1.0)
+    monkeypatch.setenv(quantize.ENGINE_VARIABLE, engine)
     int8 = int8_model(tiny_translator.model)
     outputs = torch.randn(7, tiny_translator.model.d_model)
     with torch.inference_mode():
@@ -59,14 +55,24 @@ class Built(torch.nn.Module):
         return rows
 
 
-@pytest.mark.skipif(len(ENGINES) < 2, reason="one int8 engine in this torch build: nothing to choose")
-@pytest.mark.parametrize("winner", ENGINES)
-def test_the_faster_engines_copy_is_kept_and_the_engine_setting_restored(monkeypatch, winner):
+@pytest.mark.skipif(len(int8_engines()) < 2, reason="one int8 engine in this torch build: nothing to choose")
+@pytest.mark.parametrize("winner", int8_engines())
+def test_the_faster_engine_builds_the_copy_and_the_engine_setting_is_restored(monkeypatch, winner):
+    monkeypatch.delenv(quantize.ENGINE_VARIABLE, raising=False)  # conftest names one for the other tests
     monkeypatch.setattr(quantize, "_seconds", lambda module, rows: 0.0 if module.engine == winner else 1.0)
     before = torch.backends.quantized.engine
-    built = fastest_int8_linear(torch.nn.Linear(8, 4), lambda linear: Built())
-    assert built.engine == winner
+    quantize._fastest_engine.cache_clear()
+    try:
+        assert fastest_int8_linear(torch.nn.Linear(8, 4), lambda linear: Built()).engine == winner
+    finally:
+        quantize._fastest_engine.cache_clear()
     assert torch.backends.quantized.engine == before
+
+
+def test_an_unknown_engine_in_the_variable_is_an_error_naming_it(tiny_translator, monkeypatch):
+    monkeypatch.setenv(quantize.ENGINE_VARIABLE, "mkl-int8")
+    with pytest.raises(ValueError, match=r"TRANSLATOR_INT8_ENGINE='mkl-int8': expected one of this torch's int8 engines: "):
+        int8_model(tiny_translator.model)
 
 
 def test_bf16_copy_is_bf16_throughout_and_its_logits_stay_close_to_fp32(tiny_translator):

@@ -13,15 +13,19 @@ The tied output projection is an `F.linear` over the embedding table, not an `nn
 quantize_dynamic would leave it in fp32, and it is the largest matmul of a decoding step (D x V
 per token): it gets its own quantized Linear over the same table. The embedding lookups stay fp32.
 
-torch has two int8 engines on x86, fbgemm (its default) and oneDNN, and which one runs the output
-projection faster depends on the CPU: on an AMD EPYC (Zen 4) oneDNN ran the 256 x 8k projection of
-300 rows 1.5x faster, while fbgemm ran most of the model's smaller matmuls faster (docs/deployment.md).
-So the projection is timed under each engine once, when the copy is built, and keeps the faster.
+torch has two int8 engines on x86, its default ("x86", fbgemm's kernels for Linear) and oneDNN, and
+which one runs the output projection faster depends on the CPU: on an AMD EPYC (Zen 4) oneDNN ran the
+256 x 8k projection of 300 rows 1.5x faster, while fbgemm ran most of the model's smaller matmuls
+faster (docs/deployment.md). So the projection's shape is timed under each engine once per process
+and runs on the faster; TRANSLATOR_INT8_ENGINE names one instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import os
 import time
 import warnings
 
@@ -57,26 +61,58 @@ def int8_model(model: Transformer | Ensemble) -> Transformer | Ensemble:
     return quantized
 
 
-@torch.no_grad()
-def fastest_int8_linear(linear: nn.Linear, quantize) -> nn.Module:
-    """`quantize(linear)` under each of torch's int8 engines that this build has among the default and oneDNN,
-    the one that runs a batch of 256 rows faster (best of 3, a few milliseconds). Each copy keeps the engine
-    it was built under; torch's engine setting is left as it was."""
+ENGINE_VARIABLE = "TRANSLATOR_INT8_ENGINE"  # set: the output projection's engine, untimed (reproducible int8 outputs)
+
+
+def int8_engines() -> list[str]:
+    """The int8 engines the output projection may run on: torch's default and oneDNN, where this torch has them."""
     default = torch.backends.quantized.engine
-    engines = [e for e in dict.fromkeys((default, "onednn")) if e in torch.backends.quantized.supported_engines]
-    rows = torch.randn(256, linear.in_features)
-    fastest, best = None, float("inf")
-    try:
-        for engine in engines:
-            torch.backends.quantized.engine = engine
+    return [e for e in dict.fromkeys((default, "onednn")) if e in torch.backends.quantized.supported_engines]
+
+
+def fastest_int8_linear(linear: nn.Linear, quantize) -> nn.Module:
+    """`quantize(linear)` under the engine that $TRANSLATOR_INT8_ENGINE names, else under the one that ran
+    its shape faster in this process (the two engines agree to float rounding, not bit
+    for bit: one process decodes one way). Torch's engine setting is left as it was."""
+    engine = os.environ.get(ENGINE_VARIABLE) or _fastest_engine(linear.in_features, linear.out_features, torch.get_num_threads(), quantize)
+    supported = [e for e in torch.backends.quantized.supported_engines if e != "none"]
+    if engine not in supported:
+        raise ValueError(f"{ENGINE_VARIABLE}={engine!r}: expected one of this torch's int8 engines: {', '.join(supported)}")
+    with _engine(engine):
+        return quantize(linear)
+
+
+@functools.cache
+@torch.no_grad()
+def _fastest_engine(in_features: int, out_features: int, threads: int, quantize) -> str:
+    """The engine that runs `quantize` of a random Linear of this shape faster on 256 rows (best of 3, a few ms)."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    engines = int8_engines()
+    if len(engines) == 1:
+        return engines[0]
+    generator = torch.Generator().manual_seed(0)
+    linear = nn.Linear(in_features, out_features, bias=False)
+    linear.weight.copy_(torch.randn(out_features, in_features, generator=generator))
+    linear.qconfig = per_channel_dynamic_qconfig
+    rows = torch.randn(256, in_features, generator=generator)
+    seconds = {}
+    for engine in engines:
+        with _engine(engine):
             candidate = quantize(linear)
-            candidate(rows)  # the first call packs and allocates: not timed
-            seconds = min(_seconds(candidate, rows) for _ in range(3))
-            if seconds < best:
-                fastest, best = candidate, seconds
+            candidate(rows)  # the first call allocates and warms the caches: not timed
+            seconds[engine] = min(_seconds(candidate, rows) for _ in range(3))
+    return min(engines, key=seconds.get)
+
+
+@contextlib.contextmanager
+def _engine(name: str):
+    default = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
     finally:
         torch.backends.quantized.engine = default
-    return fastest if fastest is not None else quantize(linear)
 
 
 def _seconds(module: nn.Module, rows: torch.Tensor) -> float:
