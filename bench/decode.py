@@ -37,7 +37,7 @@ from translator import Translator
 from translator.batching import source_tensor
 from translator.config import DataConfig, DecodeConfig, Recipe
 from translator.data import load_split
-from translator.devices import describe, keep_freed_memory, pick_device
+from translator.devices import describe, keep_freed_memory, pick_device, synchronize
 from translator.evaluate import score
 from translator.export import export_ctranslate2
 from translator.model import Transformer
@@ -63,12 +63,6 @@ def random_translator(data: DataConfig, device: torch.device) -> Translator:
 
 def count_tokens(tokenizer: Tokenizer, texts: list[str]) -> int:
     return sum(len(ids) for ids in tokenizer.encode(texts)) + len(texts)
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the GPU's queued work, so that a clock read after it counts it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def best_of(repeat: int, run) -> tuple[float, list[str]]:

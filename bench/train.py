@@ -43,7 +43,7 @@ import torch
 from translator.config import ModelConfig, TrainConfig, load_recipe
 from translator.data import load_split
 from translator.trainset import TrainBatches, filter_pairs, tokenize
-from translator.devices import describe, keep_freed_memory, pick_device, resolve_precision
+from translator.devices import describe, keep_freed_memory, pick_device, resolve_precision, synchronize
 from translator.model import Transformer
 from translator.tokenizer import Tokenizer, interleave
 from translator.train import optimizer_and_schedule, train_step
@@ -52,11 +52,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT.parent / "shared" / "bench-peers"
 SIZES = {"recipe": {}, "base": {"d_model": 512, "n_heads": 8, "d_ff": 2048, "encoder_layers": 6, "decoder_layers": 6}}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 10) -> float:

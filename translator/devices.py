@@ -101,6 +101,12 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     return Precision("fp32", "auto: no native bf16 on this CPU")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a clock read after it counts it (benchmarks)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 GLIBC_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")

@@ -92,7 +92,7 @@ def _fastest_engine(in_features: int, out_features: int, threads: int, quantize)
     if len(engines) == 1:
         return engines[0]
     generator = torch.Generator().manual_seed(0)
-    linear = nn.Linear(in_features, out_features, bias=False)
+    linear = torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=False)  # no draw from the global generator
     linear.weight.copy_(torch.randn(out_features, in_features, generator=generator))
     linear.qconfig = per_channel_dynamic_qconfig
     rows = torch.randn(256, in_features, generator=generator)
