@@ -125,8 +125,10 @@ def test_cli_invalid_yaml_recipe_exits_2_naming_the_file(tmp_path):
     assert_usage_error(cli("train", path, "--quiet"), "train", str(path))
 
 
-def test_cli_debug_flag_shows_the_traceback():
-    result = cli("--debug", "train", TINY_RECIPE, "--set", "model.d_modle=64", "--quiet")
+@pytest.mark.parametrize("where", ["before the verb", "after the verb"])
+def test_cli_debug_flag_shows_the_traceback(where):
+    args = ["train", TINY_RECIPE, "--set", "model.d_modle=64", "--quiet"]
+    result = cli(*(["--debug", *args] if where == "before the verb" else [*args, "--debug"]))
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "RecipeError" in result.stderr and "model.d_modle" in result.stderr
 

@@ -21,7 +21,7 @@ STEPS = 240
 
 
 def overrides(corpus: Path, out: Path) -> list[str]:
-    # dropout on, so the torch RNG state matters; one thread, so float sums happen in one order
+    # dropout on, so the masks must come back the same after resuming; one thread, so float sums happen in one order
     return [f"data.path={corpus}", f"out_dir={out}", f"train.max_steps={STEPS}", "train.checkpoint_every=20",
             "train.valid_every=120", "model.dropout=0.1", "train.threads=1", "train.keep_checkpoints=3"]
 

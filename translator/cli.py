@@ -291,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     average.set_defaults(run=cmd_average)
 
     _add_plot_and_serve(verbs, decoding, overrides)
+    for verb in verbs.choices.values():  # also after the verb, where a user adds it to the command that failed;
+        # SUPPRESS: a verb's own default would otherwise overwrite `translator --debug VERB`
+        verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     return parser
 
 

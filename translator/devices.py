@@ -119,7 +119,7 @@ def keep_freed_memory() -> bool:
     By default glibc serves blocks over 128 KB (a threshold that adapts up to 32 MB) with mmap and
     unmaps them on free, and trims its heap, so a training step's activations and a beam step's K/V
     copies come back as fresh pages that fault in one at a time. Kept, bench/train.py's steps ran
-    1.1-1.4x and beam search 1.14x faster, a whole training run about 1.07x, greedy search within
+    1.1-1.4x and beam search 1.16x faster, a whole training run about 1.07x, greedy search within
     noise (AMD EPYC Zen 4, runs interleaved with and without: docs/deployment.md). PyTorch's CPU tuning guide swaps in jemalloc or tcmalloc for this;
     two mallopt calls do it inside the process. The price: the process keeps its peak memory.
     Left alone where the user set glibc's malloc variables, and outside glibc. Returns whether it acted."""
