@@ -165,6 +165,7 @@ def test_translate_keeps_input_order_whatever_the_batching(tiny_translator):
 
 def test_output_length_limit(tiny_translator):
     src, _ = encode(tiny_translator, SENTENCES[:2])
+    assert max_output_lengths(src, PAD_ID, a=0.0, b=1, limit=256) == [2, 2]  # a limit of 1 would leave no room for a token
     limits = [3, 2]
     for hyp, limit in zip(greedy_search(tiny_translator.model, src, limits), limits):
         assert len(hyp.tokens) <= limit - 1  # room is kept for eos
@@ -200,6 +201,13 @@ def test_sampling_is_reproducible_with_a_seed_and_varies_without_one(tiny_transl
 def test_top_k_one_sampling_is_greedy(tiny_translator):
     assert tiny_translator.translate(SENTENCES, sampling=Sampling(top_k=1, seed=0)) == tiny_translator.translate(SENTENCES, beam_size=1)
     assert tiny_translator.translate(SENTENCES, sampling=Sampling(top_p=1e-6, seed=0)) == tiny_translator.translate(SENTENCES, beam_size=1)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_top_k_draws_among_k_tokens_even_when_probabilities_tie(k):
+    logp = torch.tensor([[0.3, 0.3, 0.2, 0.2, 0.0]]).log().expand(50, -1)  # ties at the 1st, 2nd, 3rd and 4th place
+    drawn = Sampling(top_k=k).draw(logp, torch.linspace(0, 0.999, 50, dtype=torch.float64))
+    assert len(set(drawn.tolist())) == k and set(drawn.tolist()) <= {0, 1, 2, 3}
 
 
 def test_a_sentences_samples_depend_only_on_the_seed_and_the_sentence(tiny_translator):

@@ -88,6 +88,10 @@ def test_languages_and_health_name_the_models_pair(client):
         (b'{"q": "x", "source": "de", "target": "en", "sampling": {"top_p": 1.5}}', 400, ["top_p"]),
         (b'{"q": ["x", "x", "x", "x", "x", "x", "x", "x", "x"], "source": "de", "target": "en"}', 400, ["9 sentences", "limit of 8", "--max-sentences"]),
         (json.dumps({"q": "x" * 401, **PAIR}).encode(), 400, ["401 characters", "limit of 400", "--max-chars"]),
+        (b'{"q": "x", "source": "de", "target": "en", "beam_size": 17}', 400, ["beam_size: 17", "17 hypotheses", "limit of 16", "--max-hypotheses"]),
+        (b'{"q": "x", "source": "de", "target": "en", "alternatives": 16}', 400, ["alternatives: 16", "17 hypotheses", "--max-hypotheses"]),
+        (b'{"q": "x", "source": "de", "target": "en", "alternatives": 16, "sampling": {"seed": 1}}', 400,
+         ["alternatives: 16", "17 hypotheses", "limit of 16", "--max-hypotheses"]),
     ],
 )
 def test_bad_requests_get_one_line_json_errors_and_the_server_goes_on(client, body, status, words):

@@ -74,13 +74,20 @@ def test_workers_go_when_their_translator_is_collected(tiny_translator, monkeypa
     assert len(pids) == 2 and not any(alive(pid) for pid in pids)
 
 
-def test_workers_go_when_the_program_exits(tiny_model_dir):
-    program = (f"import glob, os, translator; t = translator.Translator.from_pretrained({str(tiny_model_dir)!r}, workers=2); "
+@pytest.mark.parametrize("end", ["exits", "is killed"])
+def test_workers_go_when_the_program_ends(tiny_model_dir, end):
+    """At exit the workers are killed; a program killed outright (SIGKILL, the OOM killer) kills nothing,
+    and its workers see it gone and end themselves."""
+    program = (f"import glob, os, signal, translator; t = translator.Translator.from_pretrained({str(tiny_model_dir)!r}, workers=2); "
                f"t.translate({SENTENCES * 2!r}, beam_size=1); "
-               "print(*(pid for task in glob.glob(f'/proc/{os.getpid()}/task/*/children') for pid in open(task).read().split()))")
+               "print(*(pid for task in glob.glob(f'/proc/{os.getpid()}/task/*/children') for pid in open(task).read().split()), flush=True)"
+               + ("; os.kill(os.getpid(), signal.SIGKILL)" if end == "is killed" else ""))
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     pids = result.stdout.split()
-    assert result.returncode == 0 and len(pids) == 2, result.stderr
+    assert result.returncode == (0 if end == "exits" else -signal.SIGKILL) and len(pids) == 2, result.stderr
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not any(alive(pid) for pid in pids)
 
 
@@ -122,17 +129,36 @@ def test_an_error_that_does_not_pickle_still_reaches_the_caller_in_words(tiny_tr
 def test_a_worker_dying_mid_call_is_an_error_that_names_it_and_the_next_call_works(tiny_translator, monkeypatch):
     translator = Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe, workers=2)
     real = translator._translate
-    monkeypatch.setattr(translator, "_translate", lambda sentences, **options: os._exit(3) if "crash" in sentences else real(sentences, **options))
+    # the worker dealt the blank sentence (None: no source ids) dies
+    monkeypatch.setattr(translator, "_translate", lambda sources, **options: os._exit(3) if None in sources else real(sources, **options))
     with pytest.raises(RuntimeError, match="decoding worker ended without an answer"):
-        translator.translate(SENTENCES + ["crash"], beam_size=1)
+        translator.translate(SENTENCES + [""], beam_size=1)
     monkeypatch.setattr(translator, "_translate", real)  # the next workers fork from here
     assert translator.translate(SENTENCES, beam_size=1) == tiny_translator.translate(SENTENCES, beam_size=1)
     translator.close()
 
 
-def test_an_error_in_a_worker_is_raised_by_the_call(two_workers):
-    with pytest.raises(ValueError, match="longer than model.max_positions"):
-        two_workers.translate(SENTENCES + ["Ein mann sieht der hut. " * 300], truncate=False)
+def test_an_error_in_a_worker_is_raised_by_the_call(tiny_translator, monkeypatch):
+    translator = Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe, workers=2)
+    def fail(sources, **options):
+        raise ValueError(f"a worker of pid {os.getpid()} failed")
+
+    monkeypatch.setattr(translator, "_translate", fail)
+    with pytest.raises(ValueError, match="a worker of pid") as raised:
+        translator.translate(SENTENCES, beam_size=1)
+    assert str(os.getpid()) not in str(raised.value)
+    translator.close()
+
+
+def test_an_overlong_sentence_is_warned_of_or_refused_in_the_callers_process_by_its_index(two_workers):
+    """Checked before the sentences are dealt out: the caller's warning filters see the warning, and
+    the index is the caller's, not one in a worker's share."""
+    sentences = SENTENCES + ["Ein mann sieht der hut. " * 300] + SENTENCES
+    with pytest.raises(ValueError, match=rf"1 sentence\(s\) longer than model\.max_positions=256 tokens \(first: #{len(SENTENCES)},"):
+        two_workers.translate(sentences, beam_size=1, truncate=False)
+    with pytest.warns(UserWarning, match=rf"first: #{len(SENTENCES)},.*truncated"):
+        translations = two_workers.translate(sentences, beam_size=1)
+    assert translations[:len(SENTENCES)] == translations[len(SENTENCES) + 1:] == two_workers.translate(SENTENCES, beam_size=1)
 
 
 def test_workers_decode_with_the_weights_of_the_moment(tiny_translator):

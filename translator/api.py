@@ -132,11 +132,12 @@ class Translator:
         k = 1 if n_best is None else n_best
         if k < 1 or (sampling is None and k > decode.beam_size):
             raise ValueError(f"n_best={n_best}: expected 1 to beam_size={decode.beam_size} (or any number of samples with sampling)")
+        sources = self._source_ids(batch, truncate)  # here, so that a warning or error reaches the caller, not a worker
         if self.workers > 1 and len(batch) > 1:
             hypotheses = self._decoding_workers(decode).translate(
-                batch, decode=decode, n_best=k, sampling=sampling, truncate=truncate, progress=progress, return_attention=return_attention)
+                sources, decode=decode, n_best=k, sampling=sampling, progress=progress, return_attention=return_attention)
         else:
-            hypotheses = self._translate(batch, decode, k, sampling, truncate, progress, return_attention)
+            hypotheses = self._translate(sources, decode, k, sampling, progress, return_attention)
         if n_best is None:
             outputs = [hyps[0] if return_attention else hyps[0].text for hyps in hypotheses]
         else:
@@ -185,10 +186,9 @@ class Translator:
                               f"(half of this model's {self.tokenizer.vocab_size} pieces)")
         return decode
 
-    def _translate(
-        self, sentences: list[str], decode: DecodeConfig, n_best: int, sampling: Sampling | None, truncate: bool, progress: bool,
-        return_attention: bool = False,
-    ) -> list[list[Translation]]:
+    def _source_ids(self, sentences: list[str], truncate: bool) -> list[list[int] | None]:
+        """Each sentence's token ids, cut to the model's positions (with a warning; truncate=False refuses),
+        or None for a blank one: it maps to "" rather than to whatever the model invents."""
         limit = self.recipe.model.max_positions
         src_ids = self.tokenizer.encode(sentences)
         too_long = [i for i, ids in enumerate(src_ids) if len(ids) + 1 > limit]
@@ -196,12 +196,18 @@ class Translator:
             message = f"{len(too_long)} sentence(s) longer than model.max_positions={limit} tokens (first: #{too_long[0]}, {len(src_ids[too_long[0]])} tokens)"
             if not truncate:
                 raise ValueError(message)
-            warnings.warn(message + ": truncated")
-            src_ids = [ids[: limit - 1] for ids in src_ids]
-        outputs = [[Translation("", 0.0)] * n_best for _ in sentences]
-        # Blank input has nothing to translate: it maps to "" rather than to whatever the model invents.
-        todo = np.array([i for i, s in enumerate(sentences) if s.strip()], dtype=np.int64)
-        sizes = np.array([len(ids) + 1 for ids in src_ids], dtype=np.int64)
+            warnings.warn(message + ": truncated", stacklevel=3)  # at the caller of translate()
+        return [ids[: limit - 1] if sentence.strip() else None for sentence, ids in zip(sentences, src_ids)]
+
+    def _translate(
+        self, src_ids: list[list[int] | None], decode: DecodeConfig, n_best: int, sampling: Sampling | None, progress: bool,
+        return_attention: bool = False,
+    ) -> list[list[Translation]]:
+        """Token ids from _source_ids -> each sentence's n_best translations (a blank one's are "")."""
+        limit = self.recipe.model.max_positions
+        outputs = [[Translation("", 0.0)] * n_best for _ in src_ids]
+        todo = np.array([i for i, ids in enumerate(src_ids) if ids is not None], dtype=np.int64)
+        sizes = np.array([len(ids or ()) + 1 for ids in src_ids], dtype=np.int64)
         batches = sorted_batches(todo, sizes, decode.max_tokens)
         precision = self.precision(decode.precision)
         model = self.decoding_model(precision)

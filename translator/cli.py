@@ -210,7 +210,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .serve import Limits, serve  # FastAPI and uvicorn: only this command imports them
     except ImportError as e:
         raise RuntimeError(f"translator serve needs FastAPI and uvicorn: pip install 'translator[serve]' ({e})") from None
-    serve(load_translator(args.model_dir, args.set, args.device, args.precision, announce=True, workers=args.workers), args.host, args.port, Limits(args.max_sentences, args.max_chars), args.batch_wait_ms)
+    serve(load_translator(args.model_dir, args.set, args.device, args.precision, announce=True, workers=args.workers), args.host, args.port, Limits(args.max_sentences, args.max_chars, args.max_hypotheses), args.batch_wait_ms)
     return 0
 
 
@@ -345,6 +345,7 @@ def _add_plot_and_serve(verbs, decoding: argparse.ArgumentParser, overrides: dic
     serve.add_argument("--port", type=port, default=8000, help="default 8000")
     serve.add_argument("--max-sentences", type=positive_int, default=100, help="sentences per request (default 100)")
     serve.add_argument("--max-chars", type=positive_int, default=10_000, help="characters per request, all sentences together (default 10000)")
+    serve.add_argument("--max-hypotheses", type=positive_int, default=16, help="per sentence: the beam size, or alternatives + 1 samples (default 16)")
     serve.add_argument("--batch-wait-ms", type=milliseconds, default=5.0, help="how long a request reaching an idle server waits for others to batch with (default 5)")
     serve.add_argument("--workers", **WORKERS)
     serve.add_argument("--set", **overrides)

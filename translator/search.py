@@ -28,9 +28,10 @@ class Hypothesis:
 
 
 def max_output_lengths(src: Tensor, pad_id: int, a: float, b: int, limit: int) -> list[int]:
-    """Per sentence: a * source_length + b tokens (eos included), capped by the position table."""
+    """Per sentence: a * source_length + b tokens (eos included), capped by the position table; at least 2,
+    since the searches end a hypothesis after its first token at the earliest (room for one token and eos)."""
     src_len = (src != pad_id).sum(dim=1).tolist()
-    return [max(1, min(int(a * n + b), limit)) for n in src_len]
+    return [max(2, min(int(a * n + b), limit)) for n in src_len]
 
 
 def length_penalty(length: int, alpha: float) -> float:
@@ -68,9 +69,9 @@ class Sampling:
         Inverse transform sampling: each row's token is where its uniform falls in the cumulative
         distribution, so a row's draw depends on its own uniform alone."""
         logits = logp / self.temperature
-        if self.top_k:
-            kth = logits.topk(min(self.top_k, logits.size(-1)), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_k:  # by the top k's indices, not "at least the k-th value": tied logits (common in bf16) would let more in
+            top = logits.topk(min(self.top_k, logits.size(-1)), dim=-1)
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
         if self.top_p < 1:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             probs = sorted_logits.softmax(dim=-1)

@@ -41,6 +41,7 @@ PAGE = Path(__file__).parent / "static" / "index.html"
 class Limits:
     max_sentences: int = 100  # per request
     max_chars: int = 10_000  # per request, all sentences together
+    max_hypotheses: int = 16  # per sentence: the beam, or the samples (alternatives + 1), so no request asks for unbounded work
 
     @property
     def max_body_bytes(self) -> int:
@@ -220,6 +221,12 @@ def _checked(body: TranslateRequest, translator: Translator, limits: Limits) -> 
         translator.translate([], **options)  # validates the options; decodes nothing
     except (ValueError, RecipeError) as e:
         raise HTTPException(400, str(e).removeprefix("decode.")) from None  # the field, as the request names it
+    # What the request asks for (the recipe's own beam is the operator's choice): a beam, or alternatives + 1
+    # samples or beams (the recipe's beam widened to them).
+    field, hypotheses = ("beam_size", body.beam_size) if body.beam_size is not None and not sampling else ("alternatives", n_best)
+    if hypotheses > limits.max_hypotheses:
+        raise HTTPException(400, f"{field}: {getattr(body, field)} asks for {hypotheses} hypotheses a sentence, "
+                                 f"over the limit of {limits.max_hypotheses} (--max-hypotheses)")
     return sentences, options
 
 

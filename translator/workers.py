@@ -16,22 +16,28 @@ from __future__ import annotations
 import multiprocessing
 import signal
 import weakref
+from multiprocessing.connection import wait
 
 import torch
 
 
 def _serve(translator, threads: int, pipe) -> None:
-    """A worker: translate each (sentences, options) that arrives, until the parent's end closes."""
+    """A worker: translate each (sources, options) that arrives, until the parent's end closes or the parent dies."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the CLI's handler turns SIGTERM into KeyboardInterrupt: a worker just ends
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent decides, and kills us
     torch.set_num_threads(threads)
+    # A parent killed outright (SIGKILL, the OOM killer) closes nothing itself, and the workers forked after
+    # this one hold copies of its end of our pipe: its sentinel, not EOF, says that it is gone.
+    parent = multiprocessing.parent_process().sentinel
     while True:
+        if parent in wait([pipe, parent]):
+            return
         try:
-            sentences, options = pipe.recv()
+            sources, options = pipe.recv()
         except EOFError:
             return
         try:
-            answer = True, translator._translate(sentences, **options)
+            answer = True, translator._translate(sources, **options)
         except Exception as e:  # the caller raises it, as one process would have
             answer = False, e
         try:
@@ -76,13 +82,13 @@ class DecodingWorkers:
         """Kill the workers (also done when this object is collected, and at exit)."""
         self._finalizer()
 
-    def translate(self, sentences: list[str], progress: bool = False, **options) -> list:
-        """Translator._translate(sentences, **options), the sentences dealt out in even shares, results in input order.
-        With `progress`, the first worker shows its bar: the shares are even, so its bar tracks them all."""
-        by_length = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    def translate(self, sources: list[list[int] | None], progress: bool = False, **options) -> list:
+        """Translator._translate(sources, **options), the sources (token ids; None: blank) dealt out in even shares,
+        results in input order. With `progress`, the first worker shows its bar: the shares are even, so its bar tracks them all."""
+        by_length = sorted(range(len(sources)), key=lambda i: len(sources[i] or ()))
         shares = [by_length[w::len(self.pipes)] for w in range(len(self.pipes))]  # dealt like cards: each share as long as the others
         try:
-            answers = self._exchange([([sentences[i] for i in share], options | {"progress": progress and w == 0})
+            answers = self._exchange([([sources[i] for i in share], options | {"progress": progress and w == 0})
                                       for w, share in enumerate(shares)])
         except BaseException:  # answers may be left in the pipes (Ctrl-C, a dead worker): these workers are done
             self.close()
@@ -90,14 +96,14 @@ class DecodingWorkers:
         for ok, value in answers:
             if not ok:
                 raise value
-        outputs = [None] * len(sentences)
+        outputs = [None] * len(sources)
         for share, (_, translations) in zip(shares, answers):
             for i, translation in zip(share, translations):
                 outputs[i] = translation
         return outputs
 
     def _exchange(self, jobs: list[tuple[list[str], dict]]) -> list[tuple[bool, object]]:
-        """Each worker's answer to its job, (sentences, options): (True, translations) or (False, the exception it raised)."""
+        """Each worker's answer to its job, (sources, options): (True, translations) or (False, the exception it raised)."""
         try:
             for pipe, job in zip(self.pipes, jobs):
                 pipe.send(job)
