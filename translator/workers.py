@@ -102,7 +102,7 @@ class DecodingWorkers:
                 outputs[i] = translation
         return outputs
 
-    def _exchange(self, jobs: list[tuple[list[str], dict]]) -> list[tuple[bool, object]]:
+    def _exchange(self, jobs: list[tuple[list[list[int] | None], dict]]) -> list[tuple[bool, object]]:
         """Each worker's answer to its job, (sources, options): (True, translations) or (False, the exception it raised)."""
         try:
             for pipe, job in zip(self.pipes, jobs):
