@@ -19,9 +19,14 @@ from test_search import SENTENCES
 MIXED = SENTENCES * 3 + ["", "   "] + SENTENCES[::-1]  # blank lines map to "" wherever they land
 
 
+def with_two_workers(translator: Translator) -> Translator:
+    """A Translator of the same model, tokenizer and recipe, decoding in 2 worker processes (forked at its first call)."""
+    return Translator(translator.model, translator.tokenizer, translator.recipe, workers=2)
+
+
 @pytest.fixture(scope="module")
 def two_workers(tiny_translator):
-    translator = Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe, workers=2)
+    translator = with_two_workers(tiny_translator)
     return translator
 
 
@@ -40,7 +45,7 @@ def test_two_workers_translate_as_one_process(tiny_translator, two_workers, opti
 
 def test_progress_shows_one_bar_from_the_workers_and_none_when_off(tiny_translator, capfd):
     # Workers forked here, under this test's capture of stderr (they keep the stderr they were forked with).
-    two_workers = Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe, workers=2)
+    two_workers = with_two_workers(tiny_translator)
     capfd.readouterr()  # what making the fixtures printed
     two_workers.translate(MIXED, beam_size=1)
     assert "translating" not in capfd.readouterr().err
@@ -51,7 +56,7 @@ def test_progress_shows_one_bar_from_the_workers_and_none_when_off(tiny_translat
 
 def pids_translator(tiny_translator, monkeypatch) -> Translator:
     """Two workers whose translations name the process that made them (patched before they fork)."""
-    translator = Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe, workers=2)
+    translator = with_two_workers(tiny_translator)
     monkeypatch.setattr(translator, "_translate", lambda sentences, **options: [[Translation(str(os.getpid()), 0.0)] for _ in sentences])
     return translator
 
@@ -116,7 +121,7 @@ def test_an_error_that_does_not_pickle_still_reaches_the_caller_in_words(tiny_tr
         def __reduce__(self):
             raise TypeError("no pickling")
 
-    translator = Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe, workers=2)
+    translator = with_two_workers(tiny_translator)
     def fail(sentences, **options):
         raise Unpicklable("the model broke")
 
@@ -127,7 +132,7 @@ def test_an_error_that_does_not_pickle_still_reaches_the_caller_in_words(tiny_tr
 
 
 def test_a_worker_dying_mid_call_is_an_error_that_names_it_and_the_next_call_works(tiny_translator, monkeypatch):
-    translator = Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe, workers=2)
+    translator = with_two_workers(tiny_translator)
     real = translator._translate
     # the worker dealt the blank sentence (None: no source ids) dies
     monkeypatch.setattr(translator, "_translate", lambda sources, **options: os._exit(3) if None in sources else real(sources, **options))
@@ -139,7 +144,7 @@ def test_a_worker_dying_mid_call_is_an_error_that_names_it_and_the_next_call_wor
 
 
 def test_an_error_in_a_worker_is_raised_by_the_call(tiny_translator, monkeypatch):
-    translator = Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe, workers=2)
+    translator = with_two_workers(tiny_translator)
     def fail(sources, **options):
         raise ValueError(f"a worker of pid {os.getpid()} failed")
 
