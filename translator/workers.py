@@ -6,7 +6,8 @@ threads in one process leave each other idle; two processes of one thread each d
 (bench/decode.py measures both on the same model). The workers are forked from the process that
 holds the `Translator`: they start at once with its model in memory, and only sentences and
 translations travel through their pipes. They stay for the next call, with their kernels and
-memory warm, until the weights change, a call fails, or `close()`; every way out kills them, so
+memory warm, until the weights change, a call is interrupted or loses a worker, or `close()`
+(an error raised inside a worker comes back as itself and leaves them running); every way out kills them, so
 nothing outlives the parent. Forking is Linux's (and macOS's) start method, and CPU-only: CUDA
 does not survive a fork.
 """
