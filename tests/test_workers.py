@@ -3,6 +3,7 @@
 import copy
 import gc
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,8 +27,7 @@ def with_two_workers(translator: Translator) -> Translator:
 
 @pytest.fixture(scope="module")
 def two_workers(tiny_translator):
-    translator = with_two_workers(tiny_translator)
-    return translator
+    return with_two_workers(tiny_translator)
 
 
 @pytest.mark.parametrize("options", [dict(beam_size=1), dict(beam_size=4), dict(beam_size=4, n_best=3), dict(beam_size=1, precision="int8"),
@@ -151,7 +151,7 @@ def test_an_error_in_a_worker_is_raised_by_the_call_and_leaves_the_workers_runni
     monkeypatch.setattr(translator, "_translate", fail)
     with pytest.raises(ValueError, match="a worker of pid") as raised:
         translator.translate(SENTENCES, beam_size=1)
-    worker = str(raised.value).split()[4]
+    worker = re.search(r"pid (\d+)", str(raised.value)).group(1)
     assert worker != str(os.getpid()) and alive(worker)  # answered in words, not by dying: kept for the next call
     translator.close()
     assert not alive(worker)
