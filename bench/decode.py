@@ -168,7 +168,7 @@ def run_peer() -> dict[int, dict]:
     return results
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a trained model directory (default: random weights, forced output length)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "multi30k"))
@@ -182,9 +182,26 @@ def main() -> None:
     args = parser.parse_args()
     if args.ctranslate2 and not args.model:
         parser.error("--ctranslate2 exports a trained model: give --model")
-    device = pick_device(args.device, key="--device")
-    if (args.ctranslate2 or args.peer) and device.type != "cpu":
+    args.device = pick_device(args.device, key="--device")
+    if (args.ctranslate2 or args.peer) and args.device.type != "cpu":
         parser.error("--ctranslate2 and --peer time CPU decoders: use --device cpu")
+    return args
+
+
+def print_table(title: str, machine: str, rows: list[dict]) -> None:
+    print(f"# {title}")
+    print(f"# {machine}")
+    columns = ["what", "seconds", "sent/s", "tok/s", "BLEU", "Joey NMT s", "x Joey", "x cache", "ms", "x length 16"]
+    used = [c for c in columns if any(c in r for r in rows)]
+    print("| " + " | ".join(used) + " |")
+    print("|" + "---|" * len(used))
+    for r in rows:
+        print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in used) + " |")
+
+
+def main() -> None:
+    args = parse_args()
+    device = args.device
     torch.set_num_threads(args.threads)
 
     peer = run_peer() if args.peer else {}
@@ -233,15 +250,8 @@ def main() -> None:
     if not args.test_set_only:
         rows += step_rows(model, tokenizer, sentences, args.cache_sentences, args.repeat)
 
-    print(f"# translator decode benchmark: {'trained ' + args.model if args.model else 'random weights'}, "
-          f"{args.threads} threads, torch {torch.__version__}, {model.num_parameters() / 1e6:.2f} M parameters")
-    print(f"# {machine}")
-    columns = ["what", "seconds", "sent/s", "tok/s", "BLEU", "Joey NMT s", "x Joey", "x cache", "ms", "x length 16"]
-    used = [c for c in columns if any(c in r for r in rows)]
-    print("| " + " | ".join(used) + " |")
-    print("|" + "---|" * len(used))
-    for r in rows:
-        print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in used) + " |")
+    print_table(f"translator decode benchmark: {'trained ' + args.model if args.model else 'random weights'}, "
+                f"{args.threads} threads, torch {torch.__version__}, {model.num_parameters() / 1e6:.2f} M parameters", machine, rows)
 
 
 if __name__ == "__main__":
