@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from benchtable import print_table  # bench/, on the path as the script's folder
 from translator import Translator
 from translator.batching import source_tensor
 from translator.config import DataConfig, DecodeConfig, Recipe
@@ -188,17 +189,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def print_table(title: str, machine: str, rows: list[dict]) -> None:
-    print(f"# {title}")
-    print(f"# {machine}")
-    columns = ["what", "seconds", "sent/s", "tok/s", "BLEU", "Joey NMT s", "x Joey", "x cache", "ms", "x length 16"]
-    used = [c for c in columns if any(c in r for r in rows)]
-    print("| " + " | ".join(used) + " |")
-    print("|" + "---|" * len(used))
-    for r in rows:
-        print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in used) + " |")
-
-
 def main() -> None:
     args = parse_args()
     device = args.device
@@ -250,8 +240,11 @@ def main() -> None:
     if not args.test_set_only:
         rows += step_rows(model, tokenizer, sentences, args.cache_sentences, args.repeat)
 
-    print_table(f"translator decode benchmark: {'trained ' + args.model if args.model else 'random weights'}, "
-                f"{args.threads} threads, torch {torch.__version__}, {model.num_parameters() / 1e6:.2f} M parameters", machine, rows)
+    print(f"# translator decode benchmark: {'trained ' + args.model if args.model else 'random weights'}, "
+          f"{args.threads} threads, torch {torch.__version__}, {model.num_parameters() / 1e6:.2f} M parameters")
+    print(f"# {machine}")
+    columns = ["what", "seconds", "sent/s", "tok/s", "BLEU", "Joey NMT s", "x Joey", "x cache", "ms", "x length 16"]
+    print_table(rows, [c for c in columns if any(c in r for r in rows)])
 
 
 if __name__ == "__main__":

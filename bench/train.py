@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from benchtable import print_table  # bench/, on the path as the script's folder
 from translator.config import ModelConfig, TrainConfig, load_recipe
 from translator.data import load_split
 from translator.trainset import TrainBatches, filter_pairs, tokenize
@@ -201,11 +202,7 @@ def main() -> None:
     print(f"# Multi30k de-en batches, d_model {model_cfg.d_model}, {model_cfg.encoder_layers}+{model_cfg.decoder_layers} layers, "
           f"{model_cfg.n_heads} heads, ff {model_cfg.d_ff}, {cfg.max_tokens}-token batches, R-Drop alpha {cfg.rdrop_alpha}, {args.steps} timed steps, "
           f"torch {torch.__version__}, peak RSS {rss:.0f} MiB, malloc keeps freed memory: {'yes' if kept else 'no'}")
-    columns = list(dict.fromkeys(c for r in rows for c in r))
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for r in rows:
-        print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns) + " |")
+    print_table(rows, list(dict.fromkeys(c for r in rows for c in r)))
 
 
 if __name__ == "__main__":
