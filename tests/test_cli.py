@@ -167,9 +167,20 @@ def test_translate_that_fails_leaves_no_output_file(tiny_model_dir, tmp_path):
     source, target = tmp_path / "in.de", tmp_path / "out.en"
     source.write_text("Ein kind.\n" * 5 + "Ein mann sieht der hut. " * 200 + "\n", encoding="utf-8")
     result = cli("translate", tiny_model_dir, "-i", source, "-o", target, "--no-truncate", "--chunk-lines", "2", "--quiet")
-    assert result.returncode == 1
+    assert result.returncode == 2 and f"{source}, line 6: longer than model.max_positions" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.de"]  # neither the output nor its staging file
     assert_usage_error(cli("translate", tiny_model_dir, "-i", tmp_path / "missing.de", "--quiet"), "translate", "missing.de")
+    assert_usage_error(cli("translate", tiny_model_dir, "-i", tmp_path, "--quiet"), "translate", str(tmp_path), "is a folder")
+    for verb in ("translate", "evaluate"):
+        assert_usage_error(cli(verb, tiny_model_dir, "-o" if verb == "translate" else "--output", tmp_path / "no" / "out.en", "--quiet"),
+                           verb, f"no such folder {tmp_path / 'no'}")
+
+
+def test_translate_reads_its_input_from_a_pipe(tiny_model_dir, tiny_translator):
+    """-i takes what is not a regular file but reads as one: /dev/stdin, a named pipe, bash's <(zcat in.gz)."""
+    result = cli("translate", tiny_model_dir, "-i", "/dev/stdin", "--quiet", stdin=STDIN)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == tiny_translator.translate(SOURCES)
 
 
 def test_translate_and_evaluate_say_the_precision_unless_quiet(tiny_model_dir, tiny_translator):

@@ -114,6 +114,16 @@ def test_a_key_given_twice_names_its_second_line(tmp_path, text, line):
         load_recipe(path)
 
 
+def test_yaml_merge_keys_work_and_a_key_that_is_not_a_name_is_refused_by_its_line(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model:\n  <<: {d_model: 64, n_heads: 2, d_ff: 256}\n  d_ff: 128\n", encoding="utf-8")
+    model = load_recipe(path).model
+    assert (model.d_model, model.n_heads, model.d_ff) == (64, 2, 128)  # merged, and overridden by the mapping's own key
+    path.write_text("name: tiny\n[a, b]: 1\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(path))}, line 2, column 1: not valid YAML \(a key must be a name, got a list\)$"):
+        load_recipe(path)
+
+
 def test_recipe_with_a_control_character_names_the_line_on_one_line(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_bytes(b"name: tiny\nseed: \x00\x01\n")

@@ -155,10 +155,13 @@ def test_mixed_formats_are_an_error(tmp_path):
         load_split(DataConfig(path=str(tmp_path)), "train")
 
 
-def test_folder_without_split_files_is_an_error(tmp_path):
+def test_folder_without_split_files_is_an_error_naming_the_layouts_it_reads(tmp_path):
     (tmp_path / "README.md").write_text("nothing here\n")
-    with pytest.raises(DataError, match=r"README\.md"):
+    write_line_aligned(tmp_path, "train", [{"src": "a", "tgt": "b"}])  # named for no language
+    with pytest.raises(DataError, match=r"\{split\}\.de \+ \{split\}\.en, or \{split\}\.tsv\), found README\.md, train\.src, train\.tgt$"):
         load_split(DataConfig(path=str(tmp_path)), "train")
+    with pytest.raises(DataError, match=r"is not a folder of split files \(a file: point data\.path at the folder that holds it\)"):
+        load_split(DataConfig(path=str(tmp_path / "train.src")), "train")
 
 
 def test_split_file_name_with_a_hyphen(tmp_path):
@@ -206,6 +209,29 @@ def test_plain_text_loads_like_the_jsonl_layout(tmp_path, layout):
         streamed = list(load_split(DataConfig(path=str(tmp_path / "text")), split, streaming=True))
         assert streamed == [{"src": s, "tgt": t} for s, t in zip(expected["src"], expected["tgt"])]
     assert load_split(DataConfig(path=str(tmp_path / "text")), "train")["src"][:len(AWKWARD) + 3][3:] == [r["de"] for r in AWKWARD]
+
+
+@pytest.mark.parametrize("layout", ["csv", "jsonl", "line-aligned", "tsv"])
+def test_a_byte_order_mark_is_not_text(tmp_path, layout):
+    """Excel's "CSV UTF-8" and Windows editors start a file with U+FEFF: it is neither a column's name nor the first sentence's."""
+    data = rows(3)
+    writers = {"csv": lambda d: write_split(d, "train", "csv", data), "jsonl": lambda d: write_split(d, "train", "jsonl", data),
+               "line-aligned": lambda d: write_line_aligned(d, "train", data), "tsv": lambda d: write_tsv(d, "train", data)}
+    writers[layout](tmp_path)
+    for file in tmp_path.iterdir():
+        file.write_bytes(b"\xef\xbb\xbf" + file.read_bytes())
+    pairs = load_split(DataConfig(path=str(tmp_path)), "train")
+    assert (pairs["src"], pairs["tgt"]) == ([r["de"] for r in data], [r["en"] for r in data])
+
+
+@pytest.mark.parametrize("layout", ["line-aligned", "tsv"])
+def test_an_empty_plain_text_split_names_its_file(tmp_path, layout):
+    write_line_aligned(tmp_path, "validation", rows(3)) if layout == "line-aligned" else write_tsv(tmp_path, "validation", rows(3))
+    empty = tmp_path / ("train.de" if layout == "line-aligned" else "train.tsv")
+    for file in [empty, tmp_path / "train.en"] if layout == "line-aligned" else [empty]:
+        file.write_text("\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(empty))}: the file is empty \(no pairs\)$"):
+        load_split(DataConfig(path=str(tmp_path)), "train")
 
 
 def test_line_aligned_files_read_in_either_direction_and_windows_line_ends(tmp_path):

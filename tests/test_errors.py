@@ -215,22 +215,23 @@ def test_cli_evaluate_missing_data_path_exits_2_naming_it(tiny_model_dir, tmp_pa
     assert_usage_error(cli("evaluate", tiny_model_dir, "--set", f"data.path={missing}", "--quiet"), "evaluate", str(missing))
 
 
-def test_cli_translate_no_truncate_on_an_overlong_line_fails_with_one_line(tiny_model_dir):
-    stdin = "Ein kind sieht der hut.\n" + "Ein mann sieht der hut. " * 200 + "\n"
-    result = cli("translate", tiny_model_dir, "--no-truncate", "--quiet", stdin=stdin)
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("translator translate: failed: ") and "max_positions" in lines[0]
+def test_cli_translate_no_truncate_on_an_overlong_line_fails_naming_its_line(tiny_model_dir):
+    stdin = "Ein kind sieht der hut.\n" * 3 + ("Ein mann sieht der hut. " * 200 + "\n") * 2
+    # Chunks of 3 lines: the lines are counted in the input, not in the chunk handed to translate().
+    line = assert_usage_error(cli("translate", tiny_model_dir, "--no-truncate", "--chunk-lines", "3", "--quiet", stdin=stdin),
+                              "translate", "stdin, line 4 and 1 more (5)", "max_positions=256")
+    assert "without --no-truncate it is cut to fit" in line
 
 
-def test_cli_translate_overlong_line_is_truncated_by_default_with_a_warning(tiny_model_dir):
-    stdin = "Ein kind sieht der hut.\n" + "Ein mann sieht der hut. " * 200 + "\n"
-    result = cli("translate", tiny_model_dir, "--quiet", stdin=stdin)
+def test_cli_translate_overlong_line_is_truncated_by_default_with_one_line_naming_it(tiny_model_dir, tmp_path):
+    source = tmp_path / "in.de"
+    source.write_text("Ein kind sieht der hut.\n" * 2 + "Ein mann sieht der hut. " * 200 + "\n", encoding="utf-8")
+    result = cli("translate", tiny_model_dir, "-i", source, "--chunk-lines", "2", "--quiet")
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout.split("\n")[:-1]) == 2
-    assert "truncated" in result.stderr
+    assert len(result.stdout.split("\n")[:-1]) == 3
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"translator translate: warning: {source}, line 3: longer than model.max_positions=256")
+    assert lines[0].endswith(": truncated"), lines[0]
 
 
 # --- datasets ----------------------------------------------------------------------------------
@@ -386,9 +387,11 @@ def test_overlong_input_warns_about_truncation(tiny_translator):
         tiny_translator.translate(LONG, beam_size=1)
 
 
-def test_overlong_input_without_truncation_raises_naming_the_limit(tiny_translator):
-    with pytest.raises(ValueError, match=r"model\.max_positions=256"):
-        tiny_translator.translate(["Ein hund.", LONG], truncate=False)
+def test_overlong_input_without_truncation_raises_naming_the_limit_and_the_sentences(tiny_translator):
+    with pytest.raises(translator.SourceTooLong, match=r"model\.max_positions=256 tokens \(first: index 1,") as refused:
+        tiny_translator.translate(["Ein hund.", LONG, "Ein kind.", LONG], truncate=False)
+    assert refused.value.indices == [1, 3] and refused.value.limit == 256
+    assert refused.value.lengths == [len(tiny_translator.tokenizer.encode([LONG])[0])] * 2
 
 
 @pytest.mark.parametrize("name", list(UNUSUAL))

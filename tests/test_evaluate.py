@@ -9,7 +9,7 @@ import pytest
 import sacrebleu
 
 from conftest import TINY_RECIPE
-from translator import Translator
+from translator import Translator, train
 from translator.config import DataConfig, RecipeError, load_recipe
 from translator.evaluate import evaluate, score
 
@@ -165,3 +165,36 @@ def test_evaluate_with_explicit_data_and_greedy(tiny_translator, toy_corpus):
     scores = evaluate(tiny_translator, "validation", data=data, beam_size=1)
     greedy = tiny_translator.translate([r["de"] for r in validation], beam_size=1)
     assert scores.bleu == score(greedy, [r["en"] for r in validation]).bleu
+
+
+def test_missing_cells_train_validate_and_score_as_empty_sentences(tmp_path, toy_corpus):
+    """A JSON null in any split is an empty sentence: the tokenizer trains past it, validation and the test
+    score translate it to "" and score it against "" (it used to crash each of them)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "validation", "test"):
+        rows = read_split(toy_corpus, split)[:300] + [{"de": None, "en": "A dog."}, {"de": "Ein Hund.", "en": None}]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    recipe = load_recipe(TINY_RECIPE, [f"data.path={data}", f"out_dir={tmp_path / 'run'}", "train.max_steps=4", "train.valid_every=2"])
+    scores = train(recipe, progress=False)["greedy"]
+
+    translator = Translator.from_pretrained(tmp_path / "run")
+    test = read_split(data, "test")
+    hypotheses = translator.translate([r["de"] or "" for r in test], beam_size=1)
+    assert hypotheses[-2] == ""
+    assert scores.bleu == score(hypotheses, [r["en"] or "" for r in test]).bleu
+    assert evaluate(translator, "test", beam_size=1).bleu == scores.bleu
+
+
+def test_evaluate_output_that_cannot_be_written_fails_before_translating_and_a_failure_leaves_no_file(tiny_translator, tmp_path,
+                                                                                                     monkeypatch):
+    calls = []
+    monkeypatch.setattr(tiny_translator, "translate", lambda *args, **kwargs: calls.append(args) or 1 / 0)
+    with pytest.raises(FileNotFoundError):
+        evaluate(tiny_translator, "test", output=tmp_path / "missing" / "hyps.txt")
+    assert calls == []  # the path failed first: no split decoded for nothing
+    (tmp_path / "hyps.txt").write_text("the last good output\n", encoding="utf-8")
+    with pytest.raises(ZeroDivisionError):
+        evaluate(tiny_translator, "test", output=tmp_path / "hyps.txt")
+    assert len(calls) == 1 and [p.name for p in tmp_path.iterdir()] == ["hyps.txt"]  # no staging file left
+    assert (tmp_path / "hyps.txt").read_text(encoding="utf-8") == "the last good output\n"

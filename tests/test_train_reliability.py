@@ -16,6 +16,7 @@ from translator.checkpoint import (
     CHECKPOINTS, WEIGHTS, CheckpointError, clean_interrupted_writes, save_training_checkpoint, training_checkpoints,
 )
 from translator.config import ModelConfig, RecipeError
+from translator.data import DataError
 from translator.model import Transformer
 
 training = importlib.import_module("translator.train")
@@ -78,7 +79,11 @@ def test_resume_refuses_a_changed_key_that_breaks_the_promise_and_allows_the_res
         key = changed.split("=")[0]
         with pytest.raises(RecipeError, match=rf"^{key}: the run was trained with .*, the recipe now says"):
             training.train(recipe(toy_corpus, out, "train.max_steps=20", changed), progress=False, resume=True)
+    config = (out / "config.json").read_bytes()
+    with pytest.raises(DataError, match="split 'nope' not found"):  # allowed changes, but a split that is not there
+        training.train(recipe(toy_corpus, out, "train.max_steps=20", "decode.beam_size=2", "data.valid_split=nope"), progress=False, resume=True)
     assert sorted(p.name for p in out.rglob("*")) == before  # a refused resume changes nothing
+    assert (out / "config.json").read_bytes() == config
     capfd.readouterr()
     training.train(recipe(toy_corpus, out, "train.max_steps=20", "train.patience=3", "decode.beam_size=2"), progress=False, resume=True)
     err = capfd.readouterr().err

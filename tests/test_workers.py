@@ -161,9 +161,9 @@ def test_an_overlong_sentence_is_warned_of_or_refused_in_the_callers_process_by_
     """Checked before the sentences are dealt out: the caller's warning filters see the warning, and
     the index is the caller's, not one in a worker's share."""
     sentences = SENTENCES + ["Ein mann sieht der hut. " * 300] + SENTENCES
-    with pytest.raises(ValueError, match=rf"1 sentence\(s\) longer than model\.max_positions=256 tokens \(first: #{len(SENTENCES)},"):
+    with pytest.raises(ValueError, match=rf"1 sentence\(s\) longer than model\.max_positions=256 tokens \(first: index {len(SENTENCES)},"):
         two_workers.translate(sentences, beam_size=1, truncate=False)
-    with pytest.warns(UserWarning, match=rf"first: #{len(SENTENCES)},.*truncated"):
+    with pytest.warns(UserWarning, match=rf"first: index {len(SENTENCES)},.*truncated"):
         translations = two_workers.translate(sentences, beam_size=1)
     assert translations[:len(SENTENCES)] == translations[len(SENTENCES) + 1:] == two_workers.translate(SENTENCES, beam_size=1)
 

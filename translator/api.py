@@ -33,6 +33,16 @@ from .tokenizer import PAD_ID, Tokenizer
 from .workers import DecodingWorkers
 
 
+class SourceTooLong(ValueError):
+    """Sentences longer than the model's positions, refused (`translate(..., truncate=False)`).
+    `indices`: where they are in the list given (from 0); `lengths`: their tokens."""
+
+    def __init__(self, indices: list[int], lengths: list[int], limit: int):
+        super().__init__(f"{len(indices)} sentence(s) longer than model.max_positions={limit} tokens "
+                         f"(first: index {indices[0]}, {lengths[0]} tokens)")
+        self.indices, self.lengths, self.limit = indices, lengths, limit
+
+
 @dataclass(frozen=True)
 class Translation:
     text: str
@@ -106,7 +116,7 @@ class Translator:
             sampling: draw tokens at random (temperature, top-k, top-p, seed) instead of
                 searching; with n_best, that many samples per sentence.
             truncate: cut sources longer than the model's positions (with a warning);
-                False raises a ValueError instead.
+                False raises `SourceTooLong` (a ValueError) instead.
             progress: show a progress bar on stderr.
             return_attention: return `Translation`s (with n_best too) whose `attention` holds the
                 pieces and the weights of encoder self-, decoder self- and cross-attention, every
@@ -193,10 +203,10 @@ class Translator:
         src_ids = self.tokenizer.encode(sentences)
         too_long = [i for i, ids in enumerate(src_ids) if len(ids) + 1 > limit]
         if too_long:
-            message = f"{len(too_long)} sentence(s) longer than model.max_positions={limit} tokens (first: #{too_long[0]}, {len(src_ids[too_long[0]])} tokens)"
+            error = SourceTooLong(too_long, [len(src_ids[i]) for i in too_long], limit)
             if not truncate:
-                raise ValueError(message)
-            warnings.warn(message + ": truncated", stacklevel=3)  # at the caller of translate()
+                raise error
+            warnings.warn(f"{error}: truncated", stacklevel=3)  # at the caller of translate()
         return [ids[: limit - 1] if sentence.strip() else None for sentence, ids in zip(sentences, src_ids)]
 
     def _translate(

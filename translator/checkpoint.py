@@ -16,8 +16,10 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from safetensors import SafetensorError
@@ -71,6 +73,21 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync(path.parent)  # make the rename itself durable
+
+
+@contextmanager
+def staged_text_file(path: Path) -> Iterator[TextIO]:
+    """A text file written beside `path` and renamed onto it when the block ends without an error:
+    `path` holds the old file or the whole new one, and a failure leaves nothing behind. Opened up
+    front, so that a path that cannot be written fails before the work whose output it is."""
+    fd, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            yield f
+        plain_mode(staging)
+        os.replace(staging, path)
+    finally:
+        Path(staging).unlink(missing_ok=True)
 
 
 def _tensors(model: Transformer) -> dict[str, torch.Tensor]:

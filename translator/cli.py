@@ -12,8 +12,8 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,23 +78,24 @@ def input_lines(stream, name: str) -> Iterator[str]:
         yield line.removesuffix("\n").removesuffix("\r")
 
 
+def output_path(path: str) -> Path:
+    """--output's path, refused now (before any work) if its folder does not exist."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise RecipeError(f"--output {path}: no such folder {target.parent}")
+    return target
+
+
 @contextmanager
 def output_file(path: str | None):
     """stdout, or a file that appears only when the command succeeds (written beside it, then renamed)."""
     if path is None:
         yield sys.stdout
         return
-    from .checkpoint import plain_mode
+    from .checkpoint import staged_text_file
 
-    target = Path(path)
-    fd, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with open(fd, "w", encoding="utf-8") as f:
-            yield f
-        plain_mode(staging)
-        os.replace(staging, target)
-    finally:
-        Path(staging).unlink(missing_ok=True)
+    with staged_text_file(output_path(path)) as f:
+        yield f
 
 
 def translate_options(args: argparse.Namespace) -> dict:
@@ -113,7 +114,27 @@ def translate_options(args: argparse.Namespace) -> dict:
             sampling = Sampling(**settings)
         except ValueError as e:
             raise RecipeError(str(e).replace("Sampling.", "--").replace("_", "-")) from None
-    return dict(beam_size=args.beam_size, alpha=args.alpha, beam_stop=args.beam_stop, n_best=args.n_best, sampling=sampling, truncate=not args.no_truncate)
+    return dict(beam_size=args.beam_size, alpha=args.alpha, beam_stop=args.beam_stop, n_best=args.n_best, sampling=sampling)
+
+
+def translate_lines(translator, lines: list[str], options: dict, name: str, first_line: int, truncate: bool) -> list:
+    """translate() of input lines `first_line`... of `name`, naming by their line numbers the lines longer than
+    the model's positions: a warning (they are cut to fit) or, without `truncate`, the error."""
+    from .api import SourceTooLong
+    from .data import DataError
+
+    try:
+        return translator.translate(lines, truncate=False, **options)
+    except SourceTooLong as e:  # raised before any decoding: asking again costs only the tokenizing
+        first, *others = [first_line + i for i in e.indices]
+        more = f" and {len(others)} more ({', '.join(map(str, others[:5]))}{', ...' if len(others) > 5 else ''})" if others else ""
+        problem = f"{name}, line {first}{more}: longer than model.max_positions={e.limit} tokens ({e.lengths[0]} tokens)"
+        if not truncate:
+            raise DataError(f"{problem}; without --no-truncate it is cut to fit") from None
+        print(f"translator translate: warning: {problem}: truncated", file=sys.stderr)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*longer than model.max_positions")  # said above, by line
+            return translator.translate(lines, truncate=True, **options)
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
@@ -122,8 +143,10 @@ def cmd_translate(args: argparse.Namespace) -> int:
     from .data import DataError
 
     options = translate_options(args)
-    if args.input and not Path(args.input).is_file():
+    if args.input and not Path(args.input).exists():  # exists, not is_file: a pipe (-i <(zcat in.gz), /dev/stdin) is input too
         raise DataError(f"--input {args.input}: no such file")
+    if args.input and Path(args.input).is_dir():
+        raise DataError(f"--input {args.input}: is a folder, expected a file of sentences")
     translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=not args.quiet, workers=args.workers)
     beam_size = args.beam_size or translator.recipe.decode.beam_size
     if args.n_best and not args.sample and args.n_best > beam_size:
@@ -135,7 +158,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     with source, output_file(args.output) as out, tqdm(desc="translating", unit=" lines", disable=args.quiet, file=sys.stderr) as bar:
         start = 0
         while chunk := list(itertools.islice(lines, args.chunk_lines)):
-            results = translator.translate(chunk, **options)
+            results = translate_lines(translator, chunk, options, args.input or "stdin", start + 1, truncate=not args.no_truncate)
             if args.n_best is None:
                 out.write("".join(text + "\n" for text in results))
             else:  # N lines an input line, best first: its index (from 0), score, text
@@ -150,7 +173,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
     translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=not args.quiet, workers=args.workers)
-    scores = evaluate(translator, args.split, translator.recipe.data, args.beam_size, args.output, progress=not args.quiet)
+    output = output_path(args.output) if args.output else None
+    scores = evaluate(translator, args.split, translator.recipe.data, args.beam_size, output, progress=not args.quiet)
     print(json.dumps(scores.to_dict()) if args.json else str(scores))
     return 0
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import codecs
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,15 +29,23 @@ class DataError(ValueError):
     """A dataset, split or column that cannot be used; the message names it."""
 
 
-def _local_split_files(folder: Path) -> tuple[str, dict[str, str]]:
+def texts(cells: Iterable[str | None]) -> list[str]:
+    """A column's cells as sentences: a missing cell (JSON null, empty CSV field) is an empty one,
+    which training's filter drops and which translates to ""."""
+    return [cell or "" for cell in cells]
+
+
+def _local_split_files(folder: Path, languages: tuple[str, str]) -> tuple[str, dict[str, str]]:
     """A folder of `train.jsonl`, `validation.jsonl`, ... (one format) -> (builder, {split: file})."""
     files = {}
     for file in sorted(folder.iterdir()):
         if file.suffix in LOCAL_FORMATS and file.is_file():
             files.setdefault(LOCAL_FORMATS[file.suffix], {})[file.stem] = str(file)
     if len(files) != 1:
-        found = ", ".join(f.name for f in folder.iterdir()) or "nothing"
-        raise DataError(f"data.path {folder}: expected split files of one format ({', '.join(LOCAL_FORMATS)}), found {found}")
+        found = ", ".join(sorted(f.name for f in folder.iterdir())) or "nothing"
+        src, tgt = languages
+        raise DataError(f"data.path {folder}: expected split files of one format ({', '.join(LOCAL_FORMATS)}) or of plain text "
+                        f"({{split}}.{src} + {{split}}.{tgt}, or {{split}}.tsv), found {found}")
     ((builder, split_files),) = files.items()
     return builder, split_files
 
@@ -101,7 +109,7 @@ def split_source(cfg: DataConfig, split: str) -> str:
         if split in text_splits:
             return " + ".join(map(str, text_splits[split]))
     elif folder.is_dir():
-        _, split_files = _local_split_files(folder)
+        _, split_files = _local_split_files(folder, (cfg.src_lang, cfg.tgt_lang))
         if split in split_files:
             return split_files[split]
     return f"dataset {cfg.path!r}{f' ({cfg.name})' if cfg.name else ''} split {split!r}"
@@ -163,7 +171,7 @@ def _count_lines(file: Path) -> int:
 def _read_plain_text(files: tuple[str, ...], src_lang: str, tgt_lang: str, stats: tuple) -> Iterator[dict[str, str]]:
     """Rows {src_lang: ..., tgt_lang: ...} from line-aligned files or one TSV file. `stats` (size and
     modification time) is there for `datasets`' cache key: an edited file is read again."""
-    streams = [open(file, encoding="utf-8", newline="\n") for file in files]
+    streams = [open(file, encoding="utf-8-sig", newline="\n") for file in files]  # -sig: a byte-order mark is not text
     try:
         for number, lines in enumerate(zip(*streams), start=1):
             cells = [line.rstrip("\r\n") for line in lines]
@@ -186,7 +194,7 @@ def load_plain_text(text_splits: dict[str, tuple[Path, ...]], split: str, folder
     for file in files:
         if not file.is_file():
             raise DataError(f"split {split!r}: {file} is missing (line-aligned splits need {split}.{src_lang} and {split}.{tgt_lang})")
-        if problem := _first_invalid_utf8_line(str(file)):
+        if problem := _first_invalid_utf8_line(str(file)) or datafiles.nothing_to_read(str(file), "text"):
             raise DataError(problem)
     if len(files) == 2 and (counts := [_count_lines(f) for f in files])[0] != counts[1]:
         raise DataError(f"split {split!r}: {files[0]} has {counts[0]} lines but {files[1]} has {counts[1]}; line-aligned files must match")
@@ -216,12 +224,13 @@ def load_split(cfg: DataConfig, split: str, streaming: bool = False) -> datasets
     if folder.is_dir() and (text_splits := plain_text_splits(folder, cfg.src_lang, cfg.tgt_lang)):
         dataset = load_plain_text(text_splits, split, folder, cfg.src_lang, cfg.tgt_lang, streaming)
     elif folder.is_dir():
-        builder, split_files = _local_split_files(folder)
+        builder, split_files = _local_split_files(folder, (cfg.src_lang, cfg.tgt_lang))
         if split not in split_files:
             raise DataError(f"split {split!r} not found in {folder}; splits there: {', '.join(split_files)}")
         dataset = _load_local(builder, split_files[split], streaming, (cfg.src_lang, cfg.tgt_lang))
     elif cfg.path.startswith(("/", "./", "../", "~")) or folder.exists():
-        raise DataError(f"data.path: {cfg.path} is not a folder of split files (no such directory)")
+        why = "a file: point data.path at the folder that holds it" if folder.exists() else "no such directory"
+        raise DataError(f"data.path: {cfg.path} is not a folder of split files ({why})")
     else:
         dataset = _load_hub(cfg, split, streaming)
     source = split_source(cfg, split)

@@ -26,8 +26,9 @@ def nothing_to_read(file: str, builder: str) -> str | None:
 
 
 def _csv_rows(file: str) -> tuple[list[str], list[str] | None]:
-    """The header and the first row (None if there is none)."""
-    with open(file, encoding="utf-8", newline="") as f:
+    """The header and the first row (None if there is none). utf-8-sig: the byte-order mark that Excel's
+    "CSV UTF-8" writes is not part of the first column's name (pandas drops it too)."""
+    with open(file, encoding="utf-8-sig", newline="") as f:
         rows = csv.reader(f)
         return next(rows, []), next(rows, None)
 

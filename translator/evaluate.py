@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from sacrebleu.metrics import BLEU, CHRF
 
 from .api import Translator
+from .checkpoint import staged_text_file
 from .config import DataConfig, RecipeError
-from .data import load_split
+from .data import load_split, texts
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,9 @@ def evaluate(
     data = data or translator.recipe.data
     bleu_metric(data.tgt_lang, translator.recipe.evaluate.tokenize)  # a missing tokenizer fails before translating
     pairs = load_split(data, split)
-    hypotheses = translator.translate(list(pairs["src"]), beam_size=beam_size, progress=progress)
-    if output is not None:
-        Path(output).write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+    with staged_text_file(Path(output)) if output is not None else nullcontext() as file:  # a bad path fails now
+        hypotheses = translator.translate(texts(pairs["src"]), beam_size=beam_size, progress=progress)
+        if file is not None:
+            file.write("".join(h + "\n" for h in hypotheses))
     settings = translator.recipe.evaluate
-    return score(hypotheses, list(pairs["tgt"]), data.tgt_lang, settings.tokenize, settings.lowercase)
+    return score(hypotheses, texts(pairs["tgt"]), data.tgt_lang, settings.tokenize, settings.lowercase)

@@ -32,7 +32,7 @@ from .checkpoint import (
     save_model_config, save_training_checkpoint, save_weights, training_checkpoints,
 )
 from .config import Recipe, RecipeError, TrainConfig
-from .data import load_split
+from .data import load_split, texts
 from .trainset import Batch, SampledTrainBatches, StreamBatches, TrainBatches, filter_pairs, tokenize, training_pairs
 from .devices import Precision, keep_freed_memory, pick_device, resolve_precision
 from .distributed import World, join, leave
@@ -135,6 +135,8 @@ def setup(recipe: Recipe, world: World, device: torch.device, resume: bool) -> t
     state = TrainingState(precision=precision.name)
     if checkpoint:
         state = _restore(checkpoint, model, optimizer, scheduler, scaler, precision, say)
+        if world.is_main:  # the model directory follows the recipe's allowed changes, once the resume is known to work
+            save_model_config(out, recipe, tokenizer)
     log.open(up_to_step=state.step)
     say(f"{model.num_parameters() / 1e6:.2f} M parameters, on {device}; precision: {precision}")
     log.record({"step": state.step, "precision": precision.name, "precision_reason": precision.reason, "device": str(device)})
@@ -200,7 +202,7 @@ def inverse_sqrt_schedule(warmup_steps: int):
 def sentences(pairs: datasets.Dataset) -> Iterator[str]:
     """Source and target text, streamed in chunks (never the whole corpus as a list)."""
     for chunk in pairs.iter(batch_size=10_000):
-        yield from interleave(chunk["src"], chunk["tgt"])
+        yield from interleave(texts(chunk["src"]), texts(chunk["tgt"]))
 
 
 def resolved(recipe: Recipe) -> Recipe:
@@ -229,7 +231,6 @@ def _checkpoint_to_resume(recipe: Recipe, resume: bool, say) -> Path | None:
                           "to go on as it would have (set it back, or train in another out_dir)")
     for key, old, new in changed:
         say(f"resume: {key} changed from {old!r} to {new!r}")
-    save_model_config(out, recipe, Tokenizer.load(out / SPM))  # the model directory follows the recipe's allowed changes
     return checkpoints[-1]
 
 
@@ -442,7 +443,7 @@ def validate(translator: Translator, batches: TrainBatches, pairs: datasets.Data
         n = batch.n_tgt_tokens
         total, tokens = total + loss.item() * n, tokens + n
     recipe = translator.recipe
-    scores = score(translator.translate(list(pairs["src"]), beam_size=1), list(pairs["tgt"]), recipe.data.tgt_lang,
+    scores = score(translator.translate(texts(pairs["src"]), beam_size=1), texts(pairs["tgt"]), recipe.data.tgt_lang,
                    recipe.evaluate.tokenize, recipe.evaluate.lowercase)
     return total / max(tokens, 1), scores
 

@@ -15,7 +15,7 @@ import torch
 
 from .batching import bucketed_batches, sorted_batches, source_tensor, target_tensors
 from .config import DataConfig
-from .data import DataError, split_source
+from .data import DataError, split_source, texts
 from .tokenizer import PAD_ID, Tokenizer
 
 
@@ -23,8 +23,7 @@ def tokenize(pairs: datasets.Dataset, tokenizer: Tokenizer, num_proc: int | None
     """Add `src_ids` and `tgt_ids` (no specials); cached on disk by `datasets` for file-backed data."""
     fingerprint = hashlib.sha256(tokenizer.model_proto + pairs._fingerprint.encode()).hexdigest()[:32]
     return pairs.map(
-        # A missing cell (JSON null, empty CSV field) is an empty sentence, which filter_pairs then drops.
-        lambda batch: {side + "_ids": tokenizer.encode([text or "" for text in batch[side]]) for side in ("src", "tgt")},
+        lambda batch: {side + "_ids": tokenizer.encode(texts(batch[side])) for side in ("src", "tgt")},
         batched=True,
         batch_size=10_000,
         num_proc=num_proc,
@@ -150,7 +149,7 @@ class SampledTrainBatches(TrainBatches):
             ids = {}
             for i, side in enumerate(("src", "tgt")):
                 seed = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0])
-                drawn = self.tokenizer.encode([text or "" for text in self.texts[side]], self.sampling, seed)
+                drawn = self.tokenizer.encode(texts(self.texts[side]), self.sampling, seed)
                 ids[side] = [d if len(d) <= self.max_len else b for d, b in zip(drawn, self.best[side])]
             sizes = np.maximum([len(x) for x in ids["src"]], [len(x) for x in ids["tgt"]]) + 1
             self.segmented = (epoch, ids, sizes)
@@ -180,8 +179,8 @@ class StreamBatches:
 
     def _pool_batches(self, pool: list[dict], epoch: int, read_before: int) -> tuple[list[list[int]], list[list[int]], list[np.ndarray]]:
         """The pool's token ids (source, target) and its batches as index arrays into them, in the order to take them."""
-        src_ids = self.tokenizer.encode([pair["src"] or "" for pair in pool])
-        tgt_ids = self.tokenizer.encode([pair["tgt"] or "" for pair in pool])
+        src_ids = self.tokenizer.encode(texts(pair["src"] for pair in pool))
+        tgt_ids = self.tokenizer.encode(texts(pair["tgt"] for pair in pool))
         src_len, tgt_len = np.array([len(x) for x in src_ids]), np.array([len(x) for x in tgt_ids])
         keep = np.flatnonzero(~np.logical_or.reduce(broken_rules(src_len, tgt_len, self.max_len, self.max_ratio)))
         sizes = np.maximum(src_len, tgt_len) + 1
