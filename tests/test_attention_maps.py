@@ -122,3 +122,15 @@ def test_plot_attention_writes_a_png_and_refuses_bad_arguments_without_writing(t
         failed = plot(*bad, "-o", "bad.png")
         assert failed.returncode == 2 and failed.stderr.count("\n") == 1, failed.stderr
         assert not (tmp_path / "bad.png").exists()
+
+
+def test_plot_attention_titles_the_figure_with_the_sentence(tiny_translator, tmp_path, monkeypatch):
+    figure = pytest.importorskip("matplotlib.figure")
+    from translator.plot import plot_attention
+
+    titles = []
+    real = figure.Figure.suptitle
+    monkeypatch.setattr(figure.Figure, "suptitle", lambda self, text, **kw: titles.append(text) or real(self, text, **kw))
+    maps = tiny_translator.translate(SENTENCE, beam_size=1, return_attention=True).attention
+    plot_attention(maps, tmp_path / "maps.png", head=None, title="Ein hund. -> A dog.")
+    assert titles == ["Ein hund. -> A dog.  (mean over heads)"]

@@ -10,6 +10,7 @@ import pickle
 import random
 import shutil
 import stat
+import threading
 
 import pytest
 import sentencepiece as spm
@@ -17,7 +18,9 @@ import torch
 
 from conftest import toy_pair
 from translator import Translator
-from translator.checkpoint import CONFIG, FORMAT_VERSION, SPM, WEIGHTS, CheckpointError, atomic_write, load_model_dir, training_checkpoints
+from translator.checkpoint import (
+    CONFIG, FORMAT_VERSION, SPM, WEIGHTS, CheckpointError, atomic_write, load_model_dir, staged_text_file, training_checkpoints,
+)
 
 
 class TouchOnUnpickle:
@@ -282,3 +285,23 @@ def test_a_model_directory_and_its_checkpoints_are_readable_as_plain_files_and_d
     # what open() and mkdir() give under this umask, not mkstemp's and mkdtemp's owner-only 0600 and 0700
     assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o666 & ~umask}
     assert {stat.S_IMODE(d.stat().st_mode) for d in checkpoints} == {0o777 & ~umask}
+
+
+def test_a_staged_output_replaces_a_links_target_and_writes_through_a_pipe(tmp_path):
+    target, link = tmp_path / "real.txt", tmp_path / "link.txt"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    with staged_text_file(link) as f:
+        f.write("new\n")
+    assert link.is_symlink() and target.read_text() == "new\n"  # the link stays a link; its target is the new file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.txt", "real.txt"]
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
+    reader.start()
+    with staged_text_file(fifo) as f:  # `translate -o fifo`, `-o >(gzip > out.gz)`: written into, never renamed over
+        f.write("through\n")
+    reader.join(timeout=30)
+    assert received == ["through\n"] and stat.S_ISFIFO(fifo.stat().st_mode)

@@ -63,6 +63,10 @@ def test_average_last_checkpoints_at_the_end_and_through_the_cli(tmp_path, toy_c
     written = load_file(averaged / WEIGHTS)
     assert all(torch.allclose(written[k], sum(w[k] for w in three) / 3, atol=1e-6) for k in written)
     assert isinstance(Translator.from_pretrained(averaged).translate("Ein hund."), str)
+    inside = subprocess.run([sys.executable, "-m", "translator", "average", *(p.name for p in training_checkpoints(out)), "-o", "../../inside"],
+                            capture_output=True, text=True, cwd=out / "checkpoints")  # names without their folders
+    assert inside.returncode == 0, inside.stderr
+    assert all(torch.equal(load_file(tmp_path / "inside" / WEIGHTS)[k], written[k]) for k in written)
 
 
 def test_average_last_must_fit_the_kept_checkpoints():

@@ -85,7 +85,7 @@ def test_languages_and_health_name_the_models_pair(client):
         (b'{"q": "x", "source": "de", "target": "en", "beam_size": true}', 400, ["beam_size"]),
         (b'{"q": "x", "source": "de", "target": "en", "beam_size": 2, "alternatives": 2}', 400, ["alternatives: 2 need beam_size 3 or more, got beam_size 2"]),
         (b'{"q": "x", "source": "de", "target": "en", "alpha": "big"}', 400, ["alpha"]),
-        (b'{"q": "x", "source": "de", "target": "en", "sampling": {"top_p": 1.5}}', 400, ["top_p"]),
+        (b'{"q": "x", "source": "de", "target": "en", "sampling": {"top_p": 1.5}}', 400, ["sampling.top_p: got 1.5"]),
         (b'{"q": ["x", "x", "x", "x", "x", "x", "x", "x", "x"], "source": "de", "target": "en"}', 400, ["9 sentences", "limit of 8", "--max-sentences"]),
         (json.dumps({"q": "x" * 401, **PAIR}).encode(), 400, ["401 characters", "limit of 400", "--max-chars"]),
         (b'{"q": "x", "source": "de", "target": "en", "beam_size": 17}', 400, ["beam_size: 17", "17 hypotheses", "limit of 16", "--max-hypotheses"]),

@@ -105,6 +105,21 @@ def test_the_sentences_are_decoded_in_two_other_processes_that_stay_for_the_next
     assert not any(alive(pid) for pid in pids)
 
 
+def test_sigterm_and_ctrl_c_to_the_process_group_leave_the_workers_to_their_parent(tiny_translator, monkeypatch):
+    """A service manager's SIGTERM (systemd's KillMode=control-group) and Ctrl-C reach the workers too: they keep
+    decoding, so that a server can still answer the requests in flight, and go when their parent kills them."""
+    translator = pids_translator(tiny_translator, monkeypatch)
+    pids = set(translator.translate(SENTENCES * 2, beam_size=1))
+    for pid in pids:
+        os.kill(int(pid), signal.SIGTERM)
+        os.kill(int(pid), signal.SIGINT)
+    time.sleep(0.5)
+    assert all(alive(pid) for pid in pids)
+    assert set(translator.translate(SENTENCES * 2, beam_size=1)) == pids  # the same processes, not replacements
+    translator.close()
+    assert not any(alive(pid) for pid in pids)
+
+
 def test_a_worker_that_died_is_replaced_at_the_next_call(tiny_translator, monkeypatch):
     translator = pids_translator(tiny_translator, monkeypatch)
     first = set(translator.translate(SENTENCES * 2, beam_size=1))

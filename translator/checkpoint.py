@@ -79,7 +79,13 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
 def staged_text_file(path: Path) -> Iterator[TextIO]:
     """A text file written beside `path` and renamed onto it when the block ends without an error:
     `path` holds the old file or the whole new one, and a failure leaves nothing behind. Opened up
-    front, so that a path that cannot be written fails before the work whose output it is."""
+    front, so that a path that cannot be written fails before the work whose output it is. A path
+    that is not a regular file (a pipe, a device) is written into, as it is."""
+    if path.exists() and not path.is_file():  # a pipe, a device, /dev/stdout, bash's >(gzip > out.gz): written through
+        with open(path, "w", encoding="utf-8") as f:
+            yield f
+        return
+    path = path.resolve()  # a link's target is replaced, from beside it; the link stays
     fd, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with open(fd, "w", encoding="utf-8") as f:
@@ -315,7 +321,7 @@ def average_weights(directories: list[Path]) -> dict[str, torch.Tensor]:
 def save_averaged(directories: list[Path], out: Path) -> None:
     """A model directory whose weights average `directories`; config and tokenizer from the first one's run.
     `out` must not hold a model already: averaging never overwrites one."""
-    first = Path(directories[0])
+    first = Path(directories[0]).absolute()  # absolute: "step_00000010" given from inside checkpoints/ has parents too
     source = first if (first / CONFIG).is_file() else first.parent.parent  # run_dir/checkpoints/step_N -> run_dir
     if not (source / CONFIG).is_file():
         raise CheckpointError(f"{first}: neither a model directory nor a training checkpoint of one (no {CONFIG} in it or in {source})")

@@ -58,12 +58,12 @@ def plot_attention(maps: AttentionMaps, output: str | Path, head: int | None = N
     width = inch * (2 * len(maps.source) + len(maps.target)) + 6
     figure, axes = plt.subplots(layers, 3, figsize=(width, layers * (inch * max(len(maps.source), len(maps.target)) + 2)), squeeze=False)
     for layer in range(layers):
-        for ax, (title, weights, rows, cols) in zip(axes[layer], panels):
+        for ax, (panel, weights, rows, cols) in zip(axes[layer], panels):
             shown = weights[layer].mean(dim=0) if head is None else weights[layer, head]
             ax.imshow(shown.numpy(), cmap="Blues", vmin=0, vmax=1)
             ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=8)
             ax.set_yticks(range(len(rows)), rows, fontsize=8)
-            ax.set_title(f"{title}, layer {layer + 1}", fontsize=10)
+            ax.set_title(f"{panel}, layer {layer + 1}", fontsize=10)
     figure.suptitle(f"{title}  ({'mean over heads' if head is None else f'head {head + 1}'})", fontsize=10)
     figure.tight_layout()
     figure.savefig(output, dpi=100)

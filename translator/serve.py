@@ -220,7 +220,7 @@ def _checked(body: TranslateRequest, translator: Translator, limits: Limits) -> 
         options = dict(beam_size=beam_size, alpha=body.alpha, n_best=n_best, sampling=sampling, return_attention=body.attention)
         translator.translate([], **options)  # validates the options; decodes nothing
     except (ValueError, RecipeError) as e:
-        raise HTTPException(400, str(e).removeprefix("decode.")) from None  # the field, as the request names it
+        raise HTTPException(400, str(e).removeprefix("decode.").replace("Sampling.", "sampling.")) from None  # the field, as the request names it
     # What the request asks for (the recipe's own beam is the operator's choice): a beam, or alternatives + 1
     # samples or beams (the recipe's beam widened to them).
     field, hypotheses = ("beam_size", body.beam_size) if body.beam_size is not None and not sampling else ("alternatives", n_best)

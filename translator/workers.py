@@ -24,8 +24,10 @@ import torch
 
 def _serve(translator, threads: int, pipe) -> None:
     """A worker: translate each (sources, options) that arrives, until the parent's end closes or the parent dies."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the CLI's handler turns SIGTERM into KeyboardInterrupt: a worker just ends
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent decides, and kills us
+    # Ctrl-C, and SIGTERM from a service manager (systemd's KillMode=control-group), reach the whole process group:
+    # the parent decides (a server answers the requests in flight first, through us), and kills us.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     # A parent killed outright (SIGKILL, the OOM killer) closes nothing itself, and the workers forked after
     # this one hold copies of its end of our pipe: its sentinel, not EOF, says that it is gone.
