@@ -5,9 +5,11 @@ import gc
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,6 +120,22 @@ def test_sigterm_and_ctrl_c_to_the_process_group_leave_the_workers_to_their_pare
     assert set(translator.translate(SENTENCES * 2, beam_size=1)) == pids  # the same processes, not replacements
     translator.close()
     assert not any(alive(pid) for pid in pids)
+
+
+def test_workers_hold_no_copy_of_the_parents_sockets(tiny_translator, monkeypatch):
+    """A server's listening socket and client connections stay the server's: a connection it closes must close (a
+    copy in a worker kept a kept-alive client waiting for a FIN), and a worker must not hold its port."""
+    server = socket.create_server(("127.0.0.1", 0))
+    try:
+        translator = pids_translator(tiny_translator, monkeypatch)
+        pids = set(translator.translate(SENTENCES * 2, beam_size=1))
+        inode = f"socket:[{os.fstat(server.fileno()).st_ino}]"
+        for pid in pids:
+            assert inode not in [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        assert set(translator.translate(SENTENCES * 2, beam_size=1)) == pids  # their own pipes still work
+        translator.close()
+    finally:
+        server.close()
 
 
 def test_a_worker_that_died_is_replaced_at_the_next_call(tiny_translator, monkeypatch):

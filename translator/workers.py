@@ -15,7 +15,9 @@ does not survive a fork.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
+import stat
 import weakref
 from multiprocessing.connection import wait
 
@@ -28,6 +30,7 @@ def _serve(translator, threads: int, pipe) -> None:
     # the parent decides (a server answers the requests in flight first, through us), and kills us.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _close_inherited_sockets(keep=pipe.fileno())
     torch.set_num_threads(threads)
     # A parent killed outright (SIGKILL, the OOM killer) closes nothing itself, and the workers forked after
     # this one hold copies of its end of our pipe: its sentinel, not EOF, says that it is gone.
@@ -47,6 +50,19 @@ def _serve(translator, threads: int, pipe) -> None:
             pipe.send(answer)
         except Exception:  # an exception that does not pickle (send writes nothing then): its words still do
             pipe.send((False, RuntimeError(f"in a decoding worker: {answer[1]!r}")))
+
+
+def _close_inherited_sockets(keep: int) -> None:
+    """Close the sockets a fork copied from the parent but ours: a server's listening socket and its clients'
+    connections. A connection the server closes must close: while a worker held a copy, the client got no FIN
+    and its next request on the kept-alive connection hung."""
+    for name in os.listdir("/dev/fd"):
+        fd = int(name)
+        try:
+            if fd != keep and stat.S_ISSOCK(os.fstat(fd).st_mode):
+                os.close(fd)
+        except OSError:  # the descriptor listdir itself had open, gone by now
+            pass
 
 
 def _kill(processes: list, pipes: list) -> None:
