@@ -139,7 +139,7 @@ class SampledTrainBatches(TrainBatches):
 
     def __init__(self, tokenized: datasets.Dataset, max_tokens: int, seed: int, tokenizer: Tokenizer, sampling: float, max_len: int):
         super().__init__(tokenized, max_tokens, seed)
-        self.texts = tokenized.select_columns(["src", "tgt"])
+        self.text_pairs = tokenized.select_columns(["src", "tgt"])
         self.tokenizer, self.sampling, self.max_len = tokenizer, sampling, max_len
         self.best = {side: list(self.dataset[side + "_ids"]) for side in ("src", "tgt")}  # the fallback for a long draw, read once
         self.segmented: tuple[int, dict[str, list[list[int]]], np.ndarray] | None = None
@@ -149,7 +149,7 @@ class SampledTrainBatches(TrainBatches):
             ids = {}
             for i, side in enumerate(("src", "tgt")):
                 seed = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0])
-                drawn = self.tokenizer.encode(texts(self.texts[side]), self.sampling, seed)
+                drawn = self.tokenizer.encode(texts(self.text_pairs[side]), self.sampling, seed)
                 ids[side] = [d if len(d) <= self.max_len else b for d, b in zip(drawn, self.best[side])]
             sizes = np.maximum([len(x) for x in ids["src"]], [len(x) for x in ids["tgt"]]) + 1
             self.segmented = (epoch, ids, sizes)
