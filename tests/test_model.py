@@ -7,20 +7,21 @@ import torch
 
 from conftest import DEVICES
 from translator.config import ModelConfig
-from translator.model import SinusoidalPositions, Transformer
+from translator.model import DecoderLayer, EncoderLayer, SinusoidalPositions, Transformer
 
 PAD = 0
 
 
-def make_model(dropout=0.0) -> Transformer:
+def make_model(dropout=0.0, norm="pre") -> Transformer:
     torch.manual_seed(0)
-    cfg = ModelConfig(d_model=32, n_heads=4, d_ff=64, encoder_layers=2, decoder_layers=3, dropout=dropout, max_positions=64)
+    cfg = ModelConfig(d_model=32, n_heads=4, d_ff=64, encoder_layers=2, decoder_layers=3, dropout=dropout, max_positions=64, norm=norm)
     return Transformer(cfg, vocab_size=50)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_cached_step_by_step_logits_equal_full_recomputation_with_padded_sources(device):
-    model = make_model().eval().to(device)
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_cached_step_by_step_logits_equal_full_recomputation_with_padded_sources(device, norm):
+    model = make_model(norm=norm).eval().to(device)
     g = torch.Generator().manual_seed(1)
     src = torch.randint(4, 50, (3, 9), generator=g)
     src[0, 5:] = PAD
@@ -39,8 +40,9 @@ def test_cached_step_by_step_logits_equal_full_recomputation_with_padded_sources
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_decoding_in_chunks_equals_one_pass(device):
-    model = make_model().eval().to(device)
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_decoding_in_chunks_equals_one_pass(device, norm):
+    model = make_model(norm=norm).eval().to(device)
     src, tgt = torch.randint(4, 50, (2, 6), device=device), torch.randint(4, 50, (2, 7), device=device)
     memory, src_mask = model.encode(src)
     first, state = model.decode(tgt[:, :3], model.start(memory, src_mask))
@@ -112,3 +114,43 @@ def test_hypotheses_sharing_a_source_equal_copies_of_it():
     step, _ = model.decode(nxt, state.select(order))
     full = model(copies, torch.cat([tgt[order], nxt], dim=1))[:, -1:]
     assert torch.allclose(model.logits(step), full, atol=1e-5)
+
+
+def _copy_into_torch_layer(ours, theirs) -> None:
+    """Our layer's weights into torch's nn.Transformer{Encoder,Decoder}Layer (Q, K, V fused in one in_proj)."""
+    attentions = [(ours.self_attn, theirs.self_attn)] + ([(ours.cross_attn, theirs.multihead_attn)] if hasattr(ours, "cross_attn") else [])
+    norms = [ours.self_attn_norm] + ([ours.cross_attn_norm] if hasattr(ours, "cross_attn") else []) + [ours.ffn_norm]
+    with torch.no_grad():
+        for mine, torchs in attentions:
+            torchs.in_proj_weight.copy_(torch.cat([mine.q_proj.weight, mine.kv_proj.weight]))
+            torchs.in_proj_bias.copy_(torch.cat([mine.q_proj.bias, mine.kv_proj.bias]))
+            torchs.out_proj.weight.copy_(mine.out_proj.weight)
+            torchs.out_proj.bias.copy_(mine.out_proj.bias)
+        for mine, torchs in zip(norms, [theirs.norm1, theirs.norm2, getattr(theirs, "norm3", None)]):
+            mine.weight.normal_(1.0, 0.3), mine.bias.normal_(0.0, 0.3)  # not the identity, so a misplaced norm shows
+            torchs.weight.copy_(mine.weight)
+            torchs.bias.copy_(mine.bias)
+        theirs.linear1.load_state_dict(ours.ffn[0].state_dict())
+        theirs.linear2.load_state_dict(ours.ffn[-1].state_dict())
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_layers_equal_torchs_own_transformer_layers(norm):
+    """Pre-norm is torch's norm_first=True, post-norm its default (Vaswani et al.): same outputs, padding and causality included."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_heads=4, d_ff=64, dropout=0.0, norm=norm)
+    kwargs = dict(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True, norm_first=norm == "pre")
+    encoder, torch_encoder = EncoderLayer(cfg).eval(), torch.nn.TransformerEncoderLayer(**kwargs).eval()
+    decoder, torch_decoder = DecoderLayer(cfg).eval(), torch.nn.TransformerDecoderLayer(**kwargs).eval()
+    _copy_into_torch_layer(encoder, torch_encoder)
+    _copy_into_torch_layer(decoder, torch_decoder)
+    src, tgt = torch.randn(3, 7, 32), torch.randn(3, 5, 32)
+    real = torch.ones(3, 7, dtype=torch.bool)
+    real[0, 4:], real[2, 6:] = False, False
+    memory = encoder(src, real[:, None, None, :])
+    torch_memory = torch_encoder(src, src_key_padding_mask=~real)
+    assert torch.allclose(memory[real], torch_memory[real], atol=1e-5)  # padded positions' outputs are never read
+    out, _ = decoder(tgt, None, decoder.cross_attn.project_kv(memory), real[:, None, None, :])
+    future = torch.ones(5, 5, dtype=torch.bool).triu(diagonal=1)
+    torch_out = torch_decoder(tgt, memory, tgt_mask=future, memory_key_padding_mask=~real)
+    assert torch.allclose(out, torch_out, atol=1e-5)

@@ -72,6 +72,7 @@ class ModelConfig:
     attention_dropout: float | None = None  # on attention weights (None: model.dropout)
     activation_dropout: float | None = None  # inside the feed-forward, after the ReLU (None: model.dropout)
     max_positions: int = 1024  # longest source or target the sinusoidal table covers
+    norm: Literal["pre", "post"] = "pre"  # pre: LayerNorm on each sublayer's input, and after each stack; post: on each residual sum (Vaswani et al.; fairseq's default)
 
     def __post_init__(self):
         for key in ("attention_dropout", "activation_dropout"):

@@ -2,7 +2,7 @@
 Python spec API, the way CTranslate2's own converters (OpenNMT-py, fairseq) build their specs.
 
 What must match for CTranslate2 to decode exactly as we do:
-- pre-norm layers, a final LayerNorm per stack, LayerNorm eps 1e-5 (torch's), ReLU feed-forward;
+- pre-norm layers with a final LayerNorm per stack, or post-norm ones without; LayerNorm eps 1e-5 (torch's), ReLU feed-forward;
 - embeddings times sqrt(D), one table for source, target and the output projection (no bias);
 - our sinusoidal table itself (sin and cos interleaved: CTranslate2's built-in one puts all sines
   first), row p at position p, from 0 on both sides;
@@ -58,10 +58,10 @@ def ctranslate2_spec(model: Transformer, tokenizer: Tokenizer):
     """Our model as a CTranslate2 TransformerSpec (weights in fp32; `optimize` quantizes them)."""
     from ctranslate2.specs import common_spec, transformer_spec
 
-    heads = model.encoder[0].self_attn.n_heads
+    heads, pre_norm = model.encoder[0].self_attn.n_heads, model.encoder[0].ffn_norm.pre
     spec = transformer_spec.TransformerSpec.from_config(
-        (len(model.encoder), len(model.decoder)), heads, pre_norm=True, activation=common_spec.Activation.RELU)
-    spec.config.layer_norm_epsilon = model.encoder_norm.eps
+        (len(model.encoder), len(model.decoder)), heads, pre_norm=pre_norm, activation=common_spec.Activation.RELU)
+    spec.config.layer_norm_epsilon = model.encoder[0].ffn_norm.eps
     spec.config.add_source_eos = True  # our sources end with </s>; the decoder starts from <s>, CTranslate2's default
     embedding, table = _array(model.embedding.weight), _array(model.positions.table)
     for stack in (spec.encoder, spec.decoder):
@@ -80,8 +80,9 @@ def ctranslate2_spec(model: Transformer, tokenizer: Tokenizer):
         _layer_norm(layer_spec.attention.layer_norm, layer.cross_attn_norm)
         _attention(layer_spec.attention, layer.cross_attn, self_attention=False)
         _feed_forward(layer_spec.ffn, layer.ffn_norm, layer.ffn)
-    _layer_norm(spec.encoder.layer_norm, model.encoder_norm)
-    _layer_norm(spec.decoder.layer_norm, model.decoder_norm)
+    if pre_norm:  # post-norm stacks have no final LayerNorm, in either model
+        _layer_norm(spec.encoder.layer_norm, model.encoder_norm)
+        _layer_norm(spec.decoder.layer_norm, model.decoder_norm)
     pieces = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
     spec.register_source_vocabulary(pieces)
     spec.register_target_vocabulary(pieces)

@@ -1,6 +1,7 @@
-"""The encoder-decoder Transformer, pre-norm, read top to bottom.
+"""The encoder-decoder Transformer, read top to bottom.
 
-    x = x + dropout(sublayer(LayerNorm(x)))      for each sublayer, then a final LayerNorm per stack
+    pre-norm (the default):  x = x + dropout(sublayer(LayerNorm(x)))   for each sublayer, then a final LayerNorm per stack
+    post-norm (model.norm):  x = LayerNorm(x + dropout(sublayer(x)))   for each sublayer (Vaswani et al.), nothing after
 
 Training and decoding run the same layer code: training decodes a whole target from an
 empty past; incremental decoding feeds new tokens with the `DecoderState` the previous
@@ -48,41 +49,55 @@ class FeedForward(nn.Sequential):
         super().__init__(nn.Linear(cfg.d_model, cfg.d_ff), nn.ReLU(), Dropout(cfg.activation_dropout), nn.Linear(cfg.d_ff, cfg.d_model))
 
 
+class SublayerNorm(nn.LayerNorm):
+    """One residual sublayer's LayerNorm: on its input (pre-norm) or on the residual sum (post-norm)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.d_model)
+        self.pre = cfg.norm == "pre"
+
+    def before(self, x: Tensor) -> Tensor:
+        return self(x) if self.pre else x
+
+    def after(self, x: Tensor) -> Tensor:
+        return x if self.pre else self(x)
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.self_attn_norm = nn.LayerNorm(cfg.d_model)
+        self.self_attn_norm = SublayerNorm(cfg)
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
-        self.ffn_norm = nn.LayerNorm(cfg.d_model)
+        self.ffn_norm = SublayerNorm(cfg)
         self.ffn = FeedForward(cfg)
         self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, src_mask: Tensor) -> Tensor:
-        h = self.self_attn_norm(x)
-        x = x + self.drop(self.self_attn(h, self.self_attn.project_kv(h), src_mask))
-        x = x + self.drop(self.ffn(self.ffn_norm(x)))
+        h = self.self_attn_norm.before(x)
+        x = self.self_attn_norm.after(x + self.drop(self.self_attn(h, self.self_attn.project_kv(h), src_mask)))
+        x = self.ffn_norm.after(x + self.drop(self.ffn(self.ffn_norm.before(x))))
         return x
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.self_attn_norm = nn.LayerNorm(cfg.d_model)
+        self.self_attn_norm = SublayerNorm(cfg)
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
-        self.cross_attn_norm = nn.LayerNorm(cfg.d_model)
+        self.cross_attn_norm = SublayerNorm(cfg)
         self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
-        self.ffn_norm = nn.LayerNorm(cfg.d_model)
+        self.ffn_norm = SublayerNorm(cfg)
         self.ffn = FeedForward(cfg)
         self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, past: KVCache | None, memory_kv: KV, src_mask: Tensor) -> tuple[Tensor, KVCache]:
         """x: (B, T, D) new positions; past: their predecessors' K/V. Returns x and all K/V so far."""
-        h = self.self_attn_norm(x)
+        h = self.self_attn_norm.before(x)
         kv = self.self_attn.project_kv(h)
         cache = KVCache.of(kv) if past is None else past.append(kv)
-        x = x + self.drop(self.self_attn(h, cache.kv, causal_mask(x.size(1), cache.length, x.device)))
-        x = x + self.drop(self.cross_attn(self.cross_attn_norm(x), memory_kv, src_mask))
-        x = x + self.drop(self.ffn(self.ffn_norm(x)))
+        x = self.self_attn_norm.after(x + self.drop(self.self_attn(h, cache.kv, causal_mask(x.size(1), cache.length, x.device))))
+        x = self.cross_attn_norm.after(x + self.drop(self.cross_attn(self.cross_attn_norm.before(x), memory_kv, src_mask)))
+        x = self.ffn_norm.after(x + self.drop(self.ffn(self.ffn_norm.before(x))))
         return x, cache
 
 
@@ -119,9 +134,10 @@ class Transformer(nn.Module):
         self.positions = SinusoidalPositions(cfg.d_model, cfg.max_positions)
         self.drop = Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
-        self.encoder_norm = nn.LayerNorm(cfg.d_model)
+        # Pre-norm stacks end un-normalised (each layer adds to the residual stream); post-norm ones end on a LayerNorm.
+        self.encoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
-        self.decoder_norm = nn.LayerNorm(cfg.d_model)
+        self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
         self._init_weights()
 
     def _init_weights(self) -> None:
