@@ -176,6 +176,7 @@ def test_unknown_key_without_near_match_lists_valid_keys():
         ("train.lr=[0.1]", "train.lr", "a finite number"),
         ("train.precision=fp8", "train.precision", "one of 'auto', 'fp32', 'bf16', 'fp16'"),
         ("tokenizer.model_type=wordpiece", "tokenizer.model_type", "one of 'unigram', 'bpe'"),
+        ("model.norm=sandwich", "model.norm", "one of 'pre', 'post'"),
         ("train.betas=0.9", "train.betas", "a list of 2 values"),
         ("train.betas=[0.9, 0.98, 0.999]", "train.betas", "a list of 2 values"),
         ("train.betas=[0.9, yes]", "train.betas[1]", "a finite number"),
