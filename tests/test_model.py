@@ -127,7 +127,8 @@ def _copy_into_torch_layer(ours, theirs) -> None:
             torchs.out_proj.weight.copy_(mine.out_proj.weight)
             torchs.out_proj.bias.copy_(mine.out_proj.bias)
         for mine, torchs in zip(norms, [theirs.norm1, theirs.norm2, getattr(theirs, "norm3", None)]):
-            mine.weight.normal_(1.0, 0.3), mine.bias.normal_(0.0, 0.3)  # not the identity, so a misplaced norm shows
+            mine.weight.normal_(1.0, 0.3)  # not the identity, so a misplaced norm shows
+            mine.bias.normal_(0.0, 0.3)
             torchs.weight.copy_(mine.weight)
             torchs.bias.copy_(mine.bias)
         theirs.linear1.load_state_dict(ours.ffn[0].state_dict())

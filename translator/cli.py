@@ -43,11 +43,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"test ({name}): {scores}")
     if results:
         print(f"model directory: {recipe.out_dir}")
-    elif int(os.environ.get("RANK", "0")) > 0:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun (read as distributed.join reads it)
         # DistributedDataParallel keeps gloo's worker threads alive past destroy_process_group (pt_gloo_runloop
-        # outlives it), and their teardown at interpreter exit now and then aborted a rank (SIGABRT, "terminate
-        # called without an active exception"), so that torchrun killed rank 0 in its test scoring. Rank 0
-        # writes everything; this rank's part is done: leave without that teardown.
+        # outlives it, even with the wrapper deleted), and their teardown at interpreter exit now and then aborted
+        # a rank (SIGABRT, "terminate called without an active exception"): torchrun then killed rank 0 in its
+        # test scoring. Every rank has written and closed what it writes by now: leave without that teardown.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -92,7 +92,8 @@ def leave(world: World) -> None:
 
     Destroying the group is itself collective: a rank that tears down its connections while
     another still holds them (e.g. rank 1 exiting while rank 0 runs the test evaluation) can
-    abort with SIGABRT in gloo. After an error, no rank calls this: its peers may be waiting
+    abort with SIGABRT in gloo. (DistributedDataParallel still keeps gloo's threads alive after
+    this, so `translator train` under torchrun also ends its processes with os._exit: cli.py.) After an error, no rank calls this: its peers may be waiting
     in a collective, and torchrun stops them when this process fails.
     """
     if world.size > 1 and dist.is_initialized():
