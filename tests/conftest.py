@@ -72,8 +72,12 @@ def toy_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, toy_corpus) -> Path:
     """The tiny recipe trained on the toy corpus (once per test session)."""
-    out = tmp_path_factory.mktemp("tiny_model")
-    recipe = load_recipe(TINY_RECIPE, [f"data.path={toy_corpus}", f"out_dir={out}", "train.max_steps=150", "train.valid_every=150"])
+    return train_tiny(tmp_path_factory.mktemp("tiny_model"), toy_corpus, steps=150)
+
+
+def train_tiny(out: Path, corpus: Path, steps: int, *overrides: str) -> Path:
+    """The tiny recipe trained on `corpus` for `steps` updates (validated once, at the end) into `out`."""
+    recipe = load_recipe(TINY_RECIPE, [f"data.path={corpus}", f"out_dir={out}", f"train.max_steps={steps}", f"train.valid_every={steps}", *overrides])
     train(recipe, progress=False)
     return out
 

@@ -6,10 +6,10 @@ import stat
 
 import pytest
 
-from conftest import TINY_RECIPE
+from conftest import train_tiny
 from test_errors import assert_usage_error, cli
 from test_search import SENTENCES, encode
-from translator import Translator, load_recipe, train
+from translator import Translator
 from translator.checkpoint import CheckpointError
 from translator.export import export_ctranslate2
 from translator.search import greedy_search
@@ -36,10 +36,7 @@ def ct2_greedy_ids(model_dir, translator, sentences, max_lens) -> list[list[int]
 
 @pytest.fixture(scope="module")
 def post_norm_model_dir(tmp_path_factory, toy_corpus):
-    out = tmp_path_factory.mktemp("post_norm")
-    train(load_recipe(TINY_RECIPE, [f"data.path={toy_corpus}", f"out_dir={out}", "model.norm=post", "train.max_steps=100",
-                                    "train.valid_every=100"]), progress=False)
-    return out
+    return train_tiny(tmp_path_factory.mktemp("post_norm"), toy_corpus, 100, "model.norm=post")
 
 
 @pytest.mark.parametrize("norm", ["pre", "post"])
