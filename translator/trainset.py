@@ -193,7 +193,9 @@ class StreamBatches:
         while True:
             stream = self.pairs.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             stream.set_epoch(epoch)
-            pairs, any_batch = iter(stream.skip(read)), read > 0
+            # islice, not stream.skip: skip() builds a new stream without the epoch set above, so every
+            # epoch would read epoch 0's order, the same pools and so the same batches.
+            pairs, any_batch = islice(stream, read, None), read > 0
             while pool := list(islice(pairs, self.pool_size)):
                 src_ids, tgt_ids, batches = self._pool_batches(pool, epoch, read)
                 for index in range(start, len(batches)):  # collated as taken: a resume builds none it skips
