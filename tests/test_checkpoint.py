@@ -87,6 +87,22 @@ def test_save_over_an_existing_directory(saved, tiny_translator):
     assert loaded.translate(sentences, beam_size=1) == tiny_translator.translate(sentences, beam_size=1)
 
 
+def test_an_interrupted_save_leaves_the_directory_as_it_was(saved, tiny_translator, tmp_path, monkeypatch):
+    import translator.checkpoint as checkpoint
+
+    def interrupted(model, path):
+        path.write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_weights", interrupted)
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    for target in (saved, tmp_path / "new" / "model"):
+        with pytest.raises(KeyboardInterrupt):
+            tiny_translator.save_pretrained(target)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before  # no staging folder left, no file changed
+    assert list((tmp_path / "new").iterdir()) == []  # nothing of the new directory
+
+
 # --- nothing executes on load ------------------------------------------------------------------
 
 

@@ -49,6 +49,17 @@ def test_evaluate_prints_bleu_and_signature_and_writes_hypotheses(tiny_model_dir
     assert len(hyps.read_text().splitlines()) == 60
 
 
+def test_evaluate_scores_the_recipes_test_split_unless_told_another(tiny_model_dir):
+    def scores(*flags):
+        return run("evaluate", str(tiny_model_dir), "--beam-size", "1", "--json", "--quiet", *flags)
+
+    named, by_recipe, default = scores("--split", "validation"), scores("--set", "data.test_split=validation"), scores()
+    assert named.returncode == by_recipe.returncode == default.returncode == 0, named.stderr + by_recipe.stderr + default.stderr
+    assert json.loads(by_recipe.stdout) == json.loads(named.stdout) != json.loads(default.stdout)
+    none = scores("--set", "data.test_split=null")
+    assert none.returncode == 2 and "data.test_split" in none.stderr and "--split" in none.stderr
+
+
 def test_usage_errors_exit_2_and_name_the_key(tmp_path):
     result = run("train", str(TINY_RECIPE), "--set", "model.d_modle=64")
     assert result.returncode == 2

@@ -114,8 +114,25 @@ def save_model_config(directory: str | Path, recipe: Recipe, tokenizer: Tokenize
 
 
 def save_model_dir(directory: str | Path, model: Transformer, recipe: Recipe, tokenizer: Tokenizer) -> None:
-    save_model_config(directory, recipe, tokenizer)
-    save_weights(model, Path(directory) / WEIGHTS)
+    """The three files, written whole into a staging folder first: a failure (Ctrl-C, a full disk)
+    leaves `directory` as it was. A new directory appears by one rename; an existing one (whose
+    other files stay) gets the three files by three renames."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    existed = directory.is_dir()
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory if existed else directory.parent))
+    try:
+        save_model_config(staging, recipe, tokenizer)
+        save_weights(model, staging / WEIGHTS)
+        if existed:
+            for name in (CONFIG, SPM, WEIGHTS):
+                os.replace(staging / name, directory / name)
+        else:
+            plain_mode(staging)
+            os.replace(staging, directory)
+        _fsync(directory if existed else directory.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_recipe_json(directory: Path) -> Recipe:

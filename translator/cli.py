@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = verbs.add_parser("evaluate", help="BLEU and chrF on a dataset split", parents=[decoding],
                                 epilog="example: translator evaluate runs/multi30k_de_en --split test --set data.path=../shared/data/multi30k")
     evaluate.add_argument("model_dir", nargs="+", help=ENSEMBLE_HELP)
-    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--split", default=None, help="the split to score (default: the recipe's data.test_split)")
     evaluate.add_argument("--beam-size", type=int, default=None, help="1 for greedy (default: the recipe's decode.beam_size)")
     evaluate.add_argument("--output", default=None, help="write the hypotheses to this file")
     evaluate.add_argument("--set", **overrides)

@@ -11,7 +11,7 @@ from sacrebleu.metrics import BLEU, CHRF
 from .api import Translator
 from .checkpoint import staged_text_file
 from .config import DataConfig, RecipeError
-from .data import load_split, texts
+from .data import DataError, load_split, texts
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def score(hypotheses: list[str], references: list[str], tgt_lang: str = "", toke
 
 def evaluate(
     translator: Translator,
-    split: str = "test",
+    split: str | None = None,
     data: DataConfig | None = None,
     beam_size: int | None = None,
     output: str | Path | None = None,
@@ -66,12 +66,15 @@ def evaluate(
 
     Args:
         translator: the model to evaluate.
-        split: the split name in the dataset.
+        split: the split name in the dataset; default the recipe's `data.test_split`.
         data: where the data is and which languages; default the model's own recipe.
         beam_size: 1 for greedy; default the recipe's `decode.beam_size`.
         output: if given, write the hypotheses there, one a line.
     """
     data = data or translator.recipe.data
+    split = split or data.test_split
+    if split is None:
+        raise DataError("no split to evaluate: the recipe's data.test_split is null; name one (--split)")
     bleu_metric(data.tgt_lang, translator.recipe.evaluate.tokenize)  # a missing tokenizer fails before translating
     pairs = load_split(data, split)
     with staged_text_file(Path(output)) if output is not None else nullcontext() as file:  # a bad path fails now
