@@ -48,3 +48,18 @@ def test_a_resumed_run_keeps_the_lines_up_to_its_checkpoint_and_drops_the_rest(t
     log.record({"step": 21, "loss": 1.9})
     log.close()
     assert (tmp_path / METRICS).read_text(encoding="utf-8").splitlines() == [*lines[:2], '{"step": 21, "loss": 1.9}']
+
+
+def test_a_resume_that_fails_while_rewriting_the_metrics_loses_none_of_them(tmp_path, monkeypatch):
+    import translator.checkpoint as checkpoint
+    from translator.runlog import METRICS, RunLog
+
+    text = '{"step": 10, "loss": 3.0}\n{"step": 20, "loss": 2.0}\n'
+    (tmp_path / METRICS).write_text(text, encoding="utf-8")
+    def full_disk(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.os, "replace", full_disk)  # the rename that would put the rewritten file in place
+    with pytest.raises(OSError, match="disk full"):
+        RunLog(tmp_path).open(up_to_step=10)
+    assert (tmp_path / METRICS).read_text(encoding="utf-8") == text

@@ -4,6 +4,7 @@ the start, and refuses a resume that would silently break its bitwise promise.""
 import importlib
 import json
 import os
+import pathlib
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,28 @@ def test_leftovers_of_a_killed_write_are_cleaned_and_a_checkpoint_stepping_aside
     assert sorted(p.name for p in root.iterdir()) == ["step_00000010", "step_00000020"]
     assert not list(tmp_path.glob(".*"))
     assert json.loads((root / "step_00000020" / "state.json").read_text())["step"] == 20
+
+
+def test_a_checkpoint_killed_while_being_deleted_is_never_listed_as_complete(tmp_path, monkeypatch):
+    import translator.checkpoint as checkpoint
+
+    model, optimizer = small_model_and_optimizer()
+    for step in (10, 20):
+        save_training_checkpoint(tmp_path, step, model, optimizer, {"step": step}, keep=2)
+
+    def killed_midway(path, **options):  # removes one file of the checkpoint, then the process dies
+        if not pathlib.Path(path).exists():
+            return
+        next(pathlib.Path(path).glob("*")).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_training_checkpoint(tmp_path, 30, model, optimizer, {"step": 30}, keep=2)  # deletes step 10 to keep 2
+    monkeypatch.undo()
+    assert [p.name for p in training_checkpoints(tmp_path)] == ["step_00000020", "step_00000030"]
+    assert clean_interrupted_writes(tmp_path) == ["removed .step_00000010.discarded"]
+    assert not [p for p in (tmp_path / CHECKPOINTS).iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("damage", ["no optimizer groups", "a foreign optimizer key"])

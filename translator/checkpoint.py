@@ -244,18 +244,27 @@ def save_training_checkpoint(
         (tmp / STATE).write_text(json.dumps({**state, "scheduled": scheduled, "optimizer_groups": optim["param_groups"]}), encoding="utf-8")
         for file in (WEIGHTS, OPTIMIZER, STATE):
             _fsync(tmp / file)
+        _fsync(tmp)  # the files' entries in it, before it is renamed into view
         plain_mode(tmp)
         _rename_over(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for stop in [p for p in training_checkpoints(run_dir) if p < final and not _scheduled(p)]:
-        shutil.rmtree(stop)
+        _discard(stop)
     best = root / f"step_{best_step:08d}" if best_step is not None else None
     for old in training_checkpoints(run_dir)[:-keep]:
         if old != best:
-            shutil.rmtree(old)
+            _discard(old)
     return final
+
+
+def _discard(checkpoint: Path) -> None:
+    """Delete a checkpoint out of view first: one killed mid-delete is a hidden leftover
+    (`clean_interrupted_writes` removes it), never a step_N with files missing."""
+    hidden = checkpoint.with_name(f".{checkpoint.name}.discarded")
+    os.rename(checkpoint, hidden)
+    shutil.rmtree(hidden)
 
 
 def _scheduled(checkpoint: Path) -> bool:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .checkpoint import atomic_write
+
 METRICS = "metrics.jsonl"
 
 
@@ -48,13 +50,12 @@ class RunLog:
 
 
 def _reopen(path: Path, up_to_step: int):
-    kept = []
-    if up_to_step and path.exists():
-        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _step(line) <= up_to_step]
+    if up_to_step and path.exists():  # the kept lines replace the file whole: a crash here loses none of them
+        kept = "".join(line + "\n" for line in path.read_text(encoding="utf-8").splitlines() if _step(line) <= up_to_step)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(kept, encoding="utf-8"))
+        return path.open("a", encoding="utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
-    metrics = path.open("w", encoding="utf-8")
-    metrics.write("".join(line + "\n" for line in kept))
-    return metrics
+    return path.open("w", encoding="utf-8")
 
 
 def _step(line: str) -> float:
