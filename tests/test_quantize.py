@@ -132,3 +132,11 @@ def test_int8_is_refused_on_a_gpu_naming_the_key():
     with pytest.raises(RecipeError, match=r"decode.precision: int8 runs on the CPU only"):
         resolve_precision("int8", torch.device("cuda"))
     assert resolve_precision("int8", torch.device("cpu")).name == "int8"
+
+
+def test_nothing_to_decode_builds_no_copy(tiny_translator):
+    # The server checks a request's options with translate([]): that must not build (and time) an int8 copy on its event loop.
+    translator = Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe)
+    assert translator.translate([], precision="int8") == [] and translator.translate([""], precision="int8") == [""]
+    assert translator._copies == {}
+    assert translator.translate(SENTENCES[:1], precision="int8") and "int8" in translator._copies

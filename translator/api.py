@@ -219,6 +219,8 @@ class Translator:
         todo = np.array([i for i, ids in enumerate(src_ids) if ids is not None], dtype=np.int64)
         sizes = np.array([len(ids or ()) + 1 for ids in src_ids], dtype=np.int64)
         batches = sorted_batches(todo, sizes, decode.max_tokens)
+        if not batches:  # nothing to decode (an option check, blank lines): no precision copy to build
+            return outputs
         precision = self.precision(decode.precision)
         model = self.decoding_model(precision)
         autocast = torch.autocast(self.device.type, dtype=precision.dtype, enabled=precision.dtype is not None and model is self.model)
