@@ -293,14 +293,15 @@ def test_copy_of_a_model_directory_loads(saved, tmp_path):
     assert len(Translator.from_pretrained(copy).translate(sentences, beam_size=1)) == 4
 
 
-def test_a_model_directory_and_its_checkpoints_are_readable_as_plain_files_and_directories(tiny_model_dir):
+def test_a_model_directory_and_its_checkpoints_are_readable_as_plain_files_and_directories(tiny_model_dir, saved):
     umask = os.umask(0o022)
     os.umask(umask)
-    files, checkpoints = [tiny_model_dir / name for name in (CONFIG, WEIGHTS, SPM)], training_checkpoints(tiny_model_dir)
-    assert checkpoints
+    files = [directory / name for directory in (tiny_model_dir, saved) for name in (CONFIG, WEIGHTS, SPM)]
+    directories = [saved, *training_checkpoints(tiny_model_dir)]  # saved: save_pretrained's new directory
+    assert len(directories) > 1
     # what open() and mkdir() give under this umask, not mkstemp's and mkdtemp's owner-only 0600 and 0700
     assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o666 & ~umask}
-    assert {stat.S_IMODE(d.stat().st_mode) for d in checkpoints} == {0o777 & ~umask}
+    assert {stat.S_IMODE(d.stat().st_mode) for d in directories} == {0o777 & ~umask}
 
 
 def test_a_staged_output_replaces_a_links_target_and_writes_through_a_pipe(tmp_path):

@@ -670,6 +670,14 @@ def test_streamed_batches_resume_from_any_position(streamed, cut):
         assert pos_a == pos_b and torch.equal(a.src, b.src) and torch.equal(a.tgt_out, b.tgt_out)
 
 
+def test_streamed_batches_resume_inside_a_later_epoch(streamed):
+    stream, _, _ = streamed
+    second = epoch_of(stream, 1)
+    for cut in (1, len(second) // 2):
+        resumed = list(itertools.takewhile(lambda item: item[0]["epoch"] == 1, stream.from_position(second[cut - 1][0])))
+        assert [(pos, pairs_in(b)) for pos, b in resumed] == [(pos, pairs_in(b)) for pos, b in second[cut:]]
+
+
 def test_a_streaming_recipe_reads_whole_splits_through_a_stream(tmp_path):
     data = rows(30, seed=2)
     write_split(tmp_path, "validation", "jsonl", data)

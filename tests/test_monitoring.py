@@ -56,6 +56,7 @@ def test_a_resume_that_fails_while_rewriting_the_metrics_loses_none_of_them(tmp_
 
     text = '{"step": 10, "loss": 3.0}\n{"step": 20, "loss": 2.0}\n'
     (tmp_path / METRICS).write_text(text, encoding="utf-8")
+
     def full_disk(*args):
         raise OSError("disk full")
 

@@ -134,9 +134,15 @@ def test_int8_is_refused_on_a_gpu_naming_the_key():
     assert resolve_precision("int8", torch.device("cpu")).name == "int8"
 
 
-def test_nothing_to_decode_builds_no_copy(tiny_translator):
+def test_nothing_to_decode_builds_no_copy(tiny_translator, monkeypatch):
     # The server checks a request's options with translate([]): that must not build (and time) an int8 copy on its event loop.
-    translator = Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe)
-    assert translator.translate([], precision="int8") == [] and translator.translate([""], precision="int8") == [""]
-    assert translator._copies == {}
-    assert translator.translate(SENTENCES[:1], precision="int8") and "int8" in translator._copies
+    import translator.api as api
+
+    built = []
+    monkeypatch.setattr(api, "int8_model", lambda model: built.append(model) or int8_model(model))
+    translator = Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe, workers=2)
+    assert translator.translate([], precision="int8") == [] and translator.translate(["", " "], precision="int8") == ["", ""]
+    assert built == []
+    with pytest.raises(RecipeError, match="precision"):
+        translator.translate([], precision="int4")  # still checked with nothing to decode
+    assert translator.translate(SENTENCES[:1], precision="int8") and len(built) == 1

@@ -4,7 +4,6 @@ the start, and refuses a resume that would silently break its bitwise promise.""
 import importlib
 import json
 import os
-import pathlib
 from pathlib import Path
 
 import pytest
@@ -123,9 +122,9 @@ def test_a_checkpoint_killed_while_being_deleted_is_never_listed_as_complete(tmp
         save_training_checkpoint(tmp_path, step, model, optimizer, {"step": step}, keep=2)
 
     def killed_midway(path, **options):  # removes one file of the checkpoint, then the process dies
-        if not pathlib.Path(path).exists():
+        if not Path(path).exists():
             return
-        next(pathlib.Path(path).glob("*")).unlink()
+        next(Path(path).glob("*")).unlink()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)

@@ -143,7 +143,7 @@ class Translator:
         if k < 1 or (sampling is None and k > decode.beam_size):
             raise ValueError(f"n_best={n_best}: expected 1 to beam_size={decode.beam_size} (or any number of samples with sampling)")
         sources = self._source_ids(batch, truncate)  # here, so that a warning or error reaches the caller, not a worker
-        if self.workers > 1 and len(batch) > 1:
+        if self.workers > 1 and sum(ids is not None for ids in sources) > 1:
             hypotheses = self._decoding_workers(decode).translate(
                 sources, decode=decode, n_best=k, sampling=sampling, progress=progress, return_attention=return_attention)
         else:
@@ -219,9 +219,9 @@ class Translator:
         todo = np.array([i for i, ids in enumerate(src_ids) if ids is not None], dtype=np.int64)
         sizes = np.array([len(ids or ()) + 1 for ids in src_ids], dtype=np.int64)
         batches = sorted_batches(todo, sizes, decode.max_tokens)
+        precision = self.precision(decode.precision)
         if not batches:  # nothing to decode (an option check, blank lines): no precision copy to build
             return outputs
-        precision = self.precision(decode.precision)
         model = self.decoding_model(precision)
         autocast = torch.autocast(self.device.type, dtype=precision.dtype, enabled=precision.dtype is not None and model is self.model)
         for indices in tqdm(batches, desc="translating", unit="batch", disable=not progress):

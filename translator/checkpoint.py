@@ -114,13 +114,15 @@ def save_model_config(directory: str | Path, recipe: Recipe, tokenizer: Tokenize
 
 
 def save_model_dir(directory: str | Path, model: Transformer, recipe: Recipe, tokenizer: Tokenizer) -> None:
-    """The three files, written whole into a staging folder first: a failure (Ctrl-C, a full disk)
-    leaves `directory` as it was. A new directory appears by one rename; an existing one (whose
-    other files stay) gets the three files by three renames."""
+    """The three files, written whole into a staging folder first, so that a failure while writing
+    (Ctrl-C, a full disk) leaves `directory` as it was. A new directory appears by one rename; an
+    existing one (whose other files stay) gets the three files by three renames, a window of
+    microseconds where the slow writes took seconds. A killed process leaves the staging folder
+    (`.NAME.*.tmp`), which `clean_interrupted_writes` removes from a run directory."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     existed = directory.is_dir()
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory if existed else directory.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory if existed else directory.parent))
     try:
         save_model_config(staging, recipe, tokenizer)
         save_weights(model, staging / WEIGHTS)

@@ -66,15 +66,15 @@ def evaluate(
 
     Args:
         translator: the model to evaluate.
-        split: the split name in the dataset; default the recipe's `data.test_split`.
+        split: the split name in the dataset; default `data.test_split`.
         data: where the data is and which languages; default the model's own recipe.
         beam_size: 1 for greedy; default the recipe's `decode.beam_size`.
         output: if given, write the hypotheses there, one a line.
     """
     data = data or translator.recipe.data
     split = split or data.test_split
-    if split is None:
-        raise DataError("no split to evaluate: the recipe's data.test_split is null; name one (--split)")
+    if not split:
+        raise DataError("no split to evaluate: data.test_split is null; name the split (--split on the command line)")
     bleu_metric(data.tgt_lang, translator.recipe.evaluate.tokenize)  # a missing tokenizer fails before translating
     pairs = load_split(data, split)
     with staged_text_file(Path(output)) if output is not None else nullcontext() as file:  # a bad path fails now
