@@ -113,28 +113,32 @@ def save_model_config(directory: str | Path, recipe: Recipe, tokenizer: Tokenize
     atomic_write(directory / SPM, lambda tmp: Path(tmp).write_bytes(tokenizer.model_proto))
 
 
-def save_model_dir(directory: str | Path, model: Transformer, recipe: Recipe, tokenizer: Tokenizer) -> None:
-    """The three files, written whole into a staging folder first, so that a failure while writing
-    (Ctrl-C, a full disk) leaves `directory` as it was. A new directory appears by one rename; an
-    existing one (whose other files stay) gets the three files by three renames, a window of
-    microseconds where the slow writes took seconds. A killed process leaves the staging folder
-    (`.NAME.*.tmp`), which `clean_interrupted_writes` removes from a run directory."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    existed = directory.is_dir()
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory if existed else directory.parent))
+@contextmanager
+def staged_directory(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` to fill, put in place when the block ends without an error, so
+    that a failure while writing (Ctrl-C, a full disk) leaves `out` as it was. A new `out` appears by
+    one rename; an existing one (whose other files stay) gets the folder's files by a rename each,
+    a window of microseconds where the writes took seconds."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        save_model_config(staging, recipe, tokenizer)
-        save_weights(model, staging / WEIGHTS)
-        if existed:
-            for name in (CONFIG, SPM, WEIGHTS):
-                os.replace(staging / name, directory / name)
+        yield staging
+        if out.is_dir():
+            for file in staging.iterdir():
+                os.replace(file, out / file.name)
+            _fsync(out)
         else:
             plain_mode(staging)
-            os.replace(staging, directory)
-        _fsync(directory if existed else directory.parent)
+            os.replace(staging, out)
+        _fsync(out.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_model_dir(directory: str | Path, model: Transformer, recipe: Recipe, tokenizer: Tokenizer) -> None:
+    with staged_directory(Path(directory)) as staging:
+        save_model_config(staging, recipe, tokenizer)
+        save_weights(model, staging / WEIGHTS)
 
 
 def load_recipe_json(directory: Path) -> Recipe:

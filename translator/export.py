@@ -13,15 +13,12 @@ At translation time, `min_decoding_length=0` lets </s> win at the first step, as
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import SPM, CheckpointError, load_model_dir, plain_mode
+from .checkpoint import SPM, CheckpointError, load_model_dir, staged_directory
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -110,12 +107,6 @@ def export_ctranslate2(model_dir: str | Path, out: str | Path, quantization: str
         def _load(self):
             return spec
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as staging:
         SpecConverter().convert(str(staging), quantization=quantization, force=True)
-        plain_mode(staging)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
