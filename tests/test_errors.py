@@ -560,6 +560,8 @@ BATTERY = [
     ("average-missing-sentencepiece", lambda tmp, m: [
         "average", model_copy_with(m, tmp, lambda d: (d / SPM).unlink()), m, "-o", tmp / "averaged"], ["{tmp}/model/sentencepiece.model"]),
     ("average-into-a-model", lambda tmp, m: ["average", m, m, "-o", model_copy_with(m, tmp, lambda d: None)], ["{tmp}/model already holds a model"]),
+    ("average-across-vocabularies", lambda tmp, m: ["average", m, model_copy_with(m, tmp, with_another_sentencepiece), "-o", tmp / "out"],
+     ["{tmp}/model: its run's SentencePiece model differs from", "only one run's checkpoints"]),
     ("average-not-a-checkpoint", lambda tmp, m: ["average", write_bytes(tmp / "step_1" / "x", b"").parent, "-o", tmp / "out"],
      ["{tmp}/step_1: neither a model directory nor a training checkpoint"]),
     ("plot-no-metrics", lambda tmp, m: ["plot", tmp / "run"], ["{tmp}/run/metrics.jsonl: no metrics to plot"]),
@@ -567,6 +569,13 @@ BATTERY = [
     ("plot-metrics-malformed-line", lambda tmp, m: ["plot", write_bytes(tmp / "metrics.jsonl", b'{"step": 0}\n{"step": 1, "lo\n').parent],
      ["{tmp}/metrics.jsonl, line 2: not valid JSON"]),
 ]
+
+
+def with_another_sentencepiece(model: Path) -> None:
+    """The same vocabulary size (so the same weight shapes), learnt from other text: other ids."""
+    size = Tokenizer.load(model / SPM).vocab_size
+    Tokenizer.train((f"zebra {i} quokka {i * 7} {chr(0x41 + i % 26) * 3}" for i in range(500)), size).save(model / SPM)
+    assert Tokenizer.load(model / SPM).vocab_size == size
 
 
 def write_bytes(path: Path, content: bytes) -> Path:

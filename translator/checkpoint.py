@@ -350,17 +350,27 @@ def average_weights(directories: list[Path]) -> dict[str, torch.Tensor]:
     return {name: (tensor / len(directories)).float() for name, tensor in total.items()}
 
 
+def _model_dir_of(directory: Path) -> Path:
+    """A model directory itself, or the run (model directory) a training checkpoint belongs to."""
+    checkpoint = Path(directory).absolute()  # absolute: "step_00000010" given from inside checkpoints/ has parents too
+    source = checkpoint if (checkpoint / CONFIG).is_file() else checkpoint.parent.parent  # run_dir/checkpoints/step_N -> run_dir
+    if not (source / CONFIG).is_file():
+        raise CheckpointError(f"{checkpoint}: neither a model directory nor a training checkpoint of one (no {CONFIG} in it or in {source})")
+    return source
+
+
 def save_averaged(directories: list[Path], out: Path) -> None:
     """A model directory whose weights average `directories`; config and tokenizer from the first one's run.
     `out` must not hold a model already: averaging never overwrites one."""
-    first = Path(directories[0]).absolute()  # absolute: "step_00000010" given from inside checkpoints/ has parents too
-    source = first if (first / CONFIG).is_file() else first.parent.parent  # run_dir/checkpoints/step_N -> run_dir
-    if not (source / CONFIG).is_file():
-        raise CheckpointError(f"{first}: neither a model directory nor a training checkpoint of one (no {CONFIG} in it or in {source})")
     if (Path(out) / CONFIG).exists() or (Path(out) / WEIGHTS).exists():
         raise CheckpointError(f"{out} already holds a model; choose another output directory")
+    first, source = Path(directories[0]), _model_dir_of(directories[0])
     recipe = load_recipe_json(source)
     tokenizer = _load_tokenizer(source / SPM)
+    for directory in directories[1:]:  # same shapes under another vocabulary would average into nonsense, silently
+        if _load_tokenizer(_model_dir_of(directory) / SPM).model_proto != tokenizer.model_proto:
+            raise CheckpointError(f"{directory}: its run's SentencePiece model differs from {first}'s; "
+                                  "only one run's checkpoints can be averaged")
     model = Transformer(recipe.model, tokenizer.vocab_size)
     _load_weights(model, average_weights(directories), first / WEIGHTS, str(source / CONFIG))
     save_model_dir(out, model, recipe, tokenizer)
