@@ -96,11 +96,12 @@ def test_an_interrupted_save_leaves_the_directory_as_it_was(saved, tiny_translat
 
     monkeypatch.setattr(checkpoint, "save_weights", interrupted)
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
-    for target in (saved, tmp_path / "new" / "model"):
+    (tmp_path / "new").mkdir()
+    for target in (saved, tmp_path / "new" / "model", tmp_path / "new" / "made" / "for" / "it" / "model"):
         with pytest.raises(KeyboardInterrupt):
             tiny_translator.save_pretrained(target)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before  # no staging folder left, no file changed
-    assert list((tmp_path / "new").iterdir()) == []  # nothing of the new directory
+    assert list((tmp_path / "new").iterdir()) == []  # nothing of the new directories, nor the folders made for them
 
 
 # --- nothing executes on load ------------------------------------------------------------------

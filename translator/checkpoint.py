@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TextIO
 
@@ -118,7 +118,8 @@ def staged_directory(out: Path) -> Iterator[Path]:
     """A temporary folder beside `out` to fill, put in place when the block ends without an error, so
     that a failure while writing (Ctrl-C, a full disk) leaves `out` as it was. A new `out` appears by
     one rename; an existing one (whose other files stay) gets the folder's files by a rename each,
-    a window of microseconds where the writes took seconds."""
+    a window of microseconds where the writes took seconds. The folders made for `out` go with it."""
+    made = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -131,8 +132,13 @@ def staged_directory(out: Path) -> Iterator[Path]:
             plain_mode(staging)
             os.replace(staging, out)
         _fsync(out.parent)
-    finally:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in made:
+            with suppress(OSError):  # not empty: something else wrote there meanwhile
+                folder.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)  # emptied into an existing `out`
 
 
 def save_model_dir(directory: str | Path, model: Transformer, recipe: Recipe, tokenizer: Tokenizer) -> None:
