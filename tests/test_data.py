@@ -284,9 +284,10 @@ def test_plain_text_invalid_utf8_names_the_file_and_line(tmp_path, name):
         load_split(DataConfig(path=str(tmp_path)), "train")
 
 
-def test_tsv_line_without_exactly_one_tab_names_the_file_and_line(tmp_path):
-    (tmp_path / "train.tsv").write_text("Ein Hund.\tA dog.\nEine Katze. A cat.\n", encoding="utf-8")
-    with pytest.raises(DataError, match=rf"{tmp_path}/train.tsv, line 2: expected source<TAB>target, found 1 field"):
+@pytest.mark.parametrize("line, fields", [("Eine Katze. A cat.", 1), ("17\tEine Katze.\t18\tA cat.", 4)])  # 4: Tatoeba's pairs
+def test_tsv_line_without_exactly_one_tab_names_the_file_and_line(tmp_path, line, fields):
+    (tmp_path / "train.tsv").write_text(f"Ein Hund.\tA dog.\n{line}\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{tmp_path}/train.tsv, line 2: expected source<TAB>target, found {fields} field"):
         load_split(DataConfig(path=str(tmp_path)), "train")
 
 
@@ -306,10 +307,17 @@ def test_csv_cells_that_pandas_reads_as_missing_or_numbers_stay_text(tmp_path, c
     assert pairs["src"] == [r["de"] for r in data] and pairs["tgt"] == [r["en"] for r in data]
 
 
+def test_a_csv_with_unnamed_columns_loads(tmp_path):
+    # pandas' df.to_csv() writes its index as a first column with an empty name; a trailing comma adds another.
+    (tmp_path / "train.csv").write_text(',de,en,\n0,Ein Hund.,A dog.,\n1,NA,007,\n', encoding="utf-8")
+    pairs = load_split(DataConfig(path=str(tmp_path)), "train")
+    assert pairs["src"] == ["Ein Hund.", "NA"] and pairs["tgt"] == ["A dog.", "007"]
+
+
 @pytest.mark.parametrize("content, message", [
     (b"", r"train\.jsonl: the file is empty"),
     (b"\n \n", r"train\.jsonl: the file is empty"),
-    (b'{"de": "a", "en": "b"}\n{"de": "c", "en": \n', r"train\.jsonl, line 2: not valid JSON"),
+    (b'{"de": "a", "en": "b"}\n{"de": "c", "en": \n', r"train\.jsonl, line 2: not valid JSON \(Expecting value at column 19\)"),
     (b'{"de": "a", "en": "b"}\n\n\n{"de": 5, "en": "b"}\n', r"train\.jsonl, line 4: 'de' is int 5, expected text"),
     (b'{"de": 1, "en": "b"}\n{"de": 3, "en": "d"}\n', r"train\.jsonl, line 1: 'de' is int 1"),
     (b'{"de": "a", "en": 1.5}\n', r"train\.jsonl, line 1: 'en' is float 1\.5"),

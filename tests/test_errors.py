@@ -125,6 +125,14 @@ def test_cli_invalid_yaml_recipe_exits_2_naming_the_file(tmp_path):
     assert_usage_error(cli("train", path, "--quiet"), "train", str(path))
 
 
+@pytest.mark.parametrize("verb", ["translate", "evaluate", "plot"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_cli_beam_size_is_checked_as_the_flag_it_is(tiny_model_dir, verb, value):
+    # Not as the recipe key decode.beam_size, and before --n-best is compared with it.
+    result = cli(verb, tiny_model_dir, "--beam-size", value, *(["--n-best", "3"] if verb == "translate" else []))
+    assert result.returncode == 2 and f"argument --beam-size: expected a positive integer, got '{value}'" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("where", ["before the verb", "after the verb"])
 def test_cli_debug_flag_shows_the_traceback(where):
     args = ["train", TINY_RECIPE, "--set", "model.d_modle=64", "--quiet"]
@@ -221,7 +229,7 @@ def test_cli_translate_no_truncate_on_an_overlong_line_fails_naming_its_line(tin
     result = cli("translate", tiny_model_dir, "--no-truncate", "--chunk-lines", "3", "--quiet", stdin=stdin)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert re.fullmatch(r"translator translate: error: stdin, line 4 and 1 more \(5\): longer than model\.max_positions=256 tokens "
-                        r"\(\d+ tokens\); without --no-truncate it is cut to fit", result.stderr.strip()), result.stderr
+                        r"\(\d+ with its end-of-sentence token\); without --no-truncate it is cut to fit", result.stderr.strip()), result.stderr
     assert len(result.stdout.splitlines()) == 3  # stdout streams: the first chunk's lines went out before the second failed
 
 
@@ -393,7 +401,7 @@ def test_overlong_input_without_truncation_raises_naming_the_limit_and_the_sente
     with pytest.raises(translator.SourceTooLong, match=r"model\.max_positions=256 tokens \(first: index 1,") as refused:
         tiny_translator.translate(["Ein hund.", LONG, "Ein kind.", LONG], truncate=False)
     assert refused.value.indices == [1, 3] and refused.value.limit == 256
-    assert refused.value.lengths == [len(tiny_translator.tokenizer.encode([LONG])[0])] * 2
+    assert refused.value.lengths == [len(tiny_translator.tokenizer.encode([LONG])[0]) + 1] * 2  # as the model counts: with eos
 
 
 @pytest.mark.parametrize("name", list(UNUSUAL))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,34 @@ def test_alternatives_are_the_n_best_with_scores(client, tiny_translator):
     # Without beam_size, alternatives widen the recipe's beam to as many hypotheses as asked for.
     wide = client.post("/translate", json={"q": SENTENCES[0], **PAIR, "alternatives": 4}).json()
     assert [wide["translatedText"], *wide["alternatives"]] == [t.text for t in tiny_translator.translate(SENTENCES[0], beam_size=5, n_best=5)]
+
+
+def test_a_form_body_is_read_as_libretranslate_reads_it(client):
+    # LibreTranslate's own API takes its fields as a form, and many of its clients send them so.
+    fields = {"q": SENTENCES[0], **PAIR, "alternatives": 2, "beam_size": 4, "alpha": 0.6, "api_key": ""}
+    as_form = client.post("/translate", data={k: str(v) for k, v in fields.items()})
+    assert as_form.status_code == 200 and as_form.json() == client.post("/translate", json=fields).json()
+    many = client.post("/translate", content=urllib.parse.urlencode([("q", s) for s in SENTENCES[:2]] + list(PAIR.items())),
+                       headers={"content-type": "application/x-www-form-urlencoded; charset=utf-8"})
+    assert many.json() == client.post("/translate", json={"q": SENTENCES[:2], **PAIR}).json()  # a repeated q: a list
+
+
+@pytest.mark.parametrize("form, words", [
+    ({"q": "x", **PAIR, "alternatives": "two"}, ["alternatives:", "integer"]),
+    ({"q": "x", **PAIR, "attention": "maybe"}, ["attention:", "boolean"]),
+    ({"q": "x", **PAIR, "beam": "5"}, ["beam:", "unknown field"]),
+    ({"q": "x", "source": "de"}, ["target", "required"]),
+    ({"q": "x", **PAIR, "alpha": "nan"}, ["alpha"]),
+])
+def test_a_bad_form_field_is_named_as_in_json(client, form, words):
+    answer = client.post("/translate", data=form)
+    assert answer.status_code == 400 and all(w in answer.json()["error"] for w in words), answer.json()
+
+
+def test_a_form_that_is_not_utf8_is_refused(client):
+    answer = client.post("/translate", content=b"q=Ein+Hund%FF&source=de&target=en", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert answer.status_code == 400 and "not valid UTF-8" in answer.json()["error"]
+    assert client.post("/translate", data={"q": "Ein Hund läuft.", **PAIR}).status_code == 200  # raw UTF-8 text is fine
 
 
 def test_sampling_and_attention_are_extra_fields(client, tiny_translator):
@@ -90,6 +119,8 @@ def test_languages_and_health_name_the_models_pair(client):
         (json.dumps({"q": "x" * 401, **PAIR}).encode(), 400, ["401 characters", "limit of 400", "--max-chars"]),
         (b'{"q": "x", "source": "de", "target": "en", "beam_size": 17}', 400, ["beam_size: 17", "17 hypotheses", "limit of 16", "--max-hypotheses"]),
         (b'{"q": "x", "source": "de", "target": "en", "alternatives": 16}', 400, ["alternatives: 16", "17 hypotheses", "--max-hypotheses"]),
+        # more alternatives than the vocabulary allows beams: the limit is what the client was over, not a beam it never sent
+        (b'{"q": "x", "source": "de", "target": "en", "alternatives": 150}', 400, ["alternatives: 150", "151 hypotheses", "--max-hypotheses"]),
         (b'{"q": "x", "source": "de", "target": "en", "alternatives": 16, "sampling": {"seed": 1}}', 400,
          ["alternatives: 16", "17 hypotheses", "limit of 16", "--max-hypotheses"]),
     ],

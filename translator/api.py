@@ -35,11 +35,11 @@ from .workers import DecodingWorkers
 
 class SourceTooLong(ValueError):
     """Sentences longer than the model's positions, refused (`translate(..., truncate=False)`).
-    `indices`: where they are in the list given (from 0); `lengths`: their tokens."""
+    `indices`: where they are in the list given (from 0); `lengths`: their tokens, the end-of-sentence one included."""
 
     def __init__(self, indices: list[int], lengths: list[int], limit: int):
         super().__init__(f"{len(indices)} sentence(s) longer than model.max_positions={limit} tokens "
-                         f"(first: index {indices[0]}, {lengths[0]} tokens)")
+                         f"(first: index {indices[0]}, {lengths[0]} tokens with its end-of-sentence token)")
         self.indices, self.lengths, self.limit = indices, lengths, limit
 
 
@@ -203,7 +203,7 @@ class Translator:
         src_ids = self.tokenizer.encode(sentences)
         too_long = [i for i, ids in enumerate(src_ids) if len(ids) + 1 > limit]
         if too_long:
-            error = SourceTooLong(too_long, [len(src_ids[i]) for i in too_long], limit)
+            error = SourceTooLong(too_long, [len(src_ids[i]) + 1 for i in too_long], limit)
             if not truncate:
                 raise error
             warnings.warn(f"{error}: truncated", stacklevel=3)  # at the caller of translate()

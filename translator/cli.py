@@ -136,7 +136,7 @@ def translate_lines(translator, lines: list[str], options: dict, name: str, firs
     except SourceTooLong as e:  # raised before any decoding: asking again costs only the tokenizing
         first, *others = [first_line + i for i in e.indices]
         more = f" and {len(others)} more ({', '.join(map(str, others[:5]))}{', ...' if len(others) > 5 else ''})" if others else ""
-        problem = f"{name}, line {first}{more}: longer than model.max_positions={e.limit} tokens ({e.lengths[0]} tokens)"
+        problem = f"{name}, line {first}{more}: longer than model.max_positions={e.limit} tokens ({e.lengths[0]} with its end-of-sentence token)"
         if not truncate:
             raise DataError(f"{problem}; without --no-truncate it is cut to fit") from None
         print(f"translator translate: warning: {problem}: truncated", file=sys.stderr)
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="example: translator evaluate runs/multi30k_de_en --split test --set data.path=../shared/data/multi30k")
     evaluate.add_argument("model_dir", nargs="+", help=ENSEMBLE_HELP)
     evaluate.add_argument("--split", default=None, help="the split to score (default: the recipe's data.test_split)")
-    evaluate.add_argument("--beam-size", type=int, default=None, help="1 for greedy (default: the recipe's decode.beam_size)")
+    evaluate.add_argument("--beam-size", type=positive_int, default=None, help="1 for greedy (default: the recipe's decode.beam_size)")
     evaluate.add_argument("--output", default=None, help="write the hypotheses to this file")
     evaluate.add_argument("--set", **overrides)
     evaluate.add_argument("--json", action="store_true", help="print the scores as one JSON object")
@@ -335,7 +335,7 @@ def _add_translate(verbs, decoding: argparse.ArgumentParser, overrides: dict) ->
     translate.add_argument("model_dir", nargs="+", help=ENSEMBLE_HELP)
     translate.add_argument("-i", "--input", default=None, help="read this file instead of stdin")
     translate.add_argument("-o", "--output", default=None, help="write this file (only once all is translated) instead of stdout")
-    translate.add_argument("--beam-size", type=int, default=None, help="1 for greedy (default: the recipe's decode.beam_size)")
+    translate.add_argument("--beam-size", type=positive_int, default=None, help="1 for greedy (default: the recipe's decode.beam_size)")
     translate.add_argument("--alpha", type=float, default=None, help="beam search's length penalty ((5 + length) / 6) ** alpha (default: the recipe's)")
     translate.add_argument("--beam-stop", choices=("exact", "first_k"), default=None,
                            help="end a sentence's search once nothing open can win (exact), or at its first K finished "
@@ -365,7 +365,7 @@ def _add_plot_and_serve(verbs, decoding: argparse.ArgumentParser, overrides: dic
     plot.add_argument("--attention", action="store_true",
                       help="draw the three attention modes (encoder self-, decoder self-, cross-attention) of SENTENCE's translation")
     plot.add_argument("--head", default="mean", help="with --attention: a head (1, 2, ...) or mean (default)")
-    plot.add_argument("--beam-size", type=int, default=None, help="with --attention: 1 for greedy (default: the recipe's)")
+    plot.add_argument("--beam-size", type=positive_int, default=None, help="with --attention: 1 for greedy (default: the recipe's)")
     plot.add_argument("--set", **overrides)
     plot.add_argument("-o", "--output", default=None, help="the PNG to write (default: RUN_DIR/curves.png, or attention.png)")
     plot.set_defaults(run=cmd_plot)

@@ -6,7 +6,7 @@ Two layouts are understood, both common on the hub:
   translation dict  {"translation": {"de": "...", "en": "..."}}    (wmt14, iwslt2017, opus_books)
 and two of plain text in a local folder, read into the first:
   line-aligned      train.de + train.en, one sentence a line       (Moses format from OPUS, fairseq, Joey NMT)
-  tab-separated     train.tsv: source<TAB>target a line            (Tatoeba exports)
+  tab-separated     train.tsv: source<TAB>target a line            (two-column exports)
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import json
 from itertools import islice
 
 import datasets
+import pandas
 
 
 def nothing_to_read(file: str, builder: str) -> str | None:
@@ -35,8 +36,10 @@ def _csv_rows(file: str) -> tuple[list[str], list[str] | None]:
 
 def csv_as_text(file: str) -> dict:
     """`load_dataset("csv", ...)` options that read every cell as text: pandas would read NA, null,
-    None, n/a and the like as missing (and the pair would be dropped), and 007 as the number 7."""
-    header, _ = _csv_rows(file)
+    None, n/a and the like as missing (and the pair would be dropped), and 007 as the number 7.
+    The columns are named as pandas names them: an empty header cell (`df.to_csv()`'s index
+    column, a trailing comma) is "Unnamed: 0", a repeated name "en.1"."""
+    header = pandas.read_csv(file, nrows=0, encoding="utf-8-sig").columns
     features = datasets.Features({name: datasets.Value("string") for name in header})
     return {"features": features, "keep_default_na": False, "na_filter": False}
 
@@ -49,7 +52,7 @@ def first_unreadable_json_line(file: str, languages: tuple[str, str]) -> str | N
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))  # a line cut short fails at its end, not after the newline
             except json.JSONDecodeError as e:
                 return f"{file}, line {number}: not valid JSON ({e.msg} at column {e.colno})"
             if not isinstance(row, dict):

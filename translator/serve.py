@@ -5,6 +5,7 @@
                       "beam_size": 5, "alpha": 0.6, "sampling": {"temperature": 0.8, "seed": 1},
                       "attention": true}                                  (this project's)
                   -> {"translatedText": ..., "alternatives": [...], "scores": [...], "attention": {...}}
+                     (or the same fields as a form: q=Ein+Hund.&source=de&target=en&alternatives=2)
     GET /languages   the model's pair;   GET /health   200 once the model is loaded;   GET /   the page
 
 Requests that arrive while a batch decodes wait in a queue; the next batch takes every waiting
@@ -16,10 +17,12 @@ would get alone. FastAPI and uvicorn are imported by this module only (`translat
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import urllib.parse
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -165,7 +168,8 @@ def create_app(translator: Translator, limits: Limits = Limits(), batch_wait_ms:
         translator.close()  # its decoding processes (--workers), if any
 
     app = FastAPI(title="translator", summary=f"{translator.recipe.name}: {data.src_lang} -> {data.tgt_lang}", lifespan=lifespan)
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(FormAsJson)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)  # added last: it sees the raw body first
     _add_error_handlers(app)
 
     @app.get("/", include_in_schema=False)
@@ -215,18 +219,18 @@ def _checked(body: TranslateRequest, translator: Translator, limits: Limits) -> 
         beam_size = max(translator.recipe.decode.beam_size, n_best)
     if body.sampling is None and isinstance(beam_size, int) and 1 <= beam_size < n_best:
         raise HTTPException(400, f"alternatives: {body.alternatives} need beam_size {n_best} or more, got beam_size {beam_size}")
+    # What the request asks for (the recipe's own beam is the operator's choice): a beam, or alternatives + 1
+    # samples or beams (the recipe's beam widened to them). Checked first: it names the field the client sent.
+    field, hypotheses = ("beam_size", body.beam_size) if body.beam_size is not None and not body.sampling else ("alternatives", n_best)
+    if hypotheses > limits.max_hypotheses:
+        raise HTTPException(400, f"{field}: {getattr(body, field)} asks for {hypotheses} hypotheses a sentence, "
+                                 f"over the limit of {limits.max_hypotheses} (--max-hypotheses)")
     try:
         sampling = Sampling(**body.sampling.model_dump()) if body.sampling else None
         options = dict(beam_size=beam_size, alpha=body.alpha, n_best=n_best, sampling=sampling, return_attention=body.attention)
         translator.translate([], **options)  # validates the options; decodes nothing
     except (ValueError, RecipeError) as e:
         raise HTTPException(400, str(e).removeprefix("decode.").replace("Sampling.", "sampling.")) from None  # the field, as the request names it
-    # What the request asks for (the recipe's own beam is the operator's choice): a beam, or alternatives + 1
-    # samples or beams (the recipe's beam widened to them).
-    field, hypotheses = ("beam_size", body.beam_size) if body.beam_size is not None and not sampling else ("alternatives", n_best)
-    if hypotheses > limits.max_hypotheses:
-        raise HTTPException(400, f"{field}: {getattr(body, field)} asks for {hypotheses} hypotheses a sentence, "
-                                 f"over the limit of {limits.max_hypotheses} (--max-hypotheses)")
     return sentences, options
 
 
@@ -274,6 +278,52 @@ class BodyLimit:
             return event
 
         await self.app(scope, limited_receive, send)
+
+
+class FormAsJson:
+    """ASGI middleware: a form body (application/x-www-form-urlencoded: LibreTranslate's own API takes
+    its fields so, and many of its clients send them so) becomes the JSON object the endpoint reads. A
+    repeated `q` is a list of sentences; numbers and booleans are converted, and a value that does not
+    convert is left as text, for the endpoint's validation to name its field."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        headers = scope.get("headers", [])
+        if scope["type"] != "http" or not dict(headers).get(b"content-type", b"").startswith(b"application/x-www-form-urlencoded"):
+            return await self.app(scope, receive, send)
+        body, event = b"", {"more_body": True}
+        while event.get("more_body"):
+            event = await receive()
+            body += event.get("body", b"")
+        try:
+            as_json = json.dumps(_form_fields(body)).encode()
+        except UnicodeDecodeError:
+            return await _error(400, "body: the form's text is not valid UTF-8")(scope, receive, send)
+        headers = [(k, v) for k, v in headers if k not in (b"content-type", b"content-length")]
+        scope = {**scope, "headers": [*headers, (b"content-type", b"application/json"), (b"content-length", str(len(as_json)).encode())]}
+        pending = [{"type": "http.request", "body": as_json, "more_body": False}]
+
+        async def json_receive():  # the body once, then the client's own events (a disconnect)
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, json_receive, send)
+
+
+def _form_fields(body: bytes) -> dict:
+    fields: dict[str, list[str]] = {}
+    for name, value in urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, errors="strict"):
+        fields.setdefault(name, []).append(value)
+    converted: dict = {name: values if name == "q" and len(values) > 1 else values[-1] for name, values in fields.items()}
+    for name, convert in (("alternatives", int), ("beam_size", int), ("alpha", float), ("attention", _form_bool)):
+        with suppress(KeyError, ValueError):
+            converted[name] = convert(converted[name])
+    return converted
+
+
+def _form_bool(text: str) -> bool:
+    return {"true": True, "false": False, "1": True, "0": False}[text.lower()]
 
 
 def _error(status: int, message: str) -> JSONResponse:
