@@ -314,6 +314,12 @@ def test_a_csv_with_unnamed_columns_loads(tmp_path):
     assert pairs["src"] == ["Ein Hund.", "NA"] and pairs["tgt"] == ["A dog.", "007"]
 
 
+def test_a_csv_with_an_unclosed_quote_names_the_file(tmp_path):
+    (tmp_path / "train.csv").write_text('de,en\n"Ein Hund.,A dog.\n', encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}/train\.csv: cannot be read as csv"):
+        load_split(DataConfig(path=str(tmp_path)), "train")
+
+
 @pytest.mark.parametrize("content, message", [
     (b"", r"train\.jsonl: the file is empty"),
     (b"\n \n", r"train\.jsonl: the file is empty"),

@@ -139,6 +139,9 @@ def test_oversized_bodies_are_refused_before_they_are_read(client):
     assert declared.status_code == 413 and str(limit) in declared.json()["error"]
     chunked = client.post("/translate", content=(b"x" * 4096 for _ in range(limit // 4096 + 2)), headers={"content-type": "application/json"})
     assert chunked.status_code == 413 and "--max-chars" in chunked.json()["error"]
+    form = client.post("/translate", content=(b"q=" + b"x" * 4096 for _ in range(limit // 4096 + 2)),
+                       headers={"content-type": "application/x-www-form-urlencoded"})  # a form in chunks: read by the form middleware
+    assert form.status_code == 413 and "--max-chars" in form.json()["error"]
 
 
 class CountingTranslator(Translator):

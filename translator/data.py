@@ -76,8 +76,8 @@ def _load_local(builder: str, file: str, streaming: bool, languages: tuple[str, 
         raise DataError(problem)
     if problem := datafiles.nothing_to_read(file, builder):
         raise DataError(problem)
-    options = datafiles.csv_as_text(file) if builder == "csv" else {}
     try:
+        options = datafiles.csv_as_text(file) if builder == "csv" else {}  # pandas reads the header: a broken quote fails here
         # Loaded as "train": datasets' split names must be identifiers, file names need not be (test-2016.jsonl).
         with _datasets_errors_unlogged():
             return datasets.load_dataset(builder, data_files=file, split="train", streaming=streaming, **options)

@@ -294,9 +294,14 @@ class FormAsJson:
         if scope["type"] != "http" or not dict(headers).get(b"content-type", b"").startswith(b"application/x-www-form-urlencoded"):
             return await self.app(scope, receive, send)
         body, event = b"", {"more_body": True}
-        while event.get("more_body"):
-            event = await receive()
-            body += event.get("body", b"")
+        try:
+            while event.get("more_body"):
+                event = await receive()
+                body += event.get("body", b"")
+        except HTTPException as e:  # BodyLimit's 413, raised here, outside the app's handlers
+            return await _error(e.status_code, str(e.detail))(scope, receive, send)
+        if event["type"] == "http.disconnect":  # the client left mid-upload: nothing to answer
+            return
         try:
             as_json = json.dumps(_form_fields(body)).encode()
         except UnicodeDecodeError:
