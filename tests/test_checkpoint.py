@@ -10,6 +10,7 @@ import pickle
 import random
 import shutil
 import stat
+import tempfile
 import threading
 
 import pytest
@@ -102,6 +103,16 @@ def test_an_interrupted_save_leaves_the_directory_as_it_was(saved, tiny_translat
             tiny_translator.save_pretrained(target)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before  # no staging folder left, no file changed
     assert list((tmp_path / "new").iterdir()) == []  # nothing of the new directories, nor the folders made for them
+
+
+def test_a_save_that_cannot_make_its_staging_folder_leaves_no_folders(tiny_translator, tmp_path, monkeypatch):
+    def full_disk(**kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        tiny_translator.save_pretrained(tmp_path / "made" / "for" / "it" / "model")
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- nothing executes on load ------------------------------------------------------------------

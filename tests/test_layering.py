@@ -24,6 +24,7 @@ FORBIDDEN = {
     "api": {"train", "evaluate", "cli", "data", "trainset", "serve", "plot", "export"},
     "serve": {"train", "evaluate", "cli", "data", "plot"},  # the service needs only the Translator
     "evaluate": {"train", "cli"},
+    "distill": {"train", "evaluate", "cli", "serve"},  # a Translator and the data, as evaluate has
     "train": {"cli"},
 }
 

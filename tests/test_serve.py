@@ -59,6 +59,9 @@ def test_a_form_body_is_read_as_libretranslate_reads_it(client):
     many = client.post("/translate", content=urllib.parse.urlencode([("q", s) for s in SENTENCES[:2]] + list(PAIR.items())),
                        headers={"content-type": "application/x-www-form-urlencoded; charset=utf-8"})
     assert many.json() == client.post("/translate", json={"q": SENTENCES[:2], **PAIR}).json()  # a repeated q: a list
+    shouted = client.post("/translate", content=urllib.parse.urlencode(fields),  # media types are case-insensitive
+                          headers={"Content-Type": "Application/X-WWW-Form-URLEncoded ; Charset=UTF-8"})
+    assert shouted.status_code == 200 and shouted.json() == as_form.json()
 
 
 @pytest.mark.parametrize("form, words", [

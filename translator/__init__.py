@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 _HOMES = {
     "Translator": "api", "Translation": "api", "SourceTooLong": "api", "Sampling": "search",
     "Recipe": "config", "RecipeError": "config", "load_recipe": "config",
-    "train": "train", "evaluate": "evaluate",
+    "train": "train", "evaluate": "evaluate", "distill": "distill",
 }
 __all__ = list(_HOMES)
 

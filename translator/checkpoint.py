@@ -120,9 +120,10 @@ def staged_directory(out: Path) -> Iterator[Path]:
     one rename; an existing one (whose other files stay) gets the folder's files by a rename each,
     a window of microseconds where the writes took seconds. The folders made for `out` go with it."""
     made = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]  # deepest first
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    staging = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         yield staging
         if out.is_dir():
             for file in staging.iterdir():
@@ -133,7 +134,8 @@ def staged_directory(out: Path) -> Iterator[Path]:
             os.replace(staging, out)
         _fsync(out.parent)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         for folder in made:
             with suppress(OSError):  # not empty: something else wrote there meanwhile
                 folder.rmdir()

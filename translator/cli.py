@@ -1,4 +1,4 @@
-"""Command line: `translator train | translate | evaluate | export | average | plot | serve`.
+"""Command line: `translator train | translate | evaluate | distill | export | average | plot | serve`.
 
 Results go to stdout; progress bars and logs to stderr. Exit status: 0 ok, 1 runtime
 failure, 2 usage error (a bad recipe, override, dataset or model directory).
@@ -27,6 +27,7 @@ EXAMPLES = """examples:
   translator translate runs/multi30k_de_en -i input.de -o nbest.tsv --beam-size 5 --n-best 5
   translator evaluate runs/multi30k_de_en --split test --beam-size 5 --output hyps.en
   translator evaluate runs/en_de_seed1 runs/en_de_seed2 --split test     # an ensemble of two models
+  translator distill runs/multi30k_en_de runs/multi30k_en_de_distilled_data  # a teacher's training data for a student
   translator serve runs/multi30k_de_en --port 8000
   translator export runs/multi30k_de_en --to ctranslate2 ct2_model --quantization int8
 
@@ -187,6 +188,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .distill import distill
+
+    if Path(args.out).exists():  # refused before the model loads and translates
+        raise RecipeError(f"{args.out} already exists; distill writes a new folder")
+    translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=not args.quiet, workers=args.workers)
+    translated = distill(translator, args.out, translator.recipe.data, progress=not args.quiet)
+    print(f"distilled {translated} training sentences into {args.out}: train with --set data.path={args.out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_ctranslate2
 
@@ -279,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"translator {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for usage errors (or set TRANSLATOR_DEBUG=1)")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{train,translate,evaluate,export,average,plot,serve}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{train,translate,evaluate,distill,export,average,plot,serve}")
     overrides = dict(action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. data.path=DIR (repeatable)")
     decoding = argparse.ArgumentParser(add_help=False)  # where and how translate, evaluate and serve decode
     decoding.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU when torch sees one")
@@ -307,6 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar, no device and precision line")
     evaluate.add_argument("--workers", **WORKERS)
     evaluate.set_defaults(run=cmd_evaluate)
+
+    distill = verbs.add_parser("distill", help="a teacher's translations of the training sources, beside the original pairs, "
+                               "as a folder for data.path (sequence-level knowledge distillation)", parents=[decoding],
+                               epilog="example: translator distill runs/multi30k_en_de runs/multi30k_en_de_distilled_data "
+                                      "--set data.path=../shared/data/multi30k")
+    distill.add_argument("model_dir", nargs="+", help="the teacher: " + ENSEMBLE_HELP)
+    distill.add_argument("out", help="the folder to write (must not exist): {split}.{lang} line-aligned text (train: the original pairs, then the teacher's)")
+    distill.add_argument("--set", **overrides)
+    distill.add_argument("--quiet", action="store_true", help="no progress bar, no device and precision line")
+    distill.add_argument("--workers", **WORKERS)
+    distill.set_defaults(run=cmd_distill)
 
     export = verbs.add_parser("export", help="convert a model directory for another runtime (CTranslate2)",
                               epilog="example: translator export runs/multi30k_de_en --to ctranslate2 ct2_model --quantization int8")

@@ -291,19 +291,20 @@ class FormAsJson:
 
     async def __call__(self, scope, receive, send):
         headers = scope.get("headers", [])
-        if scope["type"] != "http" or not dict(headers).get(b"content-type", b"").startswith(b"application/x-www-form-urlencoded"):
+        media_type = dict(headers).get(b"content-type", b"").split(b";")[0].strip().lower()  # case-insensitive (RFC 9110)
+        if scope["type"] != "http" or media_type != b"application/x-www-form-urlencoded":
             return await self.app(scope, receive, send)
-        body, event = b"", {"more_body": True}
+        chunks, event = [], {"more_body": True}
         try:
             while event.get("more_body"):
                 event = await receive()
-                body += event.get("body", b"")
+                chunks.append(event.get("body", b""))
         except HTTPException as e:  # BodyLimit's 413, raised here, outside the app's handlers
             return await _error(e.status_code, str(e.detail))(scope, receive, send)
         if event["type"] == "http.disconnect":  # the client left mid-upload: nothing to answer
             return
         try:
-            as_json = json.dumps(_form_fields(body)).encode()
+            as_json = json.dumps(_form_fields(b"".join(chunks))).encode()
         except UnicodeDecodeError:
             return await _error(400, "body: the form's text is not valid UTF-8")(scope, receive, send)
         headers = [(k, v) for k, v in headers if k not in (b"content-type", b"content-length")]

@@ -1,0 +1,64 @@
+"""Sequence-level knowledge distillation: the teacher's translations of the training sources, beside the original pairs."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from translator.data import DataError, load_split, texts
+from translator.distill import distill
+
+
+def read_split(recipe_data, folder, split):
+    pairs = load_split(replace(recipe_data, path=str(folder)), split)
+    return texts(pairs["src"]), texts(pairs["tgt"])
+
+
+def test_the_folder_holds_the_original_pairs_then_the_teachers_and_trains_as_data_path(tiny_translator, toy_corpus, tmp_path):
+    data = replace(tiny_translator.recipe.data, path=str(toy_corpus))
+    out = tmp_path / "distilled"
+    assert distill(tiny_translator, out, data) == 1200
+    sources, references = read_split(data, toy_corpus, "train")
+    src, tgt = read_split(data, out, "train")  # read back the way training reads data.path
+    assert src == sources + sources
+    assert tgt[:1200] == references
+    assert tgt[1200:] == tiny_translator.translate(sources)  # the teacher's own decoding settings (its recipe's beam)
+    assert tgt[1200:] != references  # a 150-update model is not perfect: the test would not see a copy
+    for split in ("validation", "test"):  # the student is scored against the references, never the teacher
+        assert read_split(data, out, split) == read_split(data, toy_corpus, split)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}.{lang}" for s in ("train", "validation", "test") for lang in ("de", "en"))
+
+
+def test_a_sentence_with_a_line_break_is_named_and_nothing_is_written(tiny_translator, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rows = [{"de": "Ein hund.", "en": "A dog."}, {"de": "Ein\nmann.", "en": "A man."}]
+    for split in ("train", "validation", "test"):
+        (corpus / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "made" / "distilled"
+    with pytest.raises(DataError, match=r"split 'train', pair 2: the source sentence holds a line break"):
+        distill(tiny_translator, out, replace(tiny_translator.recipe.data, path=str(corpus)))
+    assert not (tmp_path / "made").exists()
+
+
+def test_the_command_refuses_an_existing_folder_before_translating(tiny_model_dir, toy_corpus, tmp_path):
+    out = tmp_path / "distilled"
+    out.mkdir()
+    (out / "train.de").write_text("kept\n")
+    result = subprocess.run([sys.executable, "-m", "translator", "distill", str(tiny_model_dir), str(out), "--set", f"data.path={toy_corpus}"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "already exists" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["train.de"] and (out / "train.de").read_text() == "kept\n"
+
+
+def test_the_command_writes_the_folder_with_an_ensemble_as_the_teacher(tiny_model_dir, tiny_translator, toy_corpus, tmp_path):
+    out = tmp_path / "new" / "distilled"
+    result = subprocess.run([sys.executable, "-m", "translator", "distill", str(tiny_model_dir), str(tiny_model_dir), str(out),
+                             "--set", f"data.path={toy_corpus}", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"distilled 1200 training sentences into {out}" in result.stdout
+    data = replace(tiny_translator.recipe.data, path=str(toy_corpus))
+    src, tgt = read_split(data, out, "train")
+    assert len(src) == len(tgt) == 2400 and src[:1200] == src[1200:] and tgt[:1200] == read_split(data, toy_corpus, "train")[1]

@@ -1,0 +1,49 @@
+"""Sequence-level knowledge distillation (Kim and Rush, 2016): a trained model, the teacher,
+translates the training sources, and a new model, the student, trains on the original pairs and
+the teacher's (source, translation) pairs together.
+
+    translator distill runs/multi30k_en_de runs/multi30k_en_de_distilled_data
+    translator train recipes/multi30k_en_de_distilled.yaml
+
+The output is a folder of line-aligned text that `data.path` reads (`{split}.{lang}`): the training
+split holds the original pairs, then the teacher's; validation and test are copied as they are,
+so the student is validated and tested against the references, never against the teacher.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .api import Translator
+from .checkpoint import staged_directory
+from .config import DataConfig
+from .data import DataError, load_split, texts
+
+
+def distill(teacher: Translator, out_dir: str | Path, data: DataConfig | None = None, progress: bool = False) -> int:
+    """Write the distilled folder for `data` (default: the teacher's own recipe's) to `out_dir`; return
+    the number of training sentences translated. Every split is read and translated before anything
+    is written: a failure leaves `out_dir` as it was."""
+    data = data or teacher.recipe.data
+    splits = dict.fromkeys(s for s in (data.train_split, data.valid_split, data.test_split) if s)
+    for split in splits:
+        pairs = load_split(data, split)
+        splits[split] = texts(pairs["src"]), texts(pairs["tgt"])
+        _refuse_line_breaks(split, *splits[split])
+    sources, references = splits[data.train_split]
+    translations = teacher.translate(sources, progress=progress)
+    splits[data.train_split] = sources + sources, references + translations
+    with staged_directory(Path(out_dir)) as staging:
+        for split, (src, tgt) in splits.items():
+            for lang, lines in ((data.src_lang, src), (data.tgt_lang, tgt)):
+                (staging / f"{split}.{lang}").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return len(sources)
+
+
+def _refuse_line_breaks(split: str, sources: list[str], targets: list[str]) -> None:
+    """A sentence holding a line break would shift every line after it in line-aligned files."""
+    for side, sentences in (("source", sources), ("target", targets)):
+        for number, sentence in enumerate(sentences, start=1):
+            if "\n" in sentence or "\r" in sentence:
+                raise DataError(f"split {split!r}, pair {number}: the {side} sentence holds a line break, "
+                                "which one line of a line-aligned file cannot; remove it from the data first")
