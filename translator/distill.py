@@ -23,7 +23,7 @@ from .data import DataError, load_split, texts
 def distill(teacher: Translator, out_dir: str | Path, data: DataConfig | None = None, progress: bool = False) -> int:
     """Write the distilled folder for `data` (default: the teacher's own recipe's) to `out_dir`; return
     the number of training sentences translated. Every split is read and translated before anything
-    is written: a failure leaves `out_dir` as it was."""
+    is written: a failure leaves `out_dir` as it was (and the splits are held in memory meanwhile)."""
     data = data or teacher.recipe.data
     splits = dict.fromkeys(s for s in (data.train_split, data.valid_split, data.test_split) if s)
     for split in splits:
