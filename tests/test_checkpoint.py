@@ -20,7 +20,8 @@ import torch
 from conftest import toy_pair
 from translator import Translator
 from translator.checkpoint import (
-    CONFIG, FORMAT_VERSION, SPM, WEIGHTS, CheckpointError, atomic_write, load_model_dir, staged_text_file, training_checkpoints,
+    CONFIG, FORMAT_VERSION, SPM, WEIGHTS, CheckpointError, atomic_write, load_model_dir, staged_directory, staged_text_file,
+    training_checkpoints,
 )
 
 
@@ -113,6 +114,28 @@ def test_a_save_that_cannot_make_its_staging_folder_leaves_no_folders(tiny_trans
     with pytest.raises(OSError, match="No space"):
         tiny_translator.save_pretrained(tmp_path / "made" / "for" / "it" / "model")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_staged_outputs_are_on_disk_before_they_are_put_in_place(tmp_path, monkeypatch):
+    """A file written plainly into a staging folder (distill, CTranslate2's export) or file
+    (translate -o) is fsynced before the rename: after a power cut, the output is there with its
+    data, or the old one is."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a))) or real_replace(a, b))
+    out = tmp_path / "distilled"
+    with staged_directory(out) as staging:
+        for name in ("train.de", "train.en"):
+            (staging / name).write_text("ein Satz\n", encoding="utf-8")
+    placed = events.index(("replace", str(staging)))
+    assert {("fsync", str(staging / name)) for name in ("train.de", "train.en")} <= set(events[:placed])
+    assert (out / "train.de").read_text(encoding="utf-8") == "ein Satz\n"
+    events.clear()
+    with staged_text_file(tmp_path / "translations.txt") as f:  # translate -o
+        f.write("ein Satz\n")
+    ((_, written),) = [event for event in events if event[0] == "replace"]
+    assert events.index(("fsync", written)) < events.index(("replace", written))
 
 
 # --- nothing executes on load ------------------------------------------------------------------

@@ -198,6 +198,13 @@ def test_sampling_is_reproducible_with_a_seed_and_varies_without_one(tiny_transl
         assert [t.score for t in samples] == sorted((t.score for t in samples), reverse=True)
 
 
+def test_unseeded_sampling_draws_a_repeated_sentence_apart(tiny_translator):
+    drawn = tiny_translator.translate([SENTENCES[1]] * 8, sampling=Sampling(temperature=2.0))
+    assert len(set(drawn)) > 1  # one batch, eight rows: a generator each, not one per sentence's text
+    seeded = tiny_translator.translate([SENTENCES[1]] * 8, sampling=Sampling(temperature=2.0, seed=5))
+    assert len(set(seeded)) == 1  # a seed makes a sentence's sample depend on the sentence alone
+
+
 def test_top_k_one_sampling_is_greedy(tiny_translator):
     assert tiny_translator.translate(SENTENCES, sampling=Sampling(top_k=1, seed=0)) == tiny_translator.translate(SENTENCES, beam_size=1)
     assert tiny_translator.translate(SENTENCES, sampling=Sampling(top_p=1e-6, seed=0)) == tiny_translator.translate(SENTENCES, beam_size=1)

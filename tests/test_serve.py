@@ -209,11 +209,11 @@ def test_a_batch_holds_equal_options_within_the_token_budget(tiny_translator):
         assert [t.score for hyps in result for t in hyps] == pytest.approx([t.score for hyps in alone for t in hyps], abs=1e-5)
 
 
-def test_unseeded_sampling_requests_are_decoded_alone_and_draw_apart(tiny_translator):
+def test_unseeded_sampling_requests_batch_and_draw_apart(tiny_translator):
     translator = CountingTranslator(tiny_translator, max_tokens=8192)
     unseeded = options(sampling=Sampling(temperature=2.0), n_best=4)
     results = run_jobs(translator, [([SENTENCES[1]], unseeded), ([SENTENCES[1]], unseeded)])
-    assert translator.calls == [[SENTENCES[1]], [SENTENCES[1]]]
+    assert translator.calls == [[SENTENCES[1], SENTENCES[1]]]
     assert [t.text for t in results[0][0]] != [t.text for t in results[1][0]]  # two clients, two draws
 
 

@@ -3,6 +3,7 @@ the start, and refuses a resume that would silently break its bitwise promise.""
 
 import importlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -192,3 +193,23 @@ def test_an_fp16_overflow_skips_the_update_and_lowers_the_scale():
     assert scaler.get_scale() == 2.0**39
     training.train_step(model, optimizer, scheduler, [batch], autocast, cfg, scaler=torch.amp.GradScaler("cpu"))
     assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # a normal scale updates
+
+
+def test_an_fp16_update_after_a_skipped_nan_loss_trains(monkeypatch):
+    """train.on_nan=skip under fp16: the skipped step must leave the scaler ready for the next one."""
+    torch.manual_seed(0)
+    model, optimizer = small_model_and_optimizer()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu")
+    batch = training.Batch.of([[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]])
+    cfg = load_recipe(TINY_RECIPE).train
+    autocast = lambda: torch.autocast("cpu", dtype=torch.float16)  # noqa: E731
+    real_loss = training.loss_fn
+    monkeypatch.setattr(training, "loss_fn", lambda *args, **kwargs: real_loss(*args, **kwargs) * float("nan"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FloatingPointError, match="nan"):
+        training.train_step(model, optimizer, scheduler, [batch], autocast, cfg, scaler=scaler)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    monkeypatch.setattr(training, "loss_fn", real_loss)
+    loss = training.train_step(model, optimizer, scheduler, [batch], autocast, cfg, scaler=scaler)
+    assert math.isfinite(loss) and not all(torch.equal(before[k], v) for k, v in model.state_dict().items())

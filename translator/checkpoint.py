@@ -90,6 +90,8 @@ def staged_text_file(path: Path) -> Iterator[TextIO]:
     try:
         with open(fd, "w", encoding="utf-8") as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave `path` empty
         plain_mode(staging)
         os.replace(staging, path)
     finally:
@@ -118,13 +120,18 @@ def staged_directory(out: Path) -> Iterator[Path]:
     """A temporary folder beside `out` to fill, put in place when the block ends without an error, so
     that a failure while writing (Ctrl-C, a full disk) leaves `out` as it was. A new `out` appears by
     one rename; an existing one (whose other files stay) gets the folder's files by a rename each,
-    a window of microseconds where the writes took seconds. The folders made for `out` go with it."""
+    a window of microseconds where the writes took seconds. Every file is fsynced before it is put
+    in place, so a power cut after the block cannot leave `out` with empty files. The folders made
+    for `out` go with it."""
     made = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]  # deepest first
     staging = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         yield staging
+        for file in staging.rglob("*"):
+            if file.is_file():
+                _fsync(file)
         if out.is_dir():
             for file in staging.iterdir():
                 os.replace(file, out / file.name)

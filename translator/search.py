@@ -46,7 +46,7 @@ class Sampling:
     temperature: float = 1.0  # < 1 sharpens, > 1 flattens
     top_k: int = 0  # draw only among the k likeliest tokens (0: all)
     top_p: float = 1.0  # draw only among the likeliest tokens whose probabilities add up to p (nucleus)
-    seed: int | None = None  # a sentence's samples depend only on the seed and the sentence (not on its batch)
+    seed: int | None = None  # a sentence's samples depend only on the seed and the sentence (not on its batch); None: fresh draws
 
     def __post_init__(self):
         for name, kind, expected in (("temperature", numbers.Real, "a number"), ("top_k", numbers.Integral, "an integer"),
@@ -116,8 +116,10 @@ def greedy_search(model: Transformer, src: Tensor, max_lens: list[int]) -> list[
 
 def sample(model: Transformer, src: Tensor, max_lens: list[int], sampling: Sampling, n_samples: int = 1) -> list[list[Hypothesis]]:
     """`n_samples` draws per sentence, best first."""
-    seed = sampling.seed if sampling.seed is not None else np.random.SeedSequence().entropy  # unseeded: a fresh random seed
-    generators = sentence_generators(src, PAD_ID, seed, n_samples)  # one per row of src[rows]
+    if sampling.seed is None:  # unseeded: every row a fresh generator, so a repeated sentence draws apart
+        generators = [np.random.default_rng() for _ in range(src.size(0) * n_samples)]
+    else:
+        generators = sentence_generators(src, PAD_ID, sampling.seed, n_samples)  # one per row of src[rows]
     rows = torch.arange(src.size(0), device=src.device).repeat_interleave(n_samples)
 
     def draw(outputs: Tensor, alive: list[int]) -> tuple[Tensor, Tensor]:

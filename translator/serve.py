@@ -11,7 +11,7 @@
 Requests that arrive while a batch decodes wait in a queue; the next batch takes every waiting
 request with the same decoding options, up to `decode.max_tokens`, and hands their sentences
 to `Translator.translate` as one list. Batch invariance makes each result the one the request
-would get alone. FastAPI and uvicorn are imported by this module only (`translator[serve]`).
+would get alone, up to the kernels' rounding for other batch shapes (rare in bf16; not so in int8). FastAPI and uvicorn are imported by this module only (`translator[serve]`).
 """
 
 from __future__ import annotations
@@ -94,9 +94,7 @@ class Batcher:
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
 
     def submit(self, sentences: list[str], options: dict) -> asyncio.Future:
-        key = tuple(options.items())  # seeded samples depend on the seed and the sentence alone: they batch too
-        if options["sampling"] is not None and options["sampling"].seed is None:
-            key = (object(),)  # unseeded ones go alone: batched, they would share one draw of a seed (the same sentence, the same samples)
+        key = tuple(options.items())  # samples batch too: seeded ones depend on the seed and the sentence alone, unseeded ones draw apart
         lengths = [len(ids) + 1 for ids in self.translator.tokenizer.encode(sentences)] or [0]
         job = Job(sentences, options, key, (len(sentences), max(lengths)), asyncio.get_running_loop().create_future())
         self.queue.append(job)

@@ -347,14 +347,15 @@ def train_step(
                 loss = loss_fn(model, batch, cfg, scale=batch.n_tgt_tokens * world.size / n_tokens)  # x size: DDP divides by it
             scaler.scale(loss).backward()
         stats += torch.stack([loss.detach().float() / world.size, (~torch.isfinite(loss.detach())).float()])
+    scaler.unscale_(optimizer)  # fp16 only (a disabled scaler passes): before clipping, and so update() below is always valid
     if cfg.clip_norm > 0:
-        scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
         if not scaler.is_enabled():  # fp16 overflows are the scaler's to skip; elsewhere a non-finite gradient is a NaN
             stats[1] += (~torch.isfinite(norm)).float()
     mean_loss, non_finite = world.sum_(stats).tolist()
     if non_finite:
         optimizer.zero_grad(set_to_none=True)
+        scaler.update()  # fp16: close this step's unscaling, or train.on_nan=skip's next update could not unscale
         raise FloatingPointError(f"loss is {mean_loss}" if not math.isfinite(mean_loss) else "gradient is not finite")
     scaler.step(optimizer)
     scaler.update()
