@@ -245,6 +245,7 @@ def test_ints_are_accepted_for_floats():
         (["train.clip_norm=-1"], "train.clip_norm"),
         (["train.weight_decay=-0.1"], "train.weight_decay"),
         (["tokenizer.input_sentence_size=0"], "tokenizer.input_sentence_size"),
+        (["tokenizer.input_sentence_size=100"], "tokenizer.input_sentence_size"),  # SentencePiece refuses 1-100 only once it has read the data
         (["train.threads=0"], "train.threads"),
         (["train.rdrop_alpha=-1"], "train.rdrop_alpha"),
         (["data.subword_sampling=1.5"], "data.subword_sampling"),

@@ -723,5 +723,30 @@ def test_subword_sampling_draws_other_pieces_each_epoch_of_the_same_pairs_reprod
     assert sum(first[i] != plain[i] for i in first) > len(first) // 4  # ...in other pieces
     assert sum(first[i] != second[i] for i in first) > len(first) // 4  # drawn anew each epoch
     again = SampledTrainBatches(tokenized, 400, seed=3, tokenizer=tokenizer, sampling=0.1, max_len=40)
-    assert epoch_rows(again, 1) == second  # seeded by (seed, epoch): a resumed run sees the same pieces
+    assert epoch_rows(again, 1) == second  # seeded by (seed, epoch): the same pieces, within one process
     assert all(len(strip(s)) <= 40 and len(strip(t)) <= 40 for s, t in first.values())
+
+
+def test_under_torchrun_every_rank_cuts_its_batches_from_rank_0s_sampled_pieces(toy_corpus):
+    """SentencePiece's seeded draws differ from process to process: each rank drawing its own
+    pieces would cut other batches, and their shares would overlap and miss pairs."""
+    from translator.trainset import SampledTrainBatches
+
+    class OtherProcess:  # the same seed, drawn in another process: other pieces
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def encode(self, texts, sampling, seed):
+            return self.tokenizer.encode(texts, sampling, seed + 1)
+
+    pairs = load_split(DataConfig(path=str(toy_corpus)), "train")
+    tokenizer = Tokenizer.train((x for p in zip(pairs["src"], pairs["tgt"]) for x in p), 60, seed=0)
+    tokenized = tokenize(pairs, tokenizer)
+    broadcast = []
+    rank0 = SampledTrainBatches(tokenized, 400, 3, tokenizer, 0.1, 40, agree=lambda ids: broadcast.append(ids) or ids)
+    alone = SampledTrainBatches(tokenized, 400, 3, OtherProcess(tokenizer), 0.1, 40)
+    rank1 = SampledTrainBatches(tokenized, 400, 3, OtherProcess(tokenizer), 0.1, 40, agree=lambda ids: broadcast.pop(0))
+    batches = [indices.tolist() for indices in rank0.epoch(0)]
+    assert [indices.tolist() for indices in alone.epoch(0)] != batches  # the premise: other pieces, other batches
+    assert [indices.tolist() for indices in rank1.epoch(0)] == batches
+    assert all(torch.equal(rank0.collate(i).src, rank1.collate(i).src) for i in rank0.epoch(0))

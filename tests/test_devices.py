@@ -33,10 +33,11 @@ def cpu_with(monkeypatch):
 
 @pytest.fixture
 def gpu_with(monkeypatch):
-    def set_bf16(supported: bool):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: supported)
+    def set_capability(capability: tuple[int, int]):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # as torch says of emulated bf16 too
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Test GPU")
-    return set_bf16
+    return set_capability
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -53,9 +54,9 @@ def test_auto_on_a_cpu_is_bf16_only_with_native_bf16(cpu_with, flags, expected):
     assert ("no native bf16" in chosen.reason) == (expected == "fp32")
 
 
-@pytest.mark.parametrize("bf16, expected", [(True, "bf16"), (False, "fp16")])
-def test_auto_on_a_gpu_is_bf16_where_supported_else_fp16(gpu_with, bf16, expected):
-    gpu_with(bf16)
+@pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"), ((7, 0), "fp16")])
+def test_auto_on_a_gpu_is_bf16_where_native_else_fp16(gpu_with, capability, expected):  # H100, A100; T4, V100
+    gpu_with(capability)
     chosen = devices.resolve_precision("auto", torch.device("cuda", 0))
     assert chosen.name == expected and "Test GPU" in chosen.reason
     assert chosen.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[expected]
@@ -64,7 +65,7 @@ def test_auto_on_a_gpu_is_bf16_where_supported_else_fp16(gpu_with, bf16, expecte
 @pytest.mark.parametrize("asked", ["fp32", "bf16", "fp16"])
 def test_an_explicit_precision_is_honoured_whatever_the_machine(cpu_with, gpu_with, asked):
     cpu_with()
-    gpu_with(False)
+    gpu_with((7, 5))
     for device in (torch.device("cpu"), torch.device("cuda", 0)):
         assert devices.resolve_precision(asked, device).name == asked
 

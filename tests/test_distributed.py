@@ -31,7 +31,7 @@ def torchrun(n):
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_accumulating_their_batches_and_resume_on_one(tmp_path, toy_corpus):
+def test_two_processes_train_like_one_accumulating_their_batches_and_resume_on_one_accumulating_two(tmp_path, toy_corpus):
     """Bitwise: dropout masks are drawn from the global batch, and the loss scales are powers of two apart."""
     two = train_cli(torchrun(2), toy_corpus, tmp_path / "two", "model.dropout=0.1")
     assert two.returncode == 0, two.stderr[-3000:]
@@ -47,9 +47,15 @@ def test_two_processes_train_like_one_accumulating_their_batches_and_resume_on_o
     losses = [e["loss"] for e in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
     assert losses[-1] < losses[0]
 
-    more = train_cli([sys.executable], toy_corpus, tmp_path / "two", "model.dropout=0.1", "train.max_steps=60", resume=True)  # another world size
-    assert more.returncode == 0, more.stderr[-3000:]
-    assert training_checkpoints(tmp_path / "two")[-1].name == "step_00000060"
+    # on one process, accumulating two batches: the same global batch, so bitwise the one-process run's next 20 updates
+    for run in ("two", "one"):
+        more = train_cli([sys.executable], toy_corpus, tmp_path / run, "model.dropout=0.1", "train.max_steps=60", "train.accum_steps=2",
+                         resume=True)
+        assert more.returncode == 0, more.stderr[-3000:]
+        assert "batches per update" not in more.stderr
+    a = load_file(training_checkpoints(tmp_path / "two")[-1] / WEIGHTS)
+    b = load_file(training_checkpoints(tmp_path / "one")[-1] / WEIGHTS)
+    assert training_checkpoints(tmp_path / "two")[-1].name == "step_00000060" and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

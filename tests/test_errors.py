@@ -109,6 +109,16 @@ def test_cli_cuda_device_without_a_gpu_exits_2_naming_the_key(tmp_path):
     assert "no CUDA device" in line
 
 
+def test_cli_tokenizer_settings_sentencepiece_refuses_exit_2_naming_them_and_leave_nothing(tmp_path):
+    data = write_toy_corpus(tmp_path / "data", sizes=(("train", 50), ("validation", 5), ("test", 5)))
+    result = cli("train", TINY_RECIPE, "--set", f"data.path={data}", "--set", f"out_dir={tmp_path / 'run'}",
+                 "--set", "tokenizer.vocab_size=8", "--quiet")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("translator train: error: tokenizer: SentencePiece") and "vocab_size" in last, last
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_override_without_equals_exits_2_naming_it():
     line = assert_usage_error(cli("train", TINY_RECIPE, "--set", "model.d_model", "--quiet"), "train", "model.d_model")
     assert "KEY=VALUE" in line

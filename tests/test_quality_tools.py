@@ -78,13 +78,15 @@ def test_average_last_must_fit_the_kept_checkpoints():
 def test_early_stopping_after_patience_validations_without_improvement(tmp_path, toy_corpus):
     out = tmp_path / "run"
     # lr 0: the first validation sets the best BLEU and nothing ever beats it
-    train_tiny(toy_corpus, out, "train.max_steps=200", "train.valid_every=5", "train.lr=1e-12", "train.warmup_steps=0",
-               "train.patience=2")
-    entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    validations = [e for e in entries if "valid_bleu" in e]
-    assert [v["step"] for v in validations] == [5, 10, 15]
-    assert training_checkpoints(out)[-1].name == "step_00000015"
-    # the best validation's checkpoint outlives keep_checkpoints, resumable like any other
-    assert training_checkpoints(out)[0].name == "step_00000005"
-    assert json.loads((training_checkpoints(out)[-1] / "state.json").read_text())["best_step"] == 5
-    assert "test" in entries[-1]
+    overrides = [f"data.path={toy_corpus}", f"out_dir={out}", "train.max_steps=200", "train.valid_every=5", "train.lr=1e-12",
+                 "train.warmup_steps=0", "train.patience=2"]
+    for resume in (False, True):  # resumed (say after a kill while testing), an early-stopped run stays stopped
+        train(load_recipe(TINY_RECIPE, overrides), progress=False, resume=resume)
+        entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        validations = [e for e in entries if "valid_bleu" in e]
+        assert [v["step"] for v in validations] == [5, 10, 15]
+        assert training_checkpoints(out)[-1].name == "step_00000015"
+        # the best validation's checkpoint outlives keep_checkpoints, resumable like any other
+        assert training_checkpoints(out)[0].name == "step_00000005"
+        assert json.loads((training_checkpoints(out)[-1] / "state.json").read_text())["best_step"] == 5
+        assert "test" in entries[-1]

@@ -18,6 +18,7 @@ from translator.checkpoint import (
 )
 from translator.config import ModelConfig, RecipeError
 from translator.data import DataError
+from translator.distributed import World
 from translator.model import Transformer
 
 training = importlib.import_module("translator.train")
@@ -213,3 +214,21 @@ def test_an_fp16_update_after_a_skipped_nan_loss_trains(monkeypatch):
     monkeypatch.setattr(training, "loss_fn", real_loss)
     loss = training.train_step(model, optimizer, scheduler, [batch], autocast, cfg, scaler=scaler)
     assert math.isfinite(loss) and not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_decode_precision_the_device_cannot_validate_at_fails_before_training(tmp_path):
+    """Validation decodes at decode.precision: int8 (CPU only) on a GPU must fail at once, not after
+    the steps up to the first validation."""
+    recipe = load_recipe(TINY_RECIPE, [f"out_dir={tmp_path / 'run'}", "decode.precision=int8"])
+    with pytest.raises(RecipeError, match="decode.precision: int8"):
+        training.setup(recipe, World(), torch.device("cuda", 0), resume=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_resume_that_changes_the_batches_per_update_warns(tmp_path, toy_corpus, capfd):
+    out = tmp_path / "run"
+    training.train(recipe(toy_corpus, out, "train.max_steps=10"), progress=False)
+    capfd.readouterr()
+    training.train(recipe(toy_corpus, out, "train.accum_steps=2"), progress=False, resume=True)
+    assert "batches per update (processes x train.accum_steps) go from 1 to 2" in capfd.readouterr().err

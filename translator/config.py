@@ -58,7 +58,8 @@ class TokenizerConfig:
     def validate(self) -> None:
         _check(self.vocab_size >= 8, "tokenizer.vocab_size", self.vocab_size, "at least 8")
         _check(0 < self.character_coverage <= 1, "tokenizer.character_coverage", self.character_coverage, "in (0, 1]")
-        _check(self.input_sentence_size > 0, "tokenizer.input_sentence_size", self.input_sentence_size, "a positive number of sentences")
+        _check(self.input_sentence_size > 100, "tokenizer.input_sentence_size", self.input_sentence_size,
+               "over 100 sentences (SentencePiece's least)")
 
 
 @dataclass(frozen=True)

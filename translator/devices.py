@@ -4,7 +4,7 @@
     precision "auto" is the fastest precision that keeps quality on that device:
               CPU   bf16 where the CPU has bf16 instructions (avx512_bf16 or AMX), else fp32:
                     bf16 emulated in software measured 2.6x slower than fp32 (Intel Xeon, VNNI, no avx512_bf16)
-              CUDA  bf16 where the GPU supports it, else fp16 (training adds a gradient scaler)
+              CUDA  bf16 where the GPU runs it natively (compute capability >= 8.0), else fp16 (training adds a gradient scaler)
     memory    freed blocks kept for reuse by glibc's malloc (keep_freed_memory), unless the user tuned it
 
 Nothing machine-specific is stored with a model: a model trained in bf16 on one machine is
@@ -92,9 +92,10 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
     if requested != "auto":
         return Precision(requested, "asked for")
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return Precision("bf16", f"auto: {torch.cuda.get_device_name(device)} supports bf16")
-        return Precision("fp16", f"auto: {torch.cuda.get_device_name(device)} has no bf16")
+        # by compute capability: torch.cuda.is_bf16_supported() also says yes to bf16 emulated (T4, V100)
+        if torch.cuda.get_device_capability(device) >= (8, 0):
+            return Precision("bf16", f"auto: {torch.cuda.get_device_name(device)} runs bf16 natively")
+        return Precision("fp16", f"auto: {torch.cuda.get_device_name(device)} has no native bf16")
     native = [f for f in BF16_CPU_FLAGS if f in cpu_flags()]
     if native:
         return Precision("bf16", f"auto: this CPU runs bf16 natively ({', '.join(native)})")

@@ -43,11 +43,13 @@ from .runlog import RunLog
 from .tokenizer import PAD_ID, Tokenizer, interleave
 
 # Recipe keys a resumed run may change: they do not touch the weights' path (the rest would break
-# the promise that a resumed run ends bitwise where an uninterrupted one does).
+# the promise that a resumed run ends bitwise where an uninterrupted one does). train.accum_steps
+# may change with the number of processes: _restore warns unless their product, the batches an
+# update reads, stays.
 RESUMABLE_CHANGES = (
     "name", "out_dir", "data.num_proc", "data.valid_split", "data.test_split", "train.max_steps", "train.on_nan", "train.device",
     "train.log_every", "train.valid_every", "train.checkpoint_every", "train.keep_checkpoints", "train.patience",
-    "train.average_last", "train.threads", "decode.", "evaluate.",
+    "train.average_last", "train.threads", "train.accum_steps", "decode.", "evaluate.",
 )
 
 
@@ -62,6 +64,7 @@ class TrainingState:
     stale_validations: int = 0  # validations since the best (train.patience)
     padding: list[int] = field(default_factory=lambda: [0, 0, 0])  # [epoch, padding positions, all positions] of this epoch so far
     precision: str | None = None  # what the run trains at (auto is resolved on the machine that started it)
+    batches_per_update: int | None = None  # processes x train.accum_steps: the global batch
     scheduler: dict = field(default_factory=dict)
     grad_scaler: dict = field(default_factory=dict)
 
@@ -121,6 +124,7 @@ class Stopped(KeyboardInterrupt):
 def setup(recipe: Recipe, world: World, device: torch.device, resume: bool) -> tuple[Run, TrainingState]:
     out, cfg = Path(recipe.out_dir), recipe.train
     bleu_metric(recipe.data.tgt_lang, recipe.evaluate.tokenize)  # a BLEU tokenizer that is not installed fails now, not at validation
+    resolve_precision(recipe.decode.precision, device)  # validation decodes at it: int8 on a GPU fails now, too
     log = RunLog(out, enabled=world.is_main)
     say = log.say
     checkpoint = world.from_main(_checkpoint_to_resume(recipe, resume, say) if world.is_main else None)
@@ -132,9 +136,10 @@ def setup(recipe: Recipe, world: World, device: torch.device, resume: bool) -> t
     optimizer, scheduler = optimizer_and_schedule(model, cfg)
     precision = resolve_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
-    state = TrainingState(precision=precision.name)
+    per_update = world.size * cfg.accum_steps
+    state = TrainingState(precision=precision.name, batches_per_update=per_update)
     if checkpoint:
-        state = _restore(checkpoint, model, optimizer, scheduler, scaler, precision, say)
+        state = _restore(checkpoint, model, optimizer, scheduler, scaler, precision, per_update, say)
         if world.is_main:  # the model directory follows the recipe's allowed changes, once the resume is known to work
             save_model_config(out, recipe, tokenizer)
     log.open(up_to_step=state.step)
@@ -163,7 +168,10 @@ def load_data(recipe: Recipe, world: World, from_checkpoint: bool, say) -> tuple
             tokenizer = Tokenizer.load(out / SPM)
         else:
             sample = train_pairs.shuffle(seed=recipe.seed).take(tok.input_sentence_size) if data.streaming else train_pairs
-            tokenizer = Tokenizer.train(sentences(sample), tok.vocab_size, tok.model_type, tok.character_coverage, tok.input_sentence_size, recipe.seed)
+            try:
+                tokenizer = Tokenizer.train(sentences(sample), tok.vocab_size, tok.model_type, tok.character_coverage, tok.input_sentence_size, recipe.seed)
+            except RuntimeError as e:  # SentencePiece's own checks of the settings against the data
+                raise RecipeError(f"tokenizer: SentencePiece cannot train with these settings on this data: {e}") from None
         say(f"tokenizer: SentencePiece {tok.model_type}, {tokenizer.vocab_size} pieces")
         if data.streaming:
             train_batches = StreamBatches(train_pairs, tokenizer, cfg.max_tokens, recipe.seed, data.max_len, data.max_ratio)
@@ -171,7 +179,8 @@ def load_data(recipe: Recipe, world: World, from_checkpoint: bool, say) -> tuple
         else:
             train_tokens, report = training_pairs(train_pairs, tokenizer, data)
             say(f"filter: {report}")
-            train_batches = (SampledTrainBatches(train_tokens, cfg.max_tokens, recipe.seed, tokenizer, data.subword_sampling, data.max_len)
+            train_batches = (SampledTrainBatches(train_tokens, cfg.max_tokens, recipe.seed, tokenizer, data.subword_sampling, data.max_len,
+                                                 agree=world.from_main)
                              if data.subword_sampling else TrainBatches(train_tokens, cfg.max_tokens, recipe.seed))
         # The validation loss needs pairs that fit the position table; BLEU translates them all (truncating).
         valid_tokens, report = filter_pairs(tokenize(valid_pairs, tokenizer), recipe.model.max_positions - 1, 0)
@@ -244,15 +253,18 @@ def _changed_keys(old: Recipe, new: Recipe) -> list[tuple[str, object, object]]:
     return [(key, before.get(key), after[key]) for key in after if before.get(key) != after[key]]
 
 
-def _restore(checkpoint: Path, model, optimizer, scheduler, scaler, precision: Precision, say) -> TrainingState:
+def _restore(checkpoint: Path, model, optimizer, scheduler, scaler, precision: Precision, per_update: int, say) -> TrainingState:
     state = TrainingState.from_dict(load_training_checkpoint(checkpoint, model, optimizer))
     scheduler.load_state_dict(state.scheduler)
     if state.grad_scaler:  # a run saved without fp16 has none
         scaler.load_state_dict(state.grad_scaler)
     if state.precision not in (None, precision.name):
         say(f"warning: the run trained in {state.precision} and goes on in {precision} (not bitwise what it would have been)")
+    if state.batches_per_update not in (None, per_update):
+        say(f"warning: batches per update (processes x train.accum_steps) go from {state.batches_per_update} to {per_update}: "
+            "another global batch; set train.accum_steps so that the product stays, to go on bitwise")
     say(f"resuming from {checkpoint} (step {state.step})")
-    return replace(state, precision=precision.name)
+    return replace(state, precision=precision.name, batches_per_update=per_update)
 
 
 
@@ -261,6 +273,9 @@ def _restore(checkpoint: Path, model, optimizer, scheduler, scaler, precision: P
 def loop(run: Run, state: TrainingState, progress: bool) -> None:
     """Train from `state.step` to train.max_steps (or early stopping), updating `state` in place."""
     cfg, world = run.recipe.train, run.world
+    if cfg.patience is not None and state.stale_validations >= cfg.patience:  # resumed after its early stop
+        run.log.say(f"the run stopped early at step {state.step}: nothing left to train")
+        return
     batches = run.train_batches.from_position(state.data_position)
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="training", unit="step", disable=not (progress and world.is_main))
     window = Window()

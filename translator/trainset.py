@@ -5,7 +5,7 @@ and batched in memory, segmented anew each epoch (subword sampling), or streamed
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 
@@ -133,14 +133,20 @@ class TrainBatches:
 
 class SampledTrainBatches(TrainBatches):
     """TrainBatches whose pairs are segmented anew each epoch, drawn from the SentencePiece model
-    (subword regularisation, Kudo 2018; BPE-dropout for bpe models): the same pairs, other pieces,
-    seeded by (seed, epoch) so a resumed run sees the very same ones. A sampled side longer than
-    `max_len` keeps its best segmentation. Batches are collated from the epoch asked for last."""
+    (subword regularisation, Kudo 2018; BPE-dropout for bpe models): the same pairs, other pieces.
+    A sampled side longer than `max_len` keeps its best segmentation. Batches are collated from
+    the epoch asked for last.
 
-    def __init__(self, tokenized: datasets.Dataset, max_tokens: int, seed: int, tokenizer: Tokenizer, sampling: float, max_len: int):
+    The draws are seeded by (seed, epoch), but SentencePiece (0.2) repeats seeded draws within a
+    process only: a resumed run segments its epoch anew (not bitwise the uninterrupted run), and
+    under torchrun every rank takes rank 0's segmentation (`agree`), so that all of them cut the
+    same batches."""
+
+    def __init__(self, tokenized: datasets.Dataset, max_tokens: int, seed: int, tokenizer: Tokenizer, sampling: float, max_len: int,
+                 agree: Callable[[list], list] = lambda ids: ids):
         super().__init__(tokenized, max_tokens, seed)
         self.text_pairs = tokenized.select_columns(["src", "tgt"])
-        self.tokenizer, self.sampling, self.max_len = tokenizer, sampling, max_len
+        self.tokenizer, self.sampling, self.max_len, self.agree = tokenizer, sampling, max_len, agree
         self.best = {side: list(self.dataset[side + "_ids"]) for side in ("src", "tgt")}  # the fallback for a long draw, read once
         self.segmented: tuple[int, dict[str, list[list[int]]], np.ndarray] | None = None
 
@@ -149,7 +155,7 @@ class SampledTrainBatches(TrainBatches):
             ids = {}
             for i, side in enumerate(("src", "tgt")):
                 seed = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0])
-                drawn = self.tokenizer.encode(texts(self.text_pairs[side]), self.sampling, seed)
+                drawn = self.agree(self.tokenizer.encode(texts(self.text_pairs[side]), self.sampling, seed))
                 ids[side] = [d if len(d) <= self.max_len else b for d, b in zip(drawn, self.best[side])]
             sizes = np.maximum([len(x) for x in ids["src"]], [len(x) for x in ids["tgt"]]) + 1
             self.segmented = (epoch, ids, sizes)
