@@ -36,7 +36,7 @@ import torch
 from benchtable import print_table  # bench/, on the path as the script's folder
 from translator import Translator
 from translator.batching import source_tensor
-from translator.config import DataConfig, DecodeConfig, Recipe
+from translator.config import DataConfig, DecodeConfig, load_recipe
 from translator.data import load_split
 from translator.devices import describe, keep_freed_memory, pick_device, synchronize
 from translator.evaluate import score
@@ -51,15 +51,15 @@ PEERS = ROOT.parent / "shared" / "bench-peers"
 
 def random_translator(data: DataConfig, device: torch.device) -> Translator:
     """The Multi30k recipe's model with random weights; eos can never win, so outputs run to the length limit."""
-    recipe = Recipe(data=data)
+    recipe = replace(load_recipe(ROOT / "recipes" / "multi30k_de_en.yaml"), data=data)
     train = load_split(data, "train")
     tokenizer = Tokenizer.train(interleave(train["src"], train["tgt"]), recipe.tokenizer.vocab_size)
     torch.manual_seed(0)
     model = Transformer(recipe.model, tokenizer.vocab_size).to(device).eval()
     with torch.no_grad():
-        model.embedding.weight[EOS_ID].zero_()  # eos's logit is then 0, which never beats the best of 8k random ones
+        model.embedding.weight[EOS_ID].zero_()  # eos's logit is then 0, which never beats the best of 5k random ones
     decode = DecodeConfig(beam_size=5, alpha=0.6, max_len_a=1.0, max_len_b=1)  # output length = source length
-    return Translator(model, tokenizer, Recipe(data=data, decode=decode))
+    return Translator(model, tokenizer, replace(recipe, decode=decode))
 
 
 def count_tokens(tokenizer: Tokenizer, texts: list[str]) -> int:
@@ -83,17 +83,17 @@ def ctranslate2_runs(model_dir: str, translator: Translator, sentences: list[str
 
     pieces = [translator.tokenizer.pieces(s) for s in sentences]
     decode = translator.recipe.decode
-    longest = max(len(p) for p in pieces) + 1
+    longest = max(len(p) for p in pieces) + 1  # with </s>, as ours counts; one limit for the batch, ours is per sentence
     runs = {}
     for quantization in ("float32", "int8"):
         out = export_ctranslate2(model_dir, folder / quantization, quantization)
         for workers in (1, threads):
             ct2 = ctranslate2.Translator(str(out), device="cpu", inter_threads=workers, intra_threads=threads // workers)
             for name, beam in (("greedy", 1), ("beam 5, first_k", 5)):  # its beam search stops at the first K finished
-                def run(ct2=ct2, beam=beam):
+                def run(ct2=ct2, beam=beam):  # our limit counts </s>: at most limit - 1 tokens (tests/test_export.py)
                     results = ct2.translate_batch(pieces, max_batch_size=decode.max_tokens, batch_type="tokens", beam_size=beam,
                                                   length_penalty=decode.alpha, min_decoding_length=0,
-                                                  max_decoding_length=int(decode.max_len_a * longest + decode.max_len_b))
+                                                  max_decoding_length=int(decode.max_len_a * longest + decode.max_len_b) - 1)
                     return [translator.tokenizer.sp.decode_pieces(r.hypotheses[0]) for r in results]
                 label = f"CTranslate2 {quantization}" + (f", {workers} workers x {threads // workers} thread" if workers > 1 else "")
                 runs[(name, beam, label)] = run

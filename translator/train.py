@@ -291,13 +291,14 @@ def loop(run: Run, state: TrainingState, progress: bool) -> None:
             bar.update()
             if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
                 bar.set_postfix(window.log(run, state.step))
-            improved = converged = False
+            improved, converged, paused = False, False, time.perf_counter()
             if state.step % cfg.valid_every == 0 or state.step == cfg.max_steps:
                 improved, converged = validate_and_keep_best(run, state)
             stop = world.any(bool(signals))
             scheduled = state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps or converged or improved
             if scheduled or stop:
                 save_checkpoint(run, state, scheduled)
+            window.start += time.perf_counter() - paused  # tokens/s counts training steps, not validations and saves
             if converged:
                 run.log.say(f"early stop at step {state.step}: no better validation BLEU in {cfg.patience} validations")
                 break
