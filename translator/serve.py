@@ -11,7 +11,8 @@
 Requests that arrive while a batch decodes wait in a queue; the next batch takes every waiting
 request with the same decoding options, up to `decode.max_tokens`, and hands their sentences
 to `Translator.translate` as one list. Batch invariance makes each result the one the request
-would get alone, up to the kernels' rounding for other batch shapes (rare in bf16; not so in int8). FastAPI and uvicorn are imported by this module only (`translator[serve]`).
+would get alone, up to the kernels' rounding for other batch shapes (rare in bf16; not so in
+int8). FastAPI and uvicorn are imported by this module only (`translator[serve]`).
 """
 
 from __future__ import annotations
