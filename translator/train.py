@@ -68,6 +68,10 @@ class TrainingState:
     scheduler: dict = field(default_factory=dict)
     grad_scaler: dict = field(default_factory=dict)
 
+    def stopped_early(self, patience: int | None) -> bool:
+        """train.patience validations in a row without a better BLEU."""
+        return patience is not None and self.stale_validations >= patience
+
     @classmethod
     def from_dict(cls, values: dict) -> TrainingState:
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
@@ -273,7 +277,7 @@ def _restore(checkpoint: Path, model, optimizer, scheduler, scaler, precision: P
 def loop(run: Run, state: TrainingState, progress: bool) -> None:
     """Train from `state.step` to train.max_steps (or early stopping), updating `state` in place."""
     cfg, world = run.recipe.train, run.world
-    if cfg.patience is not None and state.stale_validations >= cfg.patience:  # resumed after its early stop
+    if state.stopped_early(cfg.patience):  # resumed after its early stop
         run.log.say(f"the run stopped early at step {state.step}: nothing left to train")
         return
     batches = run.train_batches.from_position(state.data_position)
@@ -444,7 +448,7 @@ def validate_and_keep_best(run: Run, state: TrainingState) -> tuple[bool, bool]:
         run.log.say(f"step {state.step}: valid loss {valid_loss:.3f}, greedy BLEU {valid.bleu:.2f}, chrF {valid.chrf:.2f}{' (best)' if improved else ''}")
     verdict = (state.best_bleu, state.best_step, state.stale_validations, improved)
     state.best_bleu, state.best_step, state.stale_validations, improved = run.world.from_main(verdict)
-    return improved, patience is not None and state.stale_validations >= patience
+    return improved, state.stopped_early(patience)
 
 
 @torch.no_grad()
