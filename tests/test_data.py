@@ -732,21 +732,58 @@ def test_under_torchrun_every_rank_cuts_its_batches_from_rank_0s_sampled_pieces(
     pieces would cut other batches, and their shares would overlap and miss pairs."""
     from translator.trainset import SampledTrainBatches
 
-    class OtherProcess:  # the same seed, drawn in another process: other pieces
-        def __init__(self, tokenizer):
-            self.tokenizer = tokenizer
-
-        def encode(self, texts, sampling, seed):
-            return self.tokenizer.encode(texts, sampling, seed + 1)
-
     pairs = load_split(DataConfig(path=str(toy_corpus)), "train")
     tokenizer = Tokenizer.train((x for p in zip(pairs["src"], pairs["tgt"]) for x in p), 60, seed=0)
     tokenized = tokenize(pairs, tokenizer)
     broadcast = []
-    rank0 = SampledTrainBatches(tokenized, 400, 3, tokenizer, 0.1, 40, agree=lambda ids: broadcast.append(ids) or ids)
+    rank0 = SampledTrainBatches(tokenized, 400, 3, tokenizer, 0.1, 40, agree=lambda draw: broadcast.append(draw()) or broadcast[-1])
     alone = SampledTrainBatches(tokenized, 400, 3, OtherProcess(tokenizer), 0.1, 40)
-    rank1 = SampledTrainBatches(tokenized, 400, 3, OtherProcess(tokenizer), 0.1, 40, agree=lambda ids: broadcast.pop(0))
+    rank1_tokenizer = OtherProcess(tokenizer)
+    rank1 = SampledTrainBatches(tokenized, 400, 3, rank1_tokenizer, 0.1, 40, agree=lambda draw: broadcast.pop(0))
     batches = [indices.tolist() for indices in rank0.epoch(0)]
     assert [indices.tolist() for indices in alone.epoch(0)] != batches  # the premise: other pieces, other batches
     assert [indices.tolist() for indices in rank1.epoch(0)] == batches
     assert all(torch.equal(rank0.collate(i).src, rank1.collate(i).src) for i in rank0.epoch(0))
+    assert rank1_tokenizer.draws == 0  # only rank 0 segments the corpus
+
+
+class OtherProcess:
+    """A tokenizer whose seeded draws come out as another process's do: other pieces for the same seed."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.draws = tokenizer, 0
+
+    def encode(self, texts, sampling, seed):
+        self.draws += 1
+        return self.tokenizer.encode(texts, sampling, seed + 1)
+
+
+def test_a_checkpoint_keeps_the_sampled_epoch_so_a_resumed_process_finishes_it_on_the_same_batches(toy_corpus, tmp_path):
+    """SentencePiece cannot draw an epoch's pieces again in another process: the checkpoint keeps
+    them. Without them, a run resumed mid-epoch cuts other batches, and the rest of the epoch skips
+    some pairs and repeats others."""
+    from translator.checkpoint import load_data_arrays, save_training_checkpoint
+    from translator.config import ModelConfig
+    from translator.model import Transformer
+    from translator.trainset import SampledTrainBatches
+
+    pairs = load_split(DataConfig(path=str(toy_corpus)), "train")
+    tokenizer = Tokenizer.train((x for p in zip(pairs["src"], pairs["tgt"]) for x in p), 60, seed=0)
+    tokenized = tokenize(pairs, tokenizer)
+    before = SampledTrainBatches(tokenized, 400, 3, tokenizer, 0.1, 40)
+    stream = before.from_position({})
+    position = [next(stream) for _ in range(5)][-1][0]
+    model = Transformer(ModelConfig(d_model=16, n_heads=2, d_ff=32, encoder_layers=1, decoder_layers=1), 60)
+    saved = save_training_checkpoint(tmp_path, 5, model, torch.optim.AdamW(model.parameters()), {"step": 5}, keep=2, data=before.drawn())
+    rest = [batch for p, batch in itertools.islice(stream, 1000) if p["epoch"] == 0]
+    assert len(rest) > 3
+
+    def left_over(batches):  # the pairs the rest of epoch 0 trains on
+        return sorted(int(i) for indices in batches.epoch(0)[position["batch_in_epoch"]:] for i in indices)
+
+    after = SampledTrainBatches(tokenized, 400, 3, OtherProcess(tokenizer), 0.1, 40)
+    assert left_over(after) != left_over(before)  # the premise: drawn again, other pairs are left over
+    after.restore(load_data_arrays(saved))
+    assert left_over(after) == left_over(before)
+    again = [batch for _, batch in itertools.islice(after.from_position(position), len(rest))]
+    assert all(torch.equal(a.src, b.src) and torch.equal(a.tgt_out, b.tgt_out) for a, b in zip(again, rest))

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_RECIPE
-from translator.checkpoint import WEIGHTS, training_checkpoints
+from translator.checkpoint import DATA, WEIGHTS, training_checkpoints
 
 
 def settings(corpus, out, *extra):
@@ -56,6 +56,18 @@ def test_two_processes_train_like_one_accumulating_their_batches_and_resume_on_o
     a = load_file(training_checkpoints(tmp_path / "two")[-1] / WEIGHTS)
     b = load_file(training_checkpoints(tmp_path / "one")[-1] / WEIGHTS)
     assert training_checkpoints(tmp_path / "two")[-1].name == "step_00000060" and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_processes_train_on_rank_0s_sampled_pieces_and_resume_from_them(tmp_path, toy_corpus):
+    """data.subword_sampling under torchrun: rank 0 draws each epoch's pieces and sends them (which
+    pieces the ranks cut is checked in test_data.py); the checkpoint keeps them for the resume."""
+    first = train_cli(torchrun(2), toy_corpus, tmp_path / "run", "data.subword_sampling=0.1", "train.max_steps=20")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (training_checkpoints(tmp_path / "run")[-1] / DATA).is_file()
+    rest = train_cli(torchrun(2), toy_corpus, tmp_path / "run", "data.subword_sampling=0.1", resume=True)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert "weights identical on all 2 processes" in rest.stderr
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@
     model.safetensors    the weights
     sentencepiece.model  the joint subword model
     checkpoints/step_N/  training state to resume from: model.safetensors,
-                         optimizer.safetensors (Adam moments), state.json (the rest)
+                         optimizer.safetensors (Adam moments), state.json (the rest),
+                         data.safetensors (with subword sampling: the epoch's pieces)
 
 Every file is written atomically (temporary file in the same directory, fsync, rename), a
 training checkpoint as a whole directory, so a crash mid-write leaves the previous one intact.
@@ -21,8 +22,10 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
+from safetensors.numpy import load_file as load_arrays, save_file as save_arrays
 from safetensors.torch import load_file, save_file
 
 from .config import Recipe, RecipeError, recipe_from_dict
@@ -33,6 +36,7 @@ from .tokenizer import Tokenizer
 FORMAT_VERSION = 1
 CONFIG, WEIGHTS, SPM = "config.json", "model.safetensors", "sentencepiece.model"
 CHECKPOINTS, OPTIMIZER, STATE = "checkpoints", "optimizer.safetensors", "state.json"
+DATA = "data.safetensors"  # what the batch stream needs besides its position, if anything (a sampled epoch's pieces)
 REPLACED = ".replaced"  # suffix of a checkpoint directory stepping aside for a new one of the same step
 
 
@@ -129,9 +133,8 @@ def staged_directory(out: Path) -> Iterator[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         yield staging
-        for file in staging.rglob("*"):
-            if file.is_file():
-                _fsync(file)
+        for path in [*staging.rglob("*"), staging]:  # the files, then the folders' entries of them
+            _fsync(path)
         if out.is_dir():
             for file in staging.iterdir():
                 os.replace(file, out / file.name)
@@ -246,10 +249,11 @@ def training_checkpoints(run_dir: Path) -> list[Path]:
 
 def save_training_checkpoint(
     run_dir: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer, state: dict, keep: int, best_step: int | None = None,
-    scheduled: bool = True,
+    scheduled: bool = True, data: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write checkpoints/step_N as a whole (temporary directory, fsync, rename), then keep the
-    newest `keep` and the one of `best_step` (the best validation BLEU so far).
+    newest `keep` and the one of `best_step` (the best validation BLEU so far). `data`: arrays the
+    batch stream needs to go on (`load_data_arrays`).
 
     One saved only because training stopped there (`scheduled=False`: a signal) goes as soon as a
     newer one is written: a resumed run then keeps, and averages, the checkpoints of a run that
@@ -263,8 +267,10 @@ def save_training_checkpoint(
         optim = optimizer.state_dict()
         save_file({f"{i}.{name}": value for i, slots in optim["state"].items() for name, value in slots.items()}, tmp / OPTIMIZER)
         (tmp / STATE).write_text(json.dumps({**state, "scheduled": scheduled, "optimizer_groups": optim["param_groups"]}), encoding="utf-8")
-        for file in (WEIGHTS, OPTIMIZER, STATE):
-            _fsync(tmp / file)
+        if data:
+            save_arrays(data, tmp / DATA)
+        for file in tmp.iterdir():
+            _fsync(file)
         _fsync(tmp)  # the files' entries in it, before it is renamed into view
         plain_mode(tmp)
         _rename_over(tmp, final)
@@ -347,6 +353,14 @@ def load_training_checkpoint(path: Path, model: Transformer, optimizer: torch.op
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: the optimizer's state cannot be restored ({type(e).__name__}: {e})") from None
     return state
+
+
+def load_data_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays a training checkpoint keeps for the batch stream; none if it has no DATA file."""
+    try:
+        return load_arrays(path / DATA) if (path / DATA).exists() else {}
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{path / DATA}: cannot load the batch stream's state ({e})") from None
 
 
 def average_weights(directories: list[Path]) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .api import Translator
 from .checkpoint import (
-    CHECKPOINTS, SPM, WEIGHTS, average_weights, clean_interrupted_writes, load_recipe_json, load_training_checkpoint,
+    CHECKPOINTS, SPM, WEIGHTS, average_weights, clean_interrupted_writes, load_data_arrays, load_recipe_json, load_training_checkpoint,
     save_model_config, save_training_checkpoint, save_weights, training_checkpoints,
 )
 from .config import Recipe, RecipeError, TrainConfig
@@ -144,6 +144,8 @@ def setup(recipe: Recipe, world: World, device: torch.device, resume: bool) -> t
     state = TrainingState(precision=precision.name, batches_per_update=per_update)
     if checkpoint:
         state = _restore(checkpoint, model, optimizer, scheduler, scaler, precision, per_update, say)
+        if isinstance(train_batches, SampledTrainBatches) and (drawn := load_data_arrays(checkpoint)):
+            train_batches.restore(drawn)  # the epoch in progress goes on with the pieces it had
         if world.is_main:  # the model directory follows the recipe's allowed changes, once the resume is known to work
             save_model_config(out, recipe, tokenizer)
     log.open(up_to_step=state.step)
@@ -184,7 +186,7 @@ def load_data(recipe: Recipe, world: World, from_checkpoint: bool, say) -> tuple
             train_tokens, report = training_pairs(train_pairs, tokenizer, data)
             say(f"filter: {report}")
             train_batches = (SampledTrainBatches(train_tokens, cfg.max_tokens, recipe.seed, tokenizer, data.subword_sampling, data.max_len,
-                                                 agree=world.from_main)
+                                                 agree=lambda draw: world.from_main(draw() if world.is_main else None))
                              if data.subword_sampling else TrainBatches(train_tokens, cfg.max_tokens, recipe.seed))
         # The validation loss needs pairs that fit the position table; BLEU translates them all (truncating).
         valid_tokens, report = filter_pairs(tokenize(valid_pairs, tokenizer), recipe.model.max_positions - 1, 0)
@@ -278,7 +280,8 @@ def loop(run: Run, state: TrainingState, progress: bool) -> None:
     """Train from `state.step` to train.max_steps (or early stopping), updating `state` in place."""
     cfg, world = run.recipe.train, run.world
     if state.stopped_early(cfg.patience):  # resumed after its early stop
-        run.log.say(f"the run stopped early at step {state.step}: nothing left to train")
+        run.log.say(f"step {state.step}: {state.stale_validations} validations without a better BLEU, train.patience is {cfg.patience}: "
+                    "nothing left to train (a larger train.patience goes on)")
         return
     batches = run.train_batches.from_position(state.data_position)
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="training", unit="step", disable=not (progress and world.is_main))
@@ -473,8 +476,9 @@ def save_checkpoint(run: Run, state: TrainingState, scheduled: bool) -> None:
     if run.world.is_main:
         state.scheduler, state.grad_scaler = run.scheduler.state_dict(), run.scaler.state_dict()
         cfg = run.recipe.train
+        drawn = run.train_batches.drawn() if isinstance(run.train_batches, SampledTrainBatches) else None  # pieces no process can draw again
         save_training_checkpoint(run.out, state.step, run.model, run.optimizer, asdict(state), cfg.keep_checkpoints, state.best_step,
-                                 scheduled)
+                                 scheduled, drawn)
 
 
 # --- the end -------------------------------------------------------------------------------------

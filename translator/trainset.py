@@ -137,13 +137,15 @@ class SampledTrainBatches(TrainBatches):
     A sampled side longer than `max_len` keeps its best segmentation. Batches are collated from
     the epoch asked for last.
 
-    The draws are seeded by (seed, epoch), but SentencePiece (0.2) repeats seeded draws within a
-    process only: a resumed run segments its epoch anew (not bitwise the uninterrupted run), and
-    under torchrun every rank takes rank 0's segmentation (`agree`), so that all of them cut the
-    same batches."""
+    The draws are seeded by (seed, epoch), but SentencePiece 0.2.3 repeats seeded draws within a
+    process only (its absl::BitGen salts every seed per process), so no process can draw an
+    epoch's pieces again: a checkpoint keeps them (`drawn`, `restore`), and a resumed run finishes
+    its epoch on the very batches it had, then draws the next epochs as any run does (not the
+    pieces the uninterrupted run would have drawn). Under torchrun rank 0 draws and every rank
+    takes its pieces (`agree`: given the draw, returns rank 0's result), so all cut the same batches."""
 
     def __init__(self, tokenized: datasets.Dataset, max_tokens: int, seed: int, tokenizer: Tokenizer, sampling: float, max_len: int,
-                 agree: Callable[[list], list] = lambda ids: ids):
+                 agree: Callable[[Callable[[], list]], list] = lambda draw: draw()):
         super().__init__(tokenized, max_tokens, seed)
         self.text_pairs = tokenized.select_columns(["src", "tgt"])
         self.tokenizer, self.sampling, self.max_len, self.agree = tokenizer, sampling, max_len, agree
@@ -155,11 +157,33 @@ class SampledTrainBatches(TrainBatches):
             ids = {}
             for i, side in enumerate(("src", "tgt")):
                 seed = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0])
-                drawn = self.agree(self.tokenizer.encode(texts(self.text_pairs[side]), self.sampling, seed))
+                drawn = self.agree(lambda: self.tokenizer.encode(texts(self.text_pairs[side]), self.sampling, seed))
                 ids[side] = [d if len(d) <= self.max_len else b for d, b in zip(drawn, self.best[side])]
-            sizes = np.maximum([len(x) for x in ids["src"]], [len(x) for x in ids["tgt"]]) + 1
-            self.segmented = (epoch, ids, sizes)
+            self._keep(epoch, ids)
         return self.segmented[1], self.segmented[2]
+
+    def _keep(self, epoch: int, ids: dict[str, list[list[int]]]) -> None:
+        sizes = np.maximum([len(x) for x in ids["src"]], [len(x) for x in ids["tgt"]]) + 1
+        self.segmented = (epoch, ids, sizes)
+
+    def drawn(self) -> dict[str, np.ndarray]:
+        """The pieces of the epoch drawn last, as flat arrays for a checkpoint."""
+        if self.segmented is None:
+            return {}
+        epoch, ids, _ = self.segmented
+        arrays = {"epoch": np.array([epoch], dtype=np.int64)}
+        for side in ("src", "tgt"):
+            arrays[side + "_lengths"] = np.array([len(x) for x in ids[side]], dtype=np.int32)
+            arrays[side + "_ids"] = np.fromiter((t for x in ids[side] for t in x), dtype=np.int32)
+        return arrays
+
+    def restore(self, arrays: dict[str, np.ndarray]) -> None:
+        """Take back an epoch's pieces from `drawn`: asked for that epoch, the batches are the ones cut before."""
+        if len(arrays["src_lengths"]) != len(self.best["src"]):
+            raise DataError(f"the checkpoint's segmented epoch has {len(arrays['src_lengths'])} pairs, the training split {len(self.best['src'])}")
+        ids = {side: [x.tolist() for x in np.split(arrays[side + "_ids"], np.cumsum(arrays[side + "_lengths"])[:-1])]
+               for side in ("src", "tgt")}
+        self._keep(int(arrays["epoch"][0]), ids)
 
     def epoch(self, epoch: int) -> list[np.ndarray]:
         return bucketed_batches(self._segment(epoch)[1], self.max_tokens, self.seed, epoch)
