@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,10 @@ class World:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def computed_by_main(self, compute: Callable[[], T]) -> T:
+        """compute() run on rank 0 only (a checkpoint's choice, a random draw), its result on every rank."""
+        return self.from_main(compute() if self.is_main else None)
 
     @contextmanager
     def main_first(self):

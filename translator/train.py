@@ -131,7 +131,7 @@ def setup(recipe: Recipe, world: World, device: torch.device, resume: bool) -> t
     resolve_precision(recipe.decode.precision, device)  # validation decodes at it: int8 on a GPU fails now, too
     log = RunLog(out, enabled=world.is_main)
     say = log.say
-    checkpoint = world.from_main(_checkpoint_to_resume(recipe, resume, say) if world.is_main else None)
+    checkpoint = world.computed_by_main(lambda: _checkpoint_to_resume(recipe, resume, say))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(recipe.seed)  # the initial weights
@@ -186,7 +186,7 @@ def load_data(recipe: Recipe, world: World, from_checkpoint: bool, say) -> tuple
             train_tokens, report = training_pairs(train_pairs, tokenizer, data)
             say(f"filter: {report}")
             train_batches = (SampledTrainBatches(train_tokens, cfg.max_tokens, recipe.seed, tokenizer, data.subword_sampling, data.max_len,
-                                                 agree=lambda draw: world.from_main(draw() if world.is_main else None))
+                                                 agree=world.computed_by_main)
                              if data.subword_sampling else TrainBatches(train_tokens, cfg.max_tokens, recipe.seed))
         # The validation loss needs pairs that fit the position table; BLEU translates them all (truncating).
         valid_tokens, report = filter_pairs(tokenize(valid_pairs, tokenizer), recipe.model.max_positions - 1, 0)
