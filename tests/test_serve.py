@@ -40,6 +40,17 @@ def test_translate_answers_in_libretranslates_shape(client, tiny_translator):
     assert many.json() == {"translatedText": tiny_translator.translate(SENTENCES)}
 
 
+def test_source_auto_is_the_models_source_language_as_libretranslate_clients_send_it(client, tiny_translator):
+    # Many LibreTranslate clients send source "auto" by default; a model reads one language, so that is the one taken.
+    one = client.post("/translate", json={"q": SENTENCES[1], "source": "auto", "target": "en"})
+    assert one.status_code == 200
+    assert one.json() == {"translatedText": tiny_translator.translate(SENTENCES[1]), "detectedLanguage": {"language": "de"}}
+    many = client.post("/translate", data={"q": SENTENCES[:2], "source": "auto", "target": "en"}).json()  # a form, as a list
+    assert many == {"translatedText": tiny_translator.translate(SENTENCES[:2]), "detectedLanguage": [{"language": "de"}] * 2}
+    wrong = client.post("/translate", json={"q": "x", "source": "auto", "target": "fr"})
+    assert wrong.status_code == 400 and "translates de to en" in wrong.json()["error"]
+
+
 def test_alternatives_are_the_n_best_with_scores(client, tiny_translator):
     answer = client.post("/translate", json={"q": SENTENCES[:2], **PAIR, "alternatives": 2, "beam_size": 3, "alpha": 0.6}).json()
     expected = tiny_translator.translate(SENTENCES[:2], beam_size=3, alpha=0.6, n_best=3)

@@ -1,6 +1,6 @@
 """`translator serve`: a model behind HTTP, in LibreTranslate's shape, with dynamic batching, and a page at /.
 
-    POST /translate  {"q": "Ein Hund." or [...], "source": "de", "target": "en", "format": "text",
+    POST /translate  {"q": "Ein Hund." or [...], "source": "de" (or "auto"), "target": "en", "format": "text",
                       "alternatives": 2,                                  (LibreTranslate's fields)
                       "beam_size": 5, "alpha": 0.6, "sampling": {"temperature": 0.8, "seed": 1},
                       "attention": true}                                  (this project's)
@@ -196,7 +196,7 @@ def create_app(translator: Translator, limits: Limits = Limits(), batch_wait_ms:
         if not future.done():  # the client left: drop its sentences if they are still waiting
             future.cancel()
             return Response(status_code=499)
-        return JSONResponse(_response(body, future.result()))
+        return JSONResponse(_response(body, future.result(), data.src_lang))
 
     return app
 
@@ -204,7 +204,8 @@ def create_app(translator: Translator, limits: Limits = Limits(), batch_wait_ms:
 def _checked(body: TranslateRequest, translator: Translator, limits: Limits) -> tuple[list[str], dict]:
     """The request's sentences and Translator.translate options, validated as translate validates them."""
     data = translator.recipe.data
-    if (body.source, body.target) != (data.src_lang, data.tgt_lang):
+    source = data.src_lang if body.source == "auto" else body.source  # LibreTranslate's "detect it": the model reads one language
+    if (source, body.target) != (data.src_lang, data.tgt_lang):
         raise HTTPException(400, f"source/target {body.source}/{body.target}: this model translates {data.src_lang} to {data.tgt_lang}")
     sentences = [body.q] if isinstance(body.q, str) else body.q
     if len(sentences) > limits.max_sentences:
@@ -233,11 +234,13 @@ def _checked(body: TranslateRequest, translator: Translator, limits: Limits) -> 
     return sentences, options
 
 
-def _response(body: TranslateRequest, results: list[list]) -> dict:
+def _response(body: TranslateRequest, results: list[list], src_lang: str) -> dict:
     def per_sentence(values: list):
         return values[0] if isinstance(body.q, str) else values
 
     response = {"translatedText": per_sentence([hyps[0].text for hyps in results])}
+    if body.source == "auto":  # LibreTranslate names the language it detected; here the model's own, taken, not detected
+        response["detectedLanguage"] = per_sentence([{"language": src_lang} for _ in results])
     if body.alternatives:
         response["alternatives"] = per_sentence([[t.text for t in hyps[1:]] for hyps in results])
         response["scores"] = per_sentence([[round(t.score, 4) for t in hyps] for hyps in results])
