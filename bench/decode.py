@@ -5,6 +5,7 @@
     python bench/decode.py --model runs/multi30k_de_en --peer       # also run Joey NMT's decode.sh now, same machine
     python bench/decode.py --model runs/multi30k_de_en --ctranslate2   # also CTranslate2 fp32 and int8, exported now
     python bench/decode.py --model runs/multi30k_de_en --device cuda    # on a GPU: fp32, bf16 and fp16, one process
+    python bench/decode.py --model runs/multi30k_de_en --precision fp32 --precision int8   # only these of ours (bf16 emulated is slow)
 
 Rows: greedy and beam 5 over the 1,000 test sentences (sentences/s, target tokens/s, counted
 as subword pieces + 1 eos per sentence, as the peer script counts them), beam 5 under both of
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -47,6 +49,7 @@ from translator.tokenizer import BOS_ID, EOS_ID, Tokenizer, interleave
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT.parent / "shared" / "bench-peers"
+PRECISIONS = {"cpu": ("fp32", "bf16", "int8"), "cuda": ("fp32", "bf16", "fp16")}  # ours, by device: int8 runs on the CPU only
 
 
 def random_translator(data: DataConfig, device: torch.device) -> Translator:
@@ -179,6 +182,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ctranslate2", action="store_true", help="also export the model to CTranslate2 (float32, int8) and time it (needs --model)")
     parser.add_argument("--repeat", type=int, default=3, help="time each test-set row this many times and keep the best")
     parser.add_argument("--cache-sentences", type=int, default=200, help="sentences for the cache vs no-cache row")
+    parser.add_argument("--precision", action="append", choices=["fp32", "bf16", "int8", "fp16"],
+                        help="time only this precision of ours (repeatable; default: each the device has, int8 on a CPU, fp16 on a GPU)")
     parser.add_argument("--test-set-only", action="store_true", help="only the test-set rows (no cache and per-token rows)")
     args = parser.parse_args()
     if args.ctranslate2 and not args.model:
@@ -186,6 +191,8 @@ def parse_args() -> argparse.Namespace:
     args.device = pick_device(args.device, key="--device")
     if (args.ctranslate2 or args.peer) and args.device.type != "cpu":
         parser.error("--ctranslate2 and --peer time CPU decoders: use --device cpu")
+    if set(args.precision or ()) - set(PRECISIONS[args.device.type]):
+        parser.error(f"--precision: on {args.device.type} one of {', '.join(PRECISIONS[args.device.type])}")
     return args
 
 
@@ -207,7 +214,7 @@ def main() -> None:
     ways = [("", translator)]
     if device.type == "cpu":  # CTranslate2's "2 workers x 1 thread", ours: the same model in `threads` forked processes of one thread each
         ways.append((f", {args.threads} workers x 1 thread", Translator(model, tokenizer, translator.recipe, workers=args.threads)))
-    precisions = ("fp32", "bf16", "int8") if device.type == "cpu" else ("fp32", "bf16", "fp16")
+    precisions = args.precision or PRECISIONS[device.type]
     for (_, ours), precision in itertools.product(ways, precisions):  # warm up (and build the int8 copy, fork the workers)
         ours.translate(sentences[:64], beam_size=1, precision=precision)
 
@@ -219,7 +226,8 @@ def main() -> None:
                 sentences, beam_size=beam, beam_stop=stop, precision=precision)
     machine = (f"{describe(translator.device)}; decode.precision auto picks {translator.precision('auto')}; "  # before CTranslate2 sets OpenMP's threads
                f"malloc keeps freed memory: {'yes' if keep_freed_memory() else 'no'} (set GLIBC_TUNABLES= to leave it to glibc)")
-    if args.ctranslate2:
+    if args.ctranslate2:  # on AMD CPUs it multiplies int8 through oneDNN unless CT2_USE_MKL=1 (docs/deployment.md)
+        machine += f"; CTranslate2 {version('ctranslate2')}, CT2_USE_MKL={os.environ.get('CT2_USE_MKL', 'unset')}"
         runs |= ctranslate2_runs(args.model, translator, sentences, args.threads, Path(tempfile.mkdtemp(prefix="bench_ct2_")))
     rows = []
     for (name, beam, label), run in sorted(runs.items(), key=lambda item: (item[0][1], item[0][0])):

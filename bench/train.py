@@ -6,6 +6,7 @@
     python bench/train.py --peer                  # also Joey NMT's train.sh now (about 12 minutes)
     python bench/train.py --set train.rdrop_alpha=2.5 --set train.max_tokens=2048   # recipe overrides: R-Drop at half the batch
     python bench/train.py --profile               # CPU: where the auto precision's step goes, by kind of op
+    python bench/train.py --reference --precision fp32   # only the fp32 rows (bf16 emulated on an AVX2-only CPU is very slow)
 
 It prints where it ran (CPU model and flags, or the GPU) and the precision `auto` picks there;
 the table has one row per precision, the `auto` one marked. Per precision: target and
@@ -156,6 +157,7 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true", help="run PyTorch's nn.Transformer of the same size in this run")
     parser.add_argument("--peer", action="store_true", help="run Joey NMT's train.sh in this run and print the ratio")
     parser.add_argument("--profile", action="store_true", help="CPU: each kind of op's share of the auto precision's step")
+    parser.add_argument("--precision", action="append", choices=list(DTYPES), help="time only this precision (repeatable; default: each the device has)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the Multi30k recipe")
     parser.add_argument("--peers", type=Path, default=PEERS, help="the folder of torch_reference.py and Joey NMT's train.sh")
     args = parser.parse_args()
@@ -165,7 +167,7 @@ def main() -> None:
     auto = resolve_precision("auto", device)
     if args.profile and device.type != "cpu":
         parser.error("--profile reads the CPU's op times; on a GPU use torch.profiler with CUDA activities")
-    precisions = ["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"]
+    precisions = args.precision or (["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"])
 
     joey = run_peer(args.peers) if args.peer else None
     recipe = load_recipe(ROOT / "recipes" / "multi30k_de_en.yaml", [f"data.path={args.data}", *args.set])
