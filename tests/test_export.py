@@ -11,20 +11,10 @@ from test_errors import assert_usage_error, cli
 from test_search import SENTENCES, encode
 from translator import Translator
 from translator.checkpoint import CheckpointError
-from translator.devices import cpu_flags
 from translator.export import export_ctranslate2
 from translator.search import greedy_search
 
 ctranslate2 = pytest.importorskip("ctranslate2")
-
-# On AMD CPUs CTranslate2 multiplies int8 through oneDNN, whose kernels on a CPU without VNNI (AVX2
-# only: AMD before Zen 4) add products in 16 bits, which saturate: on a Zen 3, 2 of these sentences'
-# 67 int8 greedy outputs equal ours, against 60 on Intel MKL's kernels (CT2_USE_MKL=1, CTranslate2's
-# default on Intel CPUs; docs/deployment.md, session 26). So that this test checks the export rather
-# than oneDNN's rounding, MKL is asked for there; CTranslate2 reads it once, at its first model, so
-# it is set here, before a test loads one.
-if "avx2" in cpu_flags() and not cpu_flags() & {"avx512_vnni", "avx_vnni"}:
-    os.environ.setdefault("CT2_USE_MKL", "1")
 
 
 @pytest.fixture(scope="module")
