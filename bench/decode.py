@@ -182,8 +182,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ctranslate2", action="store_true", help="also export the model to CTranslate2 (float32, int8) and time it (needs --model)")
     parser.add_argument("--repeat", type=int, default=3, help="time each test-set row this many times and keep the best")
     parser.add_argument("--cache-sentences", type=int, default=200, help="sentences for the cache vs no-cache row")
-    parser.add_argument("--precision", action="append", choices=["fp32", "bf16", "int8", "fp16"],
-                        help="time only this precision of ours (repeatable; default: each the device has, int8 on a CPU, fp16 on a GPU)")
+    parser.add_argument("--precision", action="append", choices=sorted({p for ps in PRECISIONS.values() for p in ps}),
+                        help="time only this precision of ours (repeatable; default: each of PRECISIONS for the device)")
     parser.add_argument("--test-set-only", action="store_true", help="only the test-set rows (no cache and per-token rows)")
     args = parser.parse_args()
     if args.ctranslate2 and not args.model:
