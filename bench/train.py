@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT.parent / "shared" / "bench-peers"
 SIZES = {"recipe": {}, "base": {"d_model": 512, "n_heads": 8, "d_ff": 2048, "encoder_layers": 6, "decoder_layers": 6}}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "bf16", "fp16")}  # timed by default, by device
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 10) -> float:
@@ -157,7 +158,7 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true", help="run PyTorch's nn.Transformer of the same size in this run")
     parser.add_argument("--peer", action="store_true", help="run Joey NMT's train.sh in this run and print the ratio")
     parser.add_argument("--profile", action="store_true", help="CPU: each kind of op's share of the auto precision's step")
-    parser.add_argument("--precision", action="append", choices=list(DTYPES), help="time only this precision (repeatable; default: each the device has)")
+    parser.add_argument("--precision", action="append", choices=list(DTYPES), help="time only this precision (repeatable; default: each of PRECISIONS for the device)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the Multi30k recipe")
     parser.add_argument("--peers", type=Path, default=PEERS, help="the folder of torch_reference.py and Joey NMT's train.sh")
     args = parser.parse_args()
@@ -167,7 +168,9 @@ def main() -> None:
     auto = resolve_precision("auto", device)
     if args.profile and device.type != "cpu":
         parser.error("--profile reads the CPU's op times; on a GPU use torch.profiler with CUDA activities")
-    precisions = args.precision or (["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"])
+    if set(args.precision or ()) - set(PRECISIONS[device.type]):
+        parser.error(f"--precision: on {device.type} one of {', '.join(PRECISIONS[device.type])}")
+    precisions = args.precision or PRECISIONS[device.type]
 
     joey = run_peer(args.peers) if args.peer else None
     recipe = load_recipe(ROOT / "recipes" / "multi30k_de_en.yaml", [f"data.path={args.data}", *args.set])
