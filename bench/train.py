@@ -4,7 +4,7 @@
     python bench/train.py --reference             # and PyTorch's nn.Transformer of the same size, in this run
     python bench/train.py --size base --device cuda --reference   # Transformer-base (d512, 6+6, ff2048) on a GPU
     python bench/train.py --peer                  # also Joey NMT's train.sh now (about 12 minutes)
-    python bench/train.py --set train.rdrop_alpha=2.5 --set train.max_tokens=2048   # recipe overrides: R-Drop at half the batch
+    python bench/train.py --set train.rdrop_alpha=2.5 --set train.max_tokens=1024   # recipe overrides: R-Drop at half the batch
     python bench/train.py --profile               # CPU: where the auto precision's step goes, by kind of op
     python bench/train.py --reference --precision fp32   # only the fp32 rows (bf16 emulated on an AVX2-only CPU is very slow)
 
@@ -14,9 +14,9 @@ source+target tokens/s (real tokens, padding excluded), achieved GFLOP/s and its
 matmul peak measured here for that precision, counting only useful FLOPs (each sentence's own
 length, no padding; forward + backward = 3x forward; R-Drop's two passes count twice), padding
 fraction, peak RSS; tokens/s count each batch once, so R-Drop's price shows there. --reference runs
-`../shared/bench-peers/torch_reference.py` (unpadded batches of 256 x 16 tokens) with the same
-size, device and threads, and prints our tokens/s over its own at the same precision and at
-its fastest.
+`../shared/bench-peers/torch_reference.py` (unpadded batches of 16-token sentences, as many as
+the recipe's train.max_tokens holds) with the same size, device and threads, and prints our
+tokens/s over its own at the same precision and at its fastest.
 
 --profile (CPU) runs 8 of the auto precision's steps again under torch.profiler and adds, for
 that row, each kind of op's share of the step's CPU time (matmuls, random draws, copies: dtype
@@ -109,14 +109,14 @@ def run_peer(peers: Path) -> float:
     return json.loads(out)["trg_tok_s"]
 
 
-def run_reference(cfg: ModelConfig, device: torch.device, threads: int, precisions: list[str], peers: Path) -> dict[str, float]:
-    """Target tokens/s of PyTorch's nn.Transformer of the same size, by precision (it knows fp32 and bf16)."""
+def run_reference(cfg: ModelConfig, max_tokens: int, device: torch.device, threads: int, precisions: list[str], peers: Path) -> dict[str, float]:
+    """Target tokens/s of PyTorch's nn.Transformer of the same size and token budget, by precision (it knows fp32 and bf16)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "reference.json"
         modes = [p for p in precisions if p in ("fp32", "bf16")]
         subprocess.run([sys.executable, str(peers / "torch_reference.py"), "--device", device.type, "--threads", str(threads),
                         "--d-model", str(cfg.d_model), "--heads", str(cfg.n_heads), "--layers", str(cfg.encoder_layers),
-                        "--ff", str(cfg.d_ff), "--modes", *modes, "--out", str(out)], check=True, capture_output=True)
+                        "--ff", str(cfg.d_ff), "--bsz", str(max(1, max_tokens // 16)), "--modes", *modes, "--out", str(out)], check=True, capture_output=True)
         return {mode: r["tgt_tok_s_median"] for mode, r in json.loads(out.read_text())["modes"].items()}
 
 
@@ -176,7 +176,7 @@ def main() -> None:
     recipe = load_recipe(ROOT / "recipes" / "multi30k_de_en.yaml", [f"data.path={args.data}", *args.set])
     cfg, data = recipe.train, recipe.data
     model_cfg = ModelConfig(**{**recipe.model.__dict__, **SIZES[args.size]})
-    reference = run_reference(model_cfg, device, args.threads, precisions, args.peers) if args.reference else {}
+    reference = run_reference(model_cfg, cfg.max_tokens, device, args.threads, precisions, args.peers) if args.reference else {}
     pairs = load_split(data, "train")
     tokenizer = Tokenizer.train(interleave(pairs["src"], pairs["tgt"]), recipe.tokenizer.vocab_size, seed=recipe.seed)
     tokens, _ = filter_pairs(tokenize(pairs, tokenizer), data.max_len, data.max_ratio)

@@ -82,8 +82,8 @@ def test_each_dropout_knob_alone_makes_training_random(knob):
     assert not torch.equal(noisy(src, tgt), noisy(src, tgt))
 
 
-def test_embeddings_are_shared_and_the_recipe_size_has_about_7_6m_parameters():
-    cfg = ModelConfig()  # the Multi30k recipe's size: d 256, 4 heads, ff 1024, 3 + 3 layers
+def test_embeddings_are_shared_and_the_default_size_has_about_7_6m_parameters():
+    cfg = ModelConfig()  # the defaults: d 256, 4 heads, ff 1024, 3 + 3 layers (the Multi30k recipe before session 29)
     model = Transformer(cfg, vocab_size=8000)
     names = [n for n, _ in model.named_parameters()]
     assert sum("embedding" in n for n in names) == 1  # one table: source, target and output projection
