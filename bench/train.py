@@ -109,14 +109,18 @@ def run_peer(peers: Path) -> float:
     return json.loads(out)["trg_tok_s"]
 
 
+REFERENCE_LENGTH = 16  # the reference's source and target length: its batches are unpadded, every sentence this long
+
+
 def run_reference(cfg: ModelConfig, max_tokens: int, device: torch.device, threads: int, precisions: list[str], peers: Path) -> dict[str, float]:
     """Target tokens/s of PyTorch's nn.Transformer of the same size and token budget, by precision (it knows fp32 and bf16)."""
+    length = str(REFERENCE_LENGTH)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "reference.json"
         modes = [p for p in precisions if p in ("fp32", "bf16")]
         subprocess.run([sys.executable, str(peers / "torch_reference.py"), "--device", device.type, "--threads", str(threads),
                         "--d-model", str(cfg.d_model), "--heads", str(cfg.n_heads), "--layers", str(cfg.encoder_layers),
-                        "--ff", str(cfg.d_ff), "--bsz", str(max(1, max_tokens // 16)), "--modes", *modes, "--out", str(out)], check=True, capture_output=True)
+                        "--ff", str(cfg.d_ff), "--bsz", str(max(1, max_tokens // REFERENCE_LENGTH)), "--src-len", length, "--tgt-len", length, "--modes", *modes, "--out", str(out)], check=True, capture_output=True)
         return {mode: r["tgt_tok_s_median"] for mode, r in json.loads(out.read_text())["modes"].items()}
 
 
