@@ -12,10 +12,10 @@ from conftest import TINY_RECIPE
 from test_cli import run
 from test_search import SENTENCES, assert_batched_beam_equals_reference, encode
 from translator import Translator, evaluate, load_recipe, train
-from translator.batching import source_tensor
+from translator.batching import source_tensor, target_tensors
 from translator.checkpoint import CheckpointError
 from translator.ensemble import Ensemble
-from translator.search import greedy_search
+from translator.search import forced_log_probs, greedy_search
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
@@ -54,6 +54,17 @@ def test_each_step_is_the_log_of_the_members_mean_distribution(ensemble):
         members = [member(src, tgt_in).float().log_softmax(dim=-1) for member in model.members]
     torch.testing.assert_close(torch.stack(steps, dim=1), expected, atol=1e-5, rtol=1e-5)
     assert all((member - expected).abs().max() > 1e-2 for member in members)  # the mean is neither member's
+
+
+def test_an_ensemble_scores_a_target_by_the_log_of_the_members_mean_distribution(ensemble):
+    model = ensemble.model
+    src = source_tensor(ensemble.tokenizer.encode(SENTENCES))
+    torch.manual_seed(1)
+    tgt_in, tgt_out = target_tensors([torch.randint(4, ensemble.tokenizer.vocab_size, (n,)).tolist() for n in (3, 7, 0, 5, 2)])
+    with torch.inference_mode():
+        expected = mean_log_probs(model.members, src, tgt_in).gather(-1, tgt_out[..., None]).squeeze(-1)
+        scores = forced_log_probs(model, src, tgt_in, tgt_out)
+    torch.testing.assert_close(scores, torch.where(tgt_out != PAD_ID, expected, 0.0).sum(-1), atol=1e-4, rtol=1e-5)
 
 
 def test_greedy_search_takes_the_argmax_of_the_mean_distribution(ensemble):

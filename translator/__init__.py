@@ -13,7 +13,7 @@ import types
 __version__ = "0.1.0"
 
 _HOMES = {
-    "Translator": "api", "Translation": "api", "SourceTooLong": "api", "Sampling": "search",
+    "Translator": "api", "Translation": "api", "SourceTooLong": "api", "PairTooLong": "api", "Sampling": "search",
     "Recipe": "config", "RecipeError": "config", "load_recipe": "config",
     "train": "train", "evaluate": "evaluate", "distill": "distill",
 }

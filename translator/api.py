@@ -6,6 +6,7 @@
     t.translate("Ein Hund.", beam_size=5, n_best=3)          # -> list[Translation], best first
     t.translate("Ein Hund.", sampling=Sampling(top_p=0.9, seed=1), n_best=4)  # 4 samples
     t.translate("Ein Hund.", return_attention=True).attention  # AttentionMaps: the three modes' weights
+    t.score(["Ein Hund."], ["A dog."])                       # -> [log p(target | source)]: filtering data, reranking
     Translator.from_pretrained("runs/multi30k_de_en", workers=2)  # 2 decoding processes sharing the threads (CPU)
 """
 
@@ -21,14 +22,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .attention_maps import AttentionMaps, attention_maps
-from .batching import sorted_batches, source_tensor
+from .batching import sorted_batches, source_tensor, target_tensors
 from .checkpoint import load_ensemble, load_model_dir, save_model_dir
 from .config import DecodeConfig, Recipe, RecipeError, recipe_from_dict
 from .devices import Precision, keep_freed_memory, pick_device, resolve_precision
 from .ensemble import Ensemble
 from .model import Transformer
 from .quantize import bf16_model, int8_model, weights_version
-from .search import Hypothesis, Sampling, beam_search, greedy_search, max_output_lengths, sample
+from .search import Hypothesis, Sampling, beam_search, forced_log_probs, greedy_search, max_output_lengths, sample
 from .tokenizer import PAD_ID, Tokenizer
 from .workers import DecodingWorkers
 
@@ -41,6 +42,15 @@ class SourceTooLong(ValueError):
         super().__init__(f"{len(indices)} sentence(s) longer than model.max_positions={limit} tokens "
                          f"(first: index {indices[0]}, {lengths[0]} tokens with its end-of-sentence token)")
         self.indices, self.lengths, self.limit = indices, lengths, limit
+
+
+class PairTooLong(ValueError):
+    """A source or target longer than the model's positions, refused by `score` (a cut target would score other text).
+    `side`: "source" or "target"; `index`: where the pair is in the lists given (from 0); `length`: its tokens, eos included."""
+
+    def __init__(self, side: str, index: int, length: int, limit: int):
+        super().__init__(f"{side} {index}: {length} tokens with its end-of-sentence token, longer than model.max_positions={limit}")
+        self.side, self.index, self.length, self.limit = side, index, length, limit
 
 
 @dataclass(frozen=True)
@@ -154,6 +164,39 @@ class Translator:
             outputs = hypotheses
         return outputs[0] if single else outputs
 
+    def score(self, sources: list[str], targets: list[str], *, normalize: bool = False, max_tokens: int | None = None,
+              precision: str | None = None, progress: bool = False) -> list[float]:
+        """The model's log-probability of each target given its source: the sum over the target's pieces
+        and its end-of-sentence token (as fairseq's --score-reference, Marian's scorer and CTranslate2's
+        score_batch give it), or with `normalize` their mean. For filtering parallel data and reranking.
+
+        Raises `PairTooLong` (a ValueError) for a source or target longer than the model's positions."""
+        for name, texts in (("sources", sources), ("targets", targets)):
+            if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+                raise TypeError(f"score(): {name} must be a list of str, got {type(texts).__name__}: {texts!r:.80}")
+        if len(sources) != len(targets):
+            raise ValueError(f"score(): {len(sources)} sources but {len(targets)} targets, expected one target a source")
+        decode = self._decode_config(max_tokens=max_tokens, precision=precision)
+        src_ids, tgt_ids = self.tokenizer.encode(list(sources)), self.tokenizer.encode(list(targets))
+        limit = self.recipe.model.max_positions
+        for side, ids in (("source", src_ids), ("target", tgt_ids)):
+            too_long = next((i for i, row in enumerate(ids) if len(row) + 1 > limit), None)
+            if too_long is not None:
+                raise PairTooLong(side, too_long, len(ids[too_long]) + 1, limit)
+        sizes = np.array([max(len(s), len(t)) + 1 for s, t in zip(src_ids, tgt_ids)], dtype=np.int64)
+        model, autocast = self._decoding(self.precision(decode.precision))
+        scores = [0.0] * len(sources)
+        for indices in tqdm(sorted_batches(np.arange(len(sources)), sizes, decode.max_tokens), desc="scoring", unit="batch", disable=not progress):
+            src = source_tensor([src_ids[i] for i in indices]).to(self.device)
+            tgt_in, tgt_out = (t.to(self.device) for t in target_tensors([tgt_ids[i] for i in indices]))
+            with autocast:
+                totals = forced_log_probs(model, src, tgt_in, tgt_out)
+            if normalize:
+                totals = totals / (tgt_out != PAD_ID).sum(dim=-1)
+            for i, total in zip(indices, totals.tolist()):
+                scores[i] = total
+        return scores
+
     def precision(self, requested: str | None = None) -> Precision:
         """The precision decoding runs at on this translator's device, and why ("auto" resolved here)."""
         return resolve_precision(requested or self.recipe.decode.precision, self.device)
@@ -222,8 +265,7 @@ class Translator:
         precision = self.precision(decode.precision)
         if not batches:  # nothing to decode (an option check, blank lines): no precision copy to build
             return outputs
-        model = self.decoding_model(precision)
-        autocast = torch.autocast(self.device.type, dtype=precision.dtype, enabled=precision.dtype is not None and model is self.model)
+        model, autocast = self._decoding(precision)
         for indices in tqdm(batches, desc="translating", unit="batch", disable=not progress):
             src = source_tensor([src_ids[i] for i in indices]).to(self.device)
             max_lens = max_output_lengths(src, PAD_ID, decode.max_len_a, decode.max_len_b, limit)
@@ -235,6 +277,11 @@ class Translator:
                     maps = [attention_maps(self.model, self.tokenizer, src_ids[i], h.tokens) if return_attention else None for h in hyps]
                     outputs[i] = [Translation(next(texts), h.score, m) for h, m in zip(hyps, maps)]
         return outputs
+
+    def _decoding(self, precision: Precision) -> tuple[Transformer | Ensemble, torch.autocast]:
+        """The model to decode with at `precision` and the autocast to run it under (on for a GPU's bf16 or fp16)."""
+        model = self.decoding_model(precision)
+        return model, torch.autocast(self.device.type, dtype=precision.dtype, enabled=precision.dtype is not None and model is self.model)
 
     @staticmethod
     def _search(model: Transformer, src, max_lens: list[int], decode: DecodeConfig, n_best: int, sampling: Sampling | None) -> list[list[Hypothesis]]:

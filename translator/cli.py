@@ -1,4 +1,4 @@
-"""Command line: `translator train | translate | evaluate | distill | export | average | plot | serve`.
+"""Command line: `translator train | translate | score | evaluate | distill | export | average | plot | serve`.
 
 Results go to stdout; progress bars and logs to stderr. Exit status: 0 ok, 1 runtime
 failure, 2 usage error (a bad recipe, override, dataset or model directory).
@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   translator train recipes/multi30k_de_en.yaml --set data.path=../shared/data/multi30k
   translator translate runs/multi30k_de_en --precision int8 < input.de > output.en
   translator translate runs/multi30k_de_en -i input.de -o nbest.tsv --beam-size 5 --n-best 5
+  translator score runs/multi30k_de_en --source corpus.de --target corpus.en > scores.txt   # log p(target | source) a line
   translator evaluate runs/multi30k_de_en --split test --beam-size 5 --output hyps.en
   translator evaluate runs/en_de_seed1 runs/en_de_seed2 --split test     # an ensemble of two models
   translator distill runs/multi30k_en_de runs/multi30k_en_de_distilled_data  # a teacher's training data for a student
@@ -73,18 +74,35 @@ def load_translator(model_dir: str | list[str], overrides: list[str], device: st
     return translator
 
 
-def input_lines(stream, name: str) -> Iterator[str]:
+def input_lines(stream, name: str, strict: bool = False) -> Iterator[str]:
     """Lines of a binary stream without their line end (LF or CR LF). A line that is not UTF-8 is
     translated with U+FFFD in place of its bad bytes and a warning naming it: one bad line never
-    costs the lines after it (a stream cannot be read twice to check it first)."""
+    costs the lines after it (a stream cannot be read twice to check it first). `strict`: it is an
+    error naming it instead (a score of other bytes would be another text's)."""
     for number, raw in enumerate(stream, start=1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
+            if strict:
+                from .data import DataError
+
+                raise DataError(f"{name}, line {number}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             line = raw.decode("utf-8", errors="replace")
             print(f"translator translate: warning: {name}, line {number}: not valid UTF-8 ({e.reason} at byte {e.start}); "
                   "translated with U+FFFD in place of the bad bytes", file=sys.stderr)
         yield line.removesuffix("\n").removesuffix("\r")
+
+
+def input_file(flag: str, path: str) -> str:
+    """An input file's path, refused now (before the model loads) if it is missing or a folder. Exists, not
+    is_file: a pipe (-i <(zcat in.gz), /dev/stdin) is input too."""
+    from .data import DataError
+
+    if not Path(path).exists():
+        raise DataError(f"{flag} {path}: no such file")
+    if Path(path).is_dir():
+        raise DataError(f"{flag} {path}: is a folder, expected a file of sentences")
+    return path
 
 
 def output_path(path: str) -> Path:
@@ -149,13 +167,9 @@ def translate_lines(translator, lines: list[str], options: dict, name: str, firs
 def cmd_translate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .data import DataError
-
     options = translate_options(args)
-    if args.input and not Path(args.input).exists():  # exists, not is_file: a pipe (-i <(zcat in.gz), /dev/stdin) is input too
-        raise DataError(f"--input {args.input}: no such file")
-    if args.input and Path(args.input).is_dir():
-        raise DataError(f"--input {args.input}: is a folder, expected a file of sentences")
+    if args.input:
+        input_file("--input", args.input)
     translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=not args.quiet, workers=args.workers)
     beam_size = args.beam_size or translator.recipe.decode.beam_size
     if args.n_best and not args.sample and args.n_best > beam_size:
@@ -172,6 +186,45 @@ def cmd_translate(args: argparse.Namespace) -> int:
                 out.write("".join(text + "\n" for text in results))
             else:  # N lines an input line, best first: its index (from 0), score, text
                 out.write("".join(f"{start + i}\t{h.score:.4f}\t{h.text}\n" for i, hyps in enumerate(results) for h in hyps))
+            out.flush()
+            start += len(chunk)
+            bar.update(len(chunk))
+    return 0
+
+
+def paired_lines(sources: Iterator[str], targets: Iterator[str], source_name: str, target_name: str) -> Iterator[tuple[str, str]]:
+    """(source, target) lines, in step; files of unequal length are an error naming both files and their line counts."""
+    from .data import DataError
+
+    count = 0
+    for source, target in itertools.zip_longest(sources, targets):
+        if source is None or target is None:
+            rest = 1 + sum(1 for _ in (targets if source is None else sources))
+            lines = (count, count + rest) if source is None else (count + rest, count)
+            raise DataError(f"{source_name} has {lines[0]} lines and {target_name} {lines[1]}: expected a target line a source line")
+        count += 1
+        yield source, target
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .api import PairTooLong
+    from .data import DataError
+
+    files = {"source": input_file("--source", args.source), "target": input_file("--target", args.target)}
+    translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=not args.quiet)
+    with open(args.source, "rb") as sources, open(args.target, "rb") as targets, output_file(args.output) as out, \
+            tqdm(desc="scoring", unit=" lines", disable=args.quiet, file=sys.stderr) as bar:
+        pairs = paired_lines(input_lines(sources, args.source, strict=True), input_lines(targets, args.target, strict=True), args.source, args.target)
+        start = 0
+        while chunk := list(itertools.islice(pairs, args.chunk_lines)):
+            try:
+                scores = translator.score([s for s, _ in chunk], [t for _, t in chunk], normalize=args.normalize)
+            except PairTooLong as e:
+                raise DataError(f"{files[e.side]}, line {start + e.index + 1}: {e.length} tokens with its end-of-sentence token, "
+                                f"longer than model.max_positions={e.limit}") from None
+            out.write("".join(f"{score:.4f}\n" for score in scores))
             out.flush()
             start += len(chunk)
             bar.update(len(chunk))
@@ -291,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"translator {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for usage errors (or set TRANSLATOR_DEBUG=1)")
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{train,translate,evaluate,distill,export,average,plot,serve}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="{train,translate,score,evaluate,distill,export,average,plot,serve}")
     overrides = dict(action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. data.path=DIR (repeatable)")
     decoding = argparse.ArgumentParser(add_help=False)  # where and how translate, evaluate and serve decode
     decoding.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU when torch sees one")
@@ -307,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=cmd_train)
 
     _add_translate(verbs, decoding, overrides)
+    _add_score(verbs, decoding, overrides)
 
     evaluate = verbs.add_parser("evaluate", help="BLEU and chrF on a dataset split", parents=[decoding],
                                 epilog="example: translator evaluate runs/multi30k_de_en --split test --set data.path=../shared/data/multi30k")
@@ -376,6 +430,23 @@ def _add_translate(verbs, decoding: argparse.ArgumentParser, overrides: dict) ->
     translate.add_argument("--quiet", action="store_true", help="no progress bar, no device and precision line")
     translate.add_argument("--workers", **WORKERS)
     translate.set_defaults(run=cmd_translate)
+
+
+def _add_score(verbs, decoding: argparse.ArgumentParser, overrides: dict) -> None:
+    score = verbs.add_parser("score", help="the model's log-probability of given translations, a line a pair (filtering data, reranking)",
+                             parents=[decoding], epilog="example: translator score runs/multi30k_de_en --source corpus.de --target corpus.en "
+                                                        "-o scores.txt\n\nOutput: a line a pair, in order: the sum of the log-probabilities of "
+                                                        "the target's pieces and its end-of-sentence token (--normalize: their mean).",
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    score.add_argument("model_dir", nargs="+", help=ENSEMBLE_HELP)
+    score.add_argument("--source", required=True, help="source sentences, a line each")
+    score.add_argument("--target", required=True, help="their translations, line for line")
+    score.add_argument("-o", "--output", default=None, help="write this file (only once all is scored) instead of stdout")
+    score.add_argument("--normalize", action="store_true", help="the mean log-probability a target token, end-of-sentence included, instead of the sum")
+    score.add_argument("--set", **overrides)
+    score.add_argument("--chunk-lines", type=positive_int, default=2000, help="lines read, scored and written at a time")
+    score.add_argument("--quiet", action="store_true", help="no progress bar, no device and precision line")
+    score.set_defaults(run=cmd_score)
 
 
 def _add_plot_and_serve(verbs, decoding: argparse.ArgumentParser, overrides: dict) -> None:

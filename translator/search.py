@@ -1,6 +1,7 @@
-"""Greedy search, sampling and beam search over `encode / start / decode / select`, batched over sentences.
+"""Greedy search, sampling and beam search over `encode / start / decode / select`, batched over sentences,
+and the score of given targets (teacher forcing).
 
-All decode incrementally: each step feeds only the newest token and the `DecoderState`
+The searches decode incrementally: each step feeds only the newest token and the `DecoderState`
 carries the K/V of everything before it. A sentence that is done leaves the batch at
 once (`state.select`), so no compute is spent on it.
 Shapes: B sentences still decoding, K beam size, V vocabulary.
@@ -104,6 +105,22 @@ def top_log_probs(model: Transformer, outputs: Tensor, k: int) -> tuple[Tensor, 
     """
     blocks = [F.log_softmax(model.logits(block).float(), dim=-1).topk(k, dim=-1) for block in outputs.split(ROWS_PER_BLOCK)]
     return torch.cat([b.values for b in blocks]), torch.cat([b.indices for b in blocks])
+
+
+@torch.inference_mode()
+def forced_log_probs(model: Transformer, src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> Tensor:
+    """Teacher forcing: the decoder reads tgt_in (B, T: bos, the pieces) and is scored on tgt_out (B, T: the
+    pieces, eos, then padding) -> each row's log-probability of its real tokens, summed (B,), fp32.
+
+    What a search's score would be had it chosen these tokens (without the length penalty), in one
+    pass over the whole target instead of a step per token."""
+    memory, src_mask = model.encode(src)
+    outputs, _ = model.decode(tgt_in, model.start(memory, src_mask))  # (B, T, D)
+    targets = tgt_out.flatten()
+    chosen = [F.log_softmax(model.logits(rows).float(), dim=-1).gather(-1, ids[:, None])  # a block of rows at a time, as top_log_probs
+              for rows, ids in zip(outputs.flatten(0, 1).split(ROWS_PER_BLOCK), targets.split(ROWS_PER_BLOCK))]
+    log_probs = torch.cat(chosen).view_as(tgt_out)
+    return torch.where(tgt_out != PAD_ID, log_probs, 0.0).sum(dim=-1)
 
 
 def greedy_search(model: Transformer, src: Tensor, max_lens: list[int]) -> list[Hypothesis]:

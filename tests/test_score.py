@@ -1,0 +1,111 @@
+"""Scoring given translations (teacher forcing): the score a search gives the tokens it chose, the same alone
+and in any batch, CTranslate2's score_batch, and the command that reads two files line for line."""
+
+import json
+
+import pytest
+import torch
+
+from test_errors import assert_usage_error, cli
+from test_search import SENTENCES, encode
+from translator import PairTooLong
+from translator.batching import target_tensors
+from translator.search import beam_search, forced_log_probs, greedy_search
+
+
+@pytest.fixture(scope="module")
+def pairs(toy_corpus):
+    rows = [json.loads(line) for line in (toy_corpus / "test.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [r["de"] for r in rows], [r["en"] for r in rows]
+
+
+def forced(translator, src, rows, hypotheses):
+    tgt_in, tgt_out = target_tensors([h.tokens for h in hypotheses])
+    return forced_log_probs(translator.model, src[rows], tgt_in, tgt_out).tolist()
+
+
+def test_forced_scores_equal_the_scores_the_searches_gave_their_own_tokens(tiny_translator):
+    src, max_lens = encode(tiny_translator, SENTENCES)
+    greedy = greedy_search(tiny_translator.model, src, max_lens)
+    ended = [i for i, (h, n) in enumerate(zip(greedy, max_lens)) if len(h.tokens) + 1 < n]  # by eos, which the score counts
+    assert len(ended) >= 3
+    assert forced(tiny_translator, src, ended, [greedy[i] for i in ended]) == pytest.approx([greedy[i].score for i in ended], abs=1e-4)
+    beams = beam_search(tiny_translator.model, src, max_lens, beam_size=4, alpha=0.0, n_best=3)  # alpha 0: raw log-probabilities
+    rows = [i for i, hyps in enumerate(beams) for h in hyps if len(h.tokens) + 1 < max_lens[i]]
+    finished = [h for i, hyps in enumerate(beams) for h in hyps if len(h.tokens) + 1 < max_lens[i]]
+    assert len({tuple(h.tokens) for h in finished}) > len(SENTENCES)  # several hypotheses a sentence, not one
+    assert forced(tiny_translator, src, rows, finished) == pytest.approx([h.score for h in finished], abs=1e-4)
+
+
+def test_translator_score_is_the_greedy_score_of_its_own_translation(tiny_translator):
+    src, max_lens = encode(tiny_translator, SENTENCES)
+    greedy = greedy_search(tiny_translator.model, src, max_lens)
+    texts = tiny_translator.tokenizer.decode([h.tokens for h in greedy])
+    # Text that SentencePiece encodes back to the same pieces, ended by eos rather than the length limit.
+    same = [i for i, (h, ids) in enumerate(zip(greedy, tiny_translator.tokenizer.encode(texts))) if ids == h.tokens and len(h.tokens) + 1 < max_lens[i]]
+    assert len(same) >= 3
+    scores = tiny_translator.score([SENTENCES[i] for i in same], [texts[i] for i in same])
+    assert scores == pytest.approx([greedy[i].score for i in same], abs=1e-4)
+
+
+def test_a_pair_scores_the_same_alone_and_in_batches_of_any_size(tiny_translator, pairs):
+    sources, targets = pairs
+    together = tiny_translator.score(sources, targets)
+    small_batches = tiny_translator.score(sources, targets, max_tokens=64)
+    alone = [tiny_translator.score([s], [t])[0] for s, t in zip(sources[:8], targets[:8])]
+    assert small_batches == pytest.approx(together, abs=1e-4)
+    assert alone == pytest.approx(together[:8], abs=1e-4)
+    assert len(set(round(s, 3) for s in together)) > len(together) // 2  # real scores, not one value
+
+
+def test_normalize_gives_the_mean_over_the_target_pieces_and_eos(tiny_translator, pairs):
+    sources, targets = pairs[0][:10], pairs[1][:10]
+    total, mean = tiny_translator.score(sources, targets), tiny_translator.score(sources, targets, normalize=True)
+    lengths = [len(ids) + 1 for ids in tiny_translator.tokenizer.encode(targets)]
+    assert mean == pytest.approx([t / n for t, n in zip(total, lengths)], rel=1e-5)
+
+
+def test_scores_equal_ctranslate2_score_batch(tiny_model_dir, tiny_translator, pairs, tmp_path):
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    from translator.export import export_ctranslate2
+
+    sources, targets = pairs[0][:20], pairs[1][:20]
+    ct2 = ctranslate2.Translator(str(export_ctranslate2(tiny_model_dir, tmp_path / "ct2")), device="cpu", intra_threads=1)
+    pieces = tiny_translator.tokenizer.pieces
+    results = ct2.score_batch([pieces(s) for s in sources], [pieces(t) for t in targets])  # its log_probs end with </s>'s
+    assert [r.tokens[-1] for r in results] == ["</s>"] * len(results)
+    assert tiny_translator.score(sources, targets) == pytest.approx([sum(r.log_probs) for r in results], abs=1e-3)
+
+
+def test_score_refuses_what_it_cannot_score(tiny_translator):
+    with pytest.raises(ValueError, match="2 sources but 1 targets"):
+        tiny_translator.score(["Ein hund.", "Frau."], ["A dog."])
+    with pytest.raises(TypeError, match="targets must be a list of str"):
+        tiny_translator.score(["Ein hund."], "A dog.")
+    limit = tiny_translator.recipe.model.max_positions
+    with pytest.raises(PairTooLong, match=f"target 1: .* longer than model.max_positions={limit}") as error:
+        tiny_translator.score(["Ein hund.", "Frau."], ["A dog.", "dog " * limit])
+    assert (error.value.side, error.value.index, error.value.limit) == ("target", 1, limit)
+
+
+def test_score_command_writes_a_line_a_pair_and_refuses_bad_files(tiny_model_dir, tiny_translator, pairs, tmp_path):
+    sources, targets = pairs[0][:12], pairs[1][:12]
+    source, target, out = tmp_path / "in.de", tmp_path / "in.en", tmp_path / "scores.txt"
+    source.write_text("\n".join(sources) + "\n", encoding="utf-8")
+    target.write_text("\r\n".join(targets) + "\r\n", encoding="utf-8")  # CR LF line ends are line ends
+    result = cli("score", tiny_model_dir, "--source", source, "--target", target, "-o", out, "--chunk-lines", 5, "--quiet")
+    assert result.returncode == 0, result.stderr
+    written = [float(line) for line in out.read_text().splitlines()]
+    assert written == pytest.approx(tiny_translator.score(sources, targets), abs=1e-4)
+
+    short = tmp_path / "short.en"
+    short.write_text("\n".join(targets[:11]) + "\n", encoding="utf-8")
+    refused = tmp_path / "refused.txt"
+    result = cli("score", tiny_model_dir, "--source", source, "--target", short, "-o", refused, "--quiet")
+    assert_usage_error(result, "score", f"{source} has 12 lines and {short} 11")
+    assert not refused.exists()  # a failed command writes nothing
+
+    bad = tmp_path / "bad.en"
+    bad.write_bytes("\n".join(targets[:3]).encode() + b"\nA \xff dog.\n" + "\n".join(targets[4:12]).encode() + b"\n")
+    assert_usage_error(cli("score", tiny_model_dir, "--source", source, "--target", bad, "--quiet"), "score", f"{bad}, line 4: not valid UTF-8")
+    assert_usage_error(cli("score", tiny_model_dir, "--source", tmp_path / "none.de", "--target", target), "score", "--source", "no such file")
