@@ -248,6 +248,7 @@ def test_ints_are_accepted_for_floats():
         (["tokenizer.input_sentence_size=100"], "tokenizer.input_sentence_size"),  # SentencePiece refuses 1-100 only once it has read the data
         (["train.threads=0"], "train.threads"),
         (["train.rdrop_alpha=-1"], "train.rdrop_alpha"),
+        (["decode.rerank_weight=-0.5"], "decode.rerank_weight"),
         (["data.subword_sampling=1.5"], "data.subword_sampling"),
         (["data.subword_sampling=0.3", "data.streaming=true"], "data.subword_sampling"),
     ],

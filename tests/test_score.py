@@ -1,14 +1,16 @@
 """Scoring given translations (teacher forcing): the score a search gives the tokens it chose, the same alone
-and in any batch, CTranslate2's score_batch, and the command that reads two files line for line."""
+and in any batch, CTranslate2's score_batch, and the command that reads two files line for line; and
+reranking the beam with a model of the reverse pair."""
 
 import json
 
 import pytest
 import torch
 
+from conftest import train_tiny
 from test_errors import assert_usage_error, cli
 from test_search import SENTENCES, encode
-from translator import PairTooLong
+from translator import PairTooLong, Sampling, Translator
 from translator.batching import target_tensors
 from translator.search import beam_search, forced_log_probs, greedy_search
 
@@ -109,3 +111,48 @@ def test_score_command_writes_a_line_a_pair_and_refuses_bad_files(tiny_model_dir
     bad.write_bytes("\n".join(targets[:3]).encode() + b"\nA \xff dog.\n" + "\n".join(targets[4:12]).encode() + b"\n")
     assert_usage_error(cli("score", tiny_model_dir, "--source", source, "--target", bad, "--quiet"), "score", f"{bad}, line 4: not valid UTF-8")
     assert_usage_error(cli("score", tiny_model_dir, "--source", tmp_path / "none.de", "--target", target), "score", "--source", "no such file")
+
+
+@pytest.fixture(scope="module")
+def reverse(tmp_path_factory, toy_corpus) -> Translator:
+    """A tiny model of the reverse pair (en to de) on the same corpus."""
+    out = train_tiny(tmp_path_factory.mktemp("tiny_en_de"), toy_corpus, 100, "data.src_lang=en", "data.tgt_lang=de")
+    return Translator.from_pretrained(out)
+
+
+def test_reranking_sorts_the_beam_by_its_score_plus_the_weighted_reverse_score(tiny_translator, reverse):
+    beams = tiny_translator.translate(SENTENCES, beam_size=4, n_best=4)
+    for weight in (0.5, 2.0):
+        reranked = tiny_translator.translate(SENTENCES, beam_size=4, n_best=4, rerank=reverse, rerank_weight=weight)
+        for source, beam, ranked in zip(SENTENCES, beams, reranked):
+            back = reverse.score([h.text for h in beam], [source] * len(beam), normalize=True)
+            expected = sorted(((h.score + weight * b, h.text) for h, b in zip(beam, back)), reverse=True)
+            assert [h.text for h in ranked] == [text for _, text in expected]
+            assert [h.score for h in ranked] == pytest.approx([score for score, _ in expected], abs=1e-5)
+    changed = tiny_translator.translate(SENTENCES, beam_size=4, rerank=reverse, rerank_weight=50.0)
+    assert changed != [beam[0].text for beam in beams]  # a large weight lets the reverse model choose
+    assert tiny_translator.translate(SENTENCES, beam_size=4, rerank=reverse, rerank_weight=0.0) == [beam[0].text for beam in beams]
+    assert tiny_translator.translate(["", SENTENCES[0]], beam_size=4, rerank=reverse)[0] == ""
+
+
+def test_reranking_refuses_a_model_of_another_pair_and_sampling(tiny_translator, reverse):
+    with pytest.raises(ValueError, match="must translate en to de, and it translates de to en"):
+        tiny_translator.translate(SENTENCES, rerank=tiny_translator)
+    with pytest.raises(ValueError, match="does not apply to sampling"):
+        tiny_translator.translate(SENTENCES, rerank=reverse, sampling=Sampling(seed=1))
+    with pytest.raises(TypeError, match="expected a Translator of the reverse pair"):
+        tiny_translator.translate(SENTENCES, rerank="runs/en_de")
+
+
+def test_translate_and_evaluate_commands_rerank_with_a_model_directory(tiny_model_dir, tiny_translator, reverse, toy_corpus):
+    reverse_dir = str(reverse.recipe.out_dir)
+    result = cli("translate", tiny_model_dir, "--rerank-with", reverse_dir, "--rerank-weight", "2", "--beam-size", 4, "--quiet",
+                 stdin="\n".join(SENTENCES) + "\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == tiny_translator.translate(SENTENCES, beam_size=4, rerank=reverse, rerank_weight=2.0)
+    result = cli("evaluate", tiny_model_dir, "--rerank-with", reverse_dir, "--split", "validation", "--json", "--quiet",
+                 "--set", f"data.path={toy_corpus}")
+    assert result.returncode == 0, result.stderr
+    assert 0 < json.loads(result.stdout)["bleu"] <= 100
+    assert_usage_error(cli("translate", tiny_model_dir, "--rerank-with", reverse_dir, "--sample", "--quiet", stdin="Frau.\n"),
+                       "translate", "--rerank-with", "--sample")

@@ -7,6 +7,7 @@
     t.translate("Ein Hund.", sampling=Sampling(top_p=0.9, seed=1), n_best=4)  # 4 samples
     t.translate("Ein Hund.", return_attention=True).attention  # AttentionMaps: the three modes' weights
     t.score(["Ein Hund."], ["A dog."])                       # -> [log p(target | source)]: filtering data, reranking
+    t.translate("Ein Hund.", rerank=Translator.from_pretrained("runs/multi30k_en_de"))  # the beam reranked by an en->de model
     Translator.from_pretrained("runs/multi30k_de_en", workers=2)  # 2 decoding processes sharing the threads (CPU)
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,17 @@ class Translation:
     text: str
     score: float  # log-probability (beam search: divided by the length penalty)
     attention: AttentionMaps | None = field(default=None, compare=False, repr=False)  # with return_attention=True
+
+
+def reranked(sources: list[str], hypotheses: list[list[Translation]], reverse: Translator, weight: float) -> list[list[Translation]]:
+    """Each sentence's hypotheses re-sorted by score + weight x the reverse model's mean log-probability of the
+    source's pieces (and eos) given the hypothesis, which becomes their score (noisy-channel reranking:
+    a translation that leaves out or invents content explains its source badly). Blank sentences stay as they are."""
+    scored = [(i, h) for i, hyps in enumerate(hypotheses) for h in hyps if sources[i].strip()]
+    back = iter(reverse.score([h.text for _, h in scored], [sources[i] for i, _ in scored], normalize=True))
+    out = [list(hyps) if not sources[i].strip() else [replace(h, score=h.score + weight * next(back)) for h in hyps]
+           for i, hyps in enumerate(hypotheses)]
+    return [sorted(hyps, key=lambda h: -h.score) for hyps in out]
 
 
 class Translator:
@@ -109,6 +121,8 @@ class Translator:
         truncate: bool = True,
         progress: bool = False,
         return_attention: bool = False,
+        rerank: Translator | None = None,
+        rerank_weight: float | None = None,
     ):
         """Translate one sentence (-> str) or a list (-> list[str], same order).
 
@@ -131,6 +145,10 @@ class Translator:
             return_attention: return `Translation`s (with n_best too) whose `attention` holds the
                 pieces and the weights of encoder self-, decoder self- and cross-attention, every
                 layer and head (`AttentionMaps`); None for a blank sentence.
+            rerank: a model of the reverse pair (here en->de for a de->en model): beam search's
+                beam_size hypotheses are re-sorted by their score + rerank_weight x the reverse model's
+                mean log-probability of the source's pieces given the hypothesis, and that sum is their score.
+            rerank_weight: default from the recipe (decode.rerank_weight).
 
         Returns:
             str, list[str], Translation, list[Translation] or list[list[Translation]].
@@ -148,16 +166,22 @@ class Translator:
             raise ValueError("return_attention: each model of an ensemble attends in its own way; ask a Translator of one of them")
         if sampling is not None and not isinstance(sampling, Sampling):
             raise TypeError(f"sampling: got {type(sampling).__name__}, expected Sampling(temperature=..., top_k=..., top_p=..., seed=...)")
-        decode = self._decode_config(beam_size=beam_size, alpha=alpha, beam_stop=beam_stop, max_tokens=max_tokens, precision=precision)
+        decode = self._decode_config(beam_size=beam_size, alpha=alpha, beam_stop=beam_stop, max_tokens=max_tokens, precision=precision,
+                                     rerank_weight=rerank_weight)
         k = 1 if n_best is None else n_best
         if k < 1 or (sampling is None and k > decode.beam_size):
             raise ValueError(f"n_best={n_best}: expected 1 to beam_size={decode.beam_size} (or any number of samples with sampling)")
+        if rerank is not None:
+            self._check_reverse(rerank, sampling)
+        searched = decode.beam_size if rerank is not None else k  # reranking sees the whole beam
         sources = self._source_ids(batch, truncate)  # here, so that a warning or error reaches the caller, not a worker
         if self.workers > 1 and sum(ids is not None for ids in sources) > 1:
             hypotheses = self._decoding_workers(decode).translate(
-                sources, decode=decode, n_best=k, sampling=sampling, progress=progress, return_attention=return_attention)
+                sources, decode=decode, n_best=searched, sampling=sampling, progress=progress, return_attention=return_attention)
         else:
-            hypotheses = self._translate(sources, decode, k, sampling, progress, return_attention)
+            hypotheses = self._translate(sources, decode, searched, sampling, progress, return_attention)
+        if rerank is not None:
+            hypotheses = [hyps[:k] for hyps in reranked(batch, hypotheses, rerank, decode.rerank_weight)]
         if n_best is None:
             outputs = [hyps[0] if return_attention else hyps[0].text for hyps in hypotheses]
         else:
@@ -196,6 +220,17 @@ class Translator:
             for i, total in zip(indices, totals.tolist()):
                 scores[i] = total
         return scores
+
+    def _check_reverse(self, reverse, sampling: Sampling | None) -> None:
+        """`rerank` must be a Translator of the reverse pair, and reranks a search, not samples."""
+        if not isinstance(reverse, Translator):
+            raise TypeError(f"rerank: got {type(reverse).__name__}, expected a Translator of the reverse pair")
+        mine, theirs = self.recipe.data, reverse.recipe.data
+        if (theirs.src_lang, theirs.tgt_lang) != (mine.tgt_lang, mine.src_lang):
+            raise ValueError(f"rerank: this model translates {mine.src_lang} to {mine.tgt_lang}; the reranking model must translate "
+                             f"{mine.tgt_lang} to {mine.src_lang}, and it translates {theirs.src_lang} to {theirs.tgt_lang}")
+        if sampling is not None:
+            raise ValueError("rerank: reranks beam search's hypotheses; it does not apply to sampling")
 
     def precision(self, requested: str | None = None) -> Precision:
         """The precision decoding runs at on this translator's device, and why ("auto" resolved here)."""

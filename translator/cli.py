@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   translator train recipes/multi30k_de_en.yaml --set data.path=../shared/data/multi30k
   translator translate runs/multi30k_de_en --precision int8 < input.de > output.en
   translator translate runs/multi30k_de_en -i input.de -o nbest.tsv --beam-size 5 --n-best 5
+  translator translate runs/multi30k_de_en --rerank-with runs/multi30k_en_de < input.de   # the beam reranked by the reverse model
   translator score runs/multi30k_de_en --source corpus.de --target corpus.en > scores.txt   # log p(target | source) a line
   translator evaluate runs/multi30k_de_en --split test --beam-size 5 --output hyps.en
   translator evaluate runs/en_de_seed1 runs/en_de_seed2 --split test     # an ensemble of two models
@@ -141,7 +142,15 @@ def translate_options(args: argparse.Namespace) -> dict:
             sampling = Sampling(**settings)
         except ValueError as e:
             raise RecipeError(str(e).replace("Sampling.", "--").replace("_", "-")) from None
-    return dict(beam_size=args.beam_size, alpha=args.alpha, beam_stop=args.beam_stop, n_best=args.n_best, sampling=sampling)
+    if args.sample and args.rerank_with:
+        raise RecipeError("--rerank-with reranks beam search's hypotheses; it does not apply to --sample")
+    return dict(beam_size=args.beam_size, alpha=args.alpha, beam_stop=args.beam_stop, n_best=args.n_best, sampling=sampling,
+                rerank_weight=args.rerank_weight)
+
+
+def reverse_translator(args: argparse.Namespace):
+    """--rerank-with's model directory, on the same device and precision as the model it reranks for (or None)."""
+    return load_translator(args.rerank_with, [], args.device, args.precision) if args.rerank_with else None
 
 
 def translate_lines(translator, lines: list[str], options: dict, name: str, first_line: int, truncate: bool) -> list:
@@ -171,6 +180,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     if args.input:
         input_file("--input", args.input)
     translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=not args.quiet, workers=args.workers)
+    options["rerank"] = reverse_translator(args)
     beam_size = args.beam_size or translator.recipe.decode.beam_size
     if args.n_best and not args.sample and args.n_best > beam_size:
         raise RecipeError(f"--n-best {args.n_best}: at most the beam size, {beam_size} (--beam-size), or any number with --sample")
@@ -236,7 +246,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=not args.quiet, workers=args.workers)
     output = output_path(args.output) if args.output else None
-    scores = evaluate(translator, args.split, translator.recipe.data, args.beam_size, output, progress=not args.quiet)
+    scores = evaluate(translator, args.split, translator.recipe.data, args.beam_size, output, progress=not args.quiet,
+                      rerank=reverse_translator(args), rerank_weight=args.rerank_weight)
     print(json.dumps(scores.to_dict()) if args.json else str(scores))
     return 0
 
@@ -350,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     decoding.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU when torch sees one")
     decoding.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16", "int8"), default=None,
                           help="default: the recipe's decode.precision (auto: bf16 where the CPU or GPU runs it natively); int8: CPU only")
+    reranking = argparse.ArgumentParser(add_help=False, parents=[decoding])  # translate and evaluate
+    reranking.add_argument("--rerank-with", default=None, metavar="MODEL_DIR",
+                           help="a model of the reverse pair: the beam re-sorted by score + weight x its log p(source | translation) a source token")
+    reranking.add_argument("--rerank-weight", type=float, default=None, help="with --rerank-with: the weight (default: the recipe's decode.rerank_weight)")
 
     train = verbs.add_parser("train", help="train a model from a YAML recipe",
                              epilog="example: translator train recipes/multi30k_de_en.yaml --set data.path=../shared/data/multi30k")
@@ -359,10 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=cmd_train)
 
-    _add_translate(verbs, decoding, overrides)
+    _add_translate(verbs, reranking, overrides)
     _add_score(verbs, decoding, overrides)
 
-    evaluate = verbs.add_parser("evaluate", help="BLEU and chrF on a dataset split", parents=[decoding],
+    evaluate = verbs.add_parser("evaluate", help="BLEU and chrF on a dataset split", parents=[reranking],
                                 epilog="example: translator evaluate runs/multi30k_de_en --split test --set data.path=../shared/data/multi30k")
     evaluate.add_argument("model_dir", nargs="+", help=ENSEMBLE_HELP)
     evaluate.add_argument("--split", default=None, help="the split to score (default: the recipe's data.test_split)")

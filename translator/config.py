@@ -137,9 +137,11 @@ class DecodeConfig:
     max_len_b: int = 10
     max_tokens: int = 8192  # per inference batch: source sentences x longest source
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"  # auto: bf16 where the CPU or GPU runs it natively, else fp32 (CPU) or fp16 (GPU); int8: CPU only
+    rerank_weight: float = 1.0  # with a reverse model (translate(rerank=...), --rerank-with): its weight in reranking the beam
 
     def validate(self) -> None:
         _check(self.beam_size >= 1, "decode.beam_size", self.beam_size, "at least 1")
+        _check(self.rerank_weight >= 0, "decode.rerank_weight", self.rerank_weight, "zero or more")
         _check(self.alpha >= 0, "decode.alpha", self.alpha, "zero or more")
         _check(self.max_len_a >= 0, "decode.max_len_a", self.max_len_a, "zero or more")
         _check(self.max_len_b >= 1, "decode.max_len_b", self.max_len_b, "at least 1")

@@ -61,6 +61,8 @@ def evaluate(
     beam_size: int | None = None,
     output: str | Path | None = None,
     progress: bool = False,
+    rerank: Translator | None = None,
+    rerank_weight: float | None = None,
 ) -> Scores:
     """Translate a dataset split and score it.
 
@@ -70,6 +72,7 @@ def evaluate(
         data: where the data is and which languages; default the model's own recipe.
         beam_size: 1 for greedy; default the recipe's `decode.beam_size`.
         output: if given, write the hypotheses there, one a line.
+        rerank, rerank_weight: a model of the reverse pair to rerank the beam with (`Translator.translate`).
     """
     data = data or translator.recipe.data
     split = split or data.test_split
@@ -78,7 +81,7 @@ def evaluate(
     bleu_metric(data.tgt_lang, translator.recipe.evaluate.tokenize)  # a missing tokenizer fails before translating
     pairs = load_split(data, split)
     with staged_text_file(Path(output)) if output is not None else nullcontext() as file:  # a bad path fails now
-        hypotheses = translator.translate(texts(pairs["src"]), beam_size=beam_size, progress=progress)
+        hypotheses = translator.translate(texts(pairs["src"]), beam_size=beam_size, progress=progress, rerank=rerank, rerank_weight=rerank_weight)
         if file is not None:
             file.write("".join(h + "\n" for h in hypotheses))
     settings = translator.recipe.evaluate
