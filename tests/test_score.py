@@ -156,3 +156,5 @@ def test_translate_and_evaluate_commands_rerank_with_a_model_directory(tiny_mode
     assert 0 < json.loads(result.stdout)["bleu"] <= 100
     assert_usage_error(cli("translate", tiny_model_dir, "--rerank-with", reverse_dir, "--sample", "--quiet", stdin="Frau.\n"),
                        "translate", "--rerank-with", "--sample")
+    assert_usage_error(cli("translate", tiny_model_dir, "--rerank-with", tiny_model_dir, "--quiet", stdin="Frau.\n"),
+                       "translate", "must translate en to de")

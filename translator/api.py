@@ -61,6 +61,16 @@ class Translation:
     attention: AttentionMaps | None = field(default=None, compare=False, repr=False)  # with return_attention=True
 
 
+def check_reverse_pair(translator: Translator, reverse) -> None:
+    """`reverse`, a model to rerank `translator`'s beam with, must be a Translator of its pair reversed (RecipeError otherwise)."""
+    if not isinstance(reverse, Translator):
+        raise TypeError(f"rerank: got {type(reverse).__name__}, expected a Translator of the reverse pair")
+    mine, theirs = translator.recipe.data, reverse.recipe.data
+    if (theirs.src_lang, theirs.tgt_lang) != (mine.tgt_lang, mine.src_lang):
+        raise RecipeError(f"rerank: this model translates {mine.src_lang} to {mine.tgt_lang}; the reranking model must translate "
+                          f"{mine.tgt_lang} to {mine.src_lang}, and it translates {theirs.src_lang} to {theirs.tgt_lang}")
+
+
 def reranked(sources: list[str], hypotheses: list[list[Translation]], reverse: Translator, weight: float) -> list[list[Translation]]:
     """Each sentence's hypotheses re-sorted by score + weight x the reverse model's mean log-probability of the
     source's pieces (and eos) given the hypothesis, which becomes their score (noisy-channel reranking:
@@ -172,7 +182,9 @@ class Translator:
         if k < 1 or (sampling is None and k > decode.beam_size):
             raise ValueError(f"n_best={n_best}: expected 1 to beam_size={decode.beam_size} (or any number of samples with sampling)")
         if rerank is not None:
-            self._check_reverse(rerank, sampling)
+            check_reverse_pair(self, rerank)
+            if sampling is not None:
+                raise ValueError("rerank: reranks beam search's hypotheses; it does not apply to sampling")
         searched = decode.beam_size if rerank is not None else k  # reranking sees the whole beam
         sources = self._source_ids(batch, truncate)  # here, so that a warning or error reaches the caller, not a worker
         if self.workers > 1 and sum(ids is not None for ids in sources) > 1:
@@ -220,17 +232,6 @@ class Translator:
             for i, total in zip(indices, totals.tolist()):
                 scores[i] = total
         return scores
-
-    def _check_reverse(self, reverse, sampling: Sampling | None) -> None:
-        """`rerank` must be a Translator of the reverse pair, and reranks a search, not samples."""
-        if not isinstance(reverse, Translator):
-            raise TypeError(f"rerank: got {type(reverse).__name__}, expected a Translator of the reverse pair")
-        mine, theirs = self.recipe.data, reverse.recipe.data
-        if (theirs.src_lang, theirs.tgt_lang) != (mine.tgt_lang, mine.src_lang):
-            raise ValueError(f"rerank: this model translates {mine.src_lang} to {mine.tgt_lang}; the reranking model must translate "
-                             f"{mine.tgt_lang} to {mine.src_lang}, and it translates {theirs.src_lang} to {theirs.tgt_lang}")
-        if sampling is not None:
-            raise ValueError("rerank: reranks beam search's hypotheses; it does not apply to sampling")
 
     def precision(self, requested: str | None = None) -> Precision:
         """The precision decoding runs at on this translator's device, and why ("auto" resolved here)."""

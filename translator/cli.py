@@ -148,9 +148,15 @@ def translate_options(args: argparse.Namespace) -> dict:
                 rerank_weight=args.rerank_weight)
 
 
-def reverse_translator(args: argparse.Namespace):
-    """--rerank-with's model directory, on the same device and precision as the model it reranks for (or None)."""
-    return load_translator(args.rerank_with, [], args.device, args.precision) if args.rerank_with else None
+def reverse_translator(args: argparse.Namespace, translator):
+    """--rerank-with's model directory (or None), on the same device and precision as `translator`, whose pair it must reverse."""
+    if not args.rerank_with:
+        return None
+    from .api import check_reverse_pair
+
+    reverse = load_translator(args.rerank_with, [], args.device, args.precision)
+    check_reverse_pair(translator, reverse)
+    return reverse
 
 
 def translate_lines(translator, lines: list[str], options: dict, name: str, first_line: int, truncate: bool) -> list:
@@ -180,7 +186,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     if args.input:
         input_file("--input", args.input)
     translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=not args.quiet, workers=args.workers)
-    options["rerank"] = reverse_translator(args)
+    options["rerank"] = reverse_translator(args, translator)
     beam_size = args.beam_size or translator.recipe.decode.beam_size
     if args.n_best and not args.sample and args.n_best > beam_size:
         raise RecipeError(f"--n-best {args.n_best}: at most the beam size, {beam_size} (--beam-size), or any number with --sample")
@@ -247,7 +253,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=not args.quiet, workers=args.workers)
     output = output_path(args.output) if args.output else None
     scores = evaluate(translator, args.split, translator.recipe.data, args.beam_size, output, progress=not args.quiet,
-                      rerank=reverse_translator(args), rerank_weight=args.rerank_weight)
+                      rerank=reverse_translator(args, translator), rerank_weight=args.rerank_weight)
     print(json.dumps(scores.to_dict()) if args.json else str(scores))
     return 0
 
