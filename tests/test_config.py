@@ -440,7 +440,8 @@ def test_attention_and_activation_dropout_follow_model_dropout_unless_set():
 
 
 def test_the_multi30k_recipes_differ_only_in_their_languages_names_and_length_penalty():
-    """The en-de and en-fr recipes promise the de-en recipe's settings; the length penalty is chosen per pair on validation."""
+    """The en-de and en-fr recipes promise the de-en recipe's settings; the length penalty and the reranking weight are
+    chosen per pair on validation."""
     main = load_recipe(MULTI30K).to_dict()
     for pair in ("en_de", "en_fr"):
         other = load_recipe(ROOT / "recipes" / f"multi30k_{pair}.yaml").to_dict()
@@ -449,5 +450,5 @@ def test_the_multi30k_recipes_differ_only_in_their_languages_names_and_length_pe
         for recipe in (main, other):
             recipe.update(name=None, out_dir=None)
             recipe["data"].update(src_lang=None, tgt_lang=None)
-            recipe["decode"].update(alpha=None)
+            recipe["decode"].update(alpha=None, rerank_weight=None)
         assert other == main
