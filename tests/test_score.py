@@ -5,7 +5,6 @@ reranking the beam with a model of the reverse pair."""
 import json
 
 import pytest
-import torch
 
 from conftest import train_tiny
 from test_errors import assert_usage_error, cli
