@@ -75,11 +75,12 @@ def reranked(sources: list[str], hypotheses: list[list[Translation]], reverse: T
     """Each sentence's hypotheses re-sorted by score + weight x the reverse model's mean log-probability of the
     source's pieces (and eos) given the hypothesis, which becomes their score (noisy-channel reranking:
     a translation that leaves out or invents content explains its source badly). Blank sentences stay as they are."""
-    scored = [(i, h) for i, hyps in enumerate(hypotheses) for h in hyps if sources[i].strip()]
-    back = iter(reverse.score([h.text for _, h in scored], [sources[i] for i, _ in scored], normalize=True))
-    out = [list(hyps) if not sources[i].strip() else [replace(h, score=h.score + weight * next(back)) for h in hyps]
-           for i, hyps in enumerate(hypotheses)]
-    return [sorted(hyps, key=lambda h: -h.score) for hyps in out]
+    todo = [i for i, source in enumerate(sources) if source.strip()]
+    back = iter(reverse.score([h.text for i in todo for h in hypotheses[i]], [sources[i] for i in todo for _ in hypotheses[i]], normalize=True))
+    out = [list(hyps) for hyps in hypotheses]
+    for i in todo:
+        out[i] = sorted((replace(h, score=h.score + weight * next(back)) for h in hypotheses[i]), key=lambda h: -h.score)
+    return out
 
 
 class Translator:
