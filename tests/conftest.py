@@ -94,3 +94,10 @@ def train_tiny(out: Path, corpus: Path, steps: int, *overrides: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_translator(tiny_model_dir) -> Translator:
     return Translator.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def reverse(tmp_path_factory, toy_corpus) -> Translator:
+    """A tiny model of the reverse pair (en to de) on the same corpus: reranking tiny_translator's beam."""
+    out = train_tiny(tmp_path_factory.mktemp("tiny_en_de"), toy_corpus, 100, "data.src_lang=en", "data.tgt_lang=de")
+    return Translator.from_pretrained(out)

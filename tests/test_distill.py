@@ -62,3 +62,16 @@ def test_the_command_writes_the_folder_with_an_ensemble_as_the_teacher(tiny_mode
     data = replace(tiny_translator.recipe.data, path=str(toy_corpus))
     src, tgt = read_split(data, out, "train")
     assert len(src) == len(tgt) == 2400 and src[:1200] == src[1200:] and tgt[:1200] == read_split(data, toy_corpus, "train")[1]
+
+
+def test_the_teacher_reranked_by_a_reverse_model_writes_its_reranked_translations(tiny_model_dir, tiny_translator, reverse, toy_corpus, tmp_path):
+    data = replace(tiny_translator.recipe.data, path=str(toy_corpus))
+    sources = read_split(data, toy_corpus, "train")[0]
+    out = tmp_path / "reranked"
+    result = subprocess.run([sys.executable, "-m", "translator", "distill", str(tiny_model_dir), str(out), "--rerank-with",
+                             str(reverse.recipe.out_dir), "--rerank-weight", "2", "--set", f"data.path={toy_corpus}", "--quiet"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    expected = tiny_translator.translate(sources, rerank=reverse, rerank_weight=2.0)
+    assert read_split(data, out, "train")[1][1200:] == expected
+    assert expected != tiny_translator.translate(sources)  # the reranking changed what the student learns from

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from conftest import train_tiny
 from test_errors import assert_usage_error, cli
 from test_search import SENTENCES, encode
 from translator import PairTooLong, Sampling, Translator
@@ -110,13 +109,6 @@ def test_score_command_writes_a_line_a_pair_and_refuses_bad_files(tiny_model_dir
     bad.write_bytes("\n".join(targets[:3]).encode() + b"\nA \xff dog.\n" + "\n".join(targets[4:12]).encode() + b"\n")
     assert_usage_error(cli("score", tiny_model_dir, "--source", source, "--target", bad, "--quiet"), "score", f"{bad}, line 4: not valid UTF-8")
     assert_usage_error(cli("score", tiny_model_dir, "--source", tmp_path / "none.de", "--target", target), "score", "--source", "no such file")
-
-
-@pytest.fixture(scope="module")
-def reverse(tmp_path_factory, toy_corpus) -> Translator:
-    """A tiny model of the reverse pair (en to de) on the same corpus."""
-    out = train_tiny(tmp_path_factory.mktemp("tiny_en_de"), toy_corpus, 100, "data.src_lang=en", "data.tgt_lang=de")
-    return Translator.from_pretrained(out)
 
 
 def test_reranking_sorts_the_beam_by_its_score_plus_the_weighted_reverse_score(tiny_translator, reverse):

@@ -264,7 +264,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if Path(args.out).exists():  # refused before the model loads and translates
         raise RecipeError(f"{args.out} already exists; distill writes a new folder")
     translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=not args.quiet, workers=args.workers)
-    translated = distill(translator, args.out, translator.recipe.data, progress=not args.quiet)
+    translated = distill(translator, args.out, translator.recipe.data, progress=not args.quiet,
+                         rerank=reverse_translator(args, translator), rerank_weight=args.rerank_weight)
     print(f"distilled {translated} training sentences into {args.out}: train with --set data.path={args.out}")
     return 0
 
@@ -396,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=cmd_evaluate)
 
     distill = verbs.add_parser("distill", help="a teacher's translations of the training sources, beside the original pairs, "
-                               "as a folder for data.path (sequence-level knowledge distillation)", parents=[decoding],
+                               "as a folder for data.path (sequence-level knowledge distillation)", parents=[reranking],
                                epilog="example: translator distill runs/multi30k_en_de runs/multi30k_en_de_distilled_data "
                                       "--set data.path=../shared/data/multi30k")
     distill.add_argument("model_dir", nargs="+", help="the teacher: " + ENSEMBLE_HELP)

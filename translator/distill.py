@@ -2,7 +2,7 @@
 translates the training sources, and a new model, the student, trains on the original pairs and
 the teacher's (source, translation) pairs together.
 
-    translator distill runs/multi30k_en_de runs/multi30k_en_de_distilled_data
+    translator distill runs/multi30k_en_de runs/multi30k_en_de_distilled_data [--rerank-with runs/multi30k_de_en]
     translator train recipes/multi30k_en_de_distilled.yaml
 
 The output is a folder of line-aligned text that `data.path` reads (`{split}.{lang}`): the training
@@ -20,10 +20,12 @@ from .config import DataConfig
 from .data import DataError, load_split, texts
 
 
-def distill(teacher: Translator, out_dir: str | Path, data: DataConfig | None = None, progress: bool = False) -> int:
+def distill(teacher: Translator, out_dir: str | Path, data: DataConfig | None = None, progress: bool = False,
+            rerank: Translator | None = None, rerank_weight: float | None = None) -> int:
     """Write the distilled folder for `data` (default: the teacher's own recipe's) to `out_dir`; return
     the number of training sentences translated. Every split is read and translated before anything
-    is written: a failure leaves `out_dir` as it was (and the splits are held in memory meanwhile)."""
+    is written: a failure leaves `out_dir` as it was (and the splits are held in memory meanwhile).
+    `rerank`, `rerank_weight`: the teacher's beam reranked by a model of the reverse pair, as in translate()."""
     data = data or teacher.recipe.data
     splits = dict.fromkeys(s for s in (data.train_split, data.valid_split, data.test_split) if s)
     for split in splits:
@@ -31,7 +33,7 @@ def distill(teacher: Translator, out_dir: str | Path, data: DataConfig | None = 
         splits[split] = texts(pairs["src"]), texts(pairs["tgt"])
         _refuse_line_breaks(split, *splits[split])
     sources, references = splits[data.train_split]
-    translations = teacher.translate(sources, progress=progress)
+    translations = teacher.translate(sources, progress=progress, rerank=rerank, rerank_weight=rerank_weight)
     splits[data.train_split] = sources + sources, references + translations
     with staged_directory(Path(out_dir)) as staging:
         for split, (src, tgt) in splits.items():
