@@ -126,13 +126,15 @@ def test_reranking_sorts_the_beam_by_its_score_plus_the_weighted_reverse_score(t
     assert tiny_translator.translate(["", SENTENCES[0]], beam_size=4, rerank=reverse)[0] == ""
 
 
-def test_reranking_refuses_a_model_of_another_pair_and_sampling(tiny_translator, reverse):
+def test_reranking_refuses_a_model_of_another_pair_sampling_and_a_weight_alone(tiny_translator, reverse):
     with pytest.raises(ValueError, match="must translate en to de, and it translates de to en"):
         tiny_translator.translate(SENTENCES, rerank=tiny_translator)
     with pytest.raises(ValueError, match="does not apply to sampling"):
         tiny_translator.translate(SENTENCES, rerank=reverse, sampling=Sampling(seed=1))
     with pytest.raises(TypeError, match="expected a Translator of the reverse pair"):
         tiny_translator.translate(SENTENCES, rerank="runs/en_de")
+    with pytest.raises(ValueError, match="rerank_weight: given without rerank="):  # not ignored in silence
+        tiny_translator.translate(SENTENCES, rerank_weight=1.0)
 
 
 def test_translate_and_evaluate_commands_rerank_with_a_model_directory(tiny_model_dir, tiny_translator, reverse, toy_corpus):
@@ -149,3 +151,5 @@ def test_translate_and_evaluate_commands_rerank_with_a_model_directory(tiny_mode
                        "translate", "--rerank-with", "--sample")
     assert_usage_error(cli("translate", tiny_model_dir, "--rerank-with", tiny_model_dir, "--quiet", stdin="Frau.\n"),
                        "translate", "must translate en to de")
+    assert_usage_error(cli("evaluate", tiny_model_dir, "--rerank-weight", "2", "--quiet", "--set", f"data.path={toy_corpus}"),
+                       "evaluate", "--rerank-weight 2.0: given without --rerank-with")

@@ -182,6 +182,8 @@ class Translator:
         k = 1 if n_best is None else n_best
         if k < 1 or (sampling is None and k > decode.beam_size):
             raise ValueError(f"n_best={n_best}: expected 1 to beam_size={decode.beam_size} (or any number of samples with sampling)")
+        if rerank is None and rerank_weight is not None:
+            raise ValueError("rerank_weight: given without rerank=, the reverse model it weighs")
         if rerank is not None:
             check_reverse_pair(self, rerank)
             if sampling is not None:

@@ -151,6 +151,8 @@ def translate_options(args: argparse.Namespace) -> dict:
 def reverse_translator(args: argparse.Namespace, translator):
     """--rerank-with's model directory (or None), on the same device and precision as `translator`, whose pair it must reverse."""
     if not args.rerank_with:
+        if args.rerank_weight is not None:
+            raise RecipeError(f"--rerank-weight {args.rerank_weight}: given without --rerank-with MODEL_DIR, the reverse model it weighs")
         return None
     from .api import check_reverse_pair
 
