@@ -13,10 +13,14 @@ from translator.batching import target_tensors
 from translator.search import beam_search, forced_log_probs, greedy_search
 
 
+def split_pairs(corpus, split: str) -> tuple[list[str], list[str]]:
+    rows = [json.loads(line) for line in (corpus / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [r["de"] for r in rows], [r["en"] for r in rows]
+
+
 @pytest.fixture(scope="module")
 def pairs(toy_corpus):
-    rows = [json.loads(line) for line in (toy_corpus / "test.jsonl").read_text(encoding="utf-8").splitlines()]
-    return [r["de"] for r in rows], [r["en"] for r in rows]
+    return split_pairs(toy_corpus, "test")
 
 
 def forced(translator, src, rows, hypotheses):
@@ -133,20 +137,38 @@ def test_reranking_refuses_a_model_of_another_pair_sampling_and_a_weight_alone(t
         tiny_translator.translate(SENTENCES, rerank=reverse, sampling=Sampling(seed=1))
     with pytest.raises(TypeError, match="expected a Translator of the reverse pair"):
         tiny_translator.translate(SENTENCES, rerank="runs/en_de")
+    with pytest.raises(ValueError, match=r"does not apply to greedy search \(beam_size=1\)"):  # one hypothesis: nothing to re-sort
+        tiny_translator.translate(SENTENCES, beam_size=1, rerank=reverse)
     with pytest.raises(ValueError, match="rerank_weight: given without rerank="):  # not ignored in silence
         tiny_translator.translate(SENTENCES, rerank_weight=1.0)
 
 
-def test_translate_and_evaluate_commands_rerank_with_a_model_directory(tiny_model_dir, tiny_translator, reverse, toy_corpus):
+def test_reranking_keeps_the_beams_order_where_the_reverse_model_cannot_read_a_text_whole(tiny_translator, reverse):
+    long = " ".join(SENTENCES[:4] * 12)  # over both models' positions: cut to fit forward, refused by the reverse model's score
+    assert len(reverse.tokenizer.encode([long])[0]) + 1 > reverse.recipe.model.max_positions
+    batch = [long, SENTENCES[1]]
+    with pytest.warns(UserWarning, match="longer than model.max_positions"):
+        plain = tiny_translator.translate(batch, beam_size=4, n_best=4)
+        ranked = tiny_translator.translate(batch, beam_size=4, n_best=4, rerank=reverse, rerank_weight=2.0)
+    assert ranked[0] == plain[0]  # the beam as searched, its scores unchanged
+    alone = tiny_translator.translate(SENTENCES[1:2], beam_size=4, n_best=4, rerank=reverse, rerank_weight=2.0)[0]
+    assert [h.text for h in ranked[1]] == [h.text for h in alone]  # the sentence beside it still reranked
+    assert [h.score for h in ranked[1]] == pytest.approx([h.score for h in alone], abs=1e-5)
+
+
+def test_translate_and_evaluate_commands_rerank_with_a_model_directory(tiny_model_dir, tiny_translator, reverse, toy_corpus, tmp_path):
     reverse_dir = str(reverse.recipe.out_dir)
     result = cli("translate", tiny_model_dir, "--rerank-with", reverse_dir, "--rerank-weight", "2", "--beam-size", 4, "--quiet",
                  stdin="\n".join(SENTENCES) + "\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == tiny_translator.translate(SENTENCES, beam_size=4, rerank=reverse, rerank_weight=2.0)
+    output = tmp_path / "reranked.en"
     result = cli("evaluate", tiny_model_dir, "--rerank-with", reverse_dir, "--split", "validation", "--json", "--quiet",
-                 "--set", f"data.path={toy_corpus}")
+                 "--output", output, "--set", f"data.path={toy_corpus}")
     assert result.returncode == 0, result.stderr
     assert 0 < json.loads(result.stdout)["bleu"] <= 100
+    sources, _ = split_pairs(toy_corpus, "validation")
+    assert output.read_text(encoding="utf-8").splitlines() == tiny_translator.translate(sources, rerank=reverse)
     assert_usage_error(cli("translate", tiny_model_dir, "--rerank-with", reverse_dir, "--sample", "--quiet", stdin="Frau.\n"),
                        "translate", "--rerank-with", "--sample")
     assert_usage_error(cli("translate", tiny_model_dir, "--rerank-with", tiny_model_dir, "--quiet", stdin="Frau.\n"),

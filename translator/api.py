@@ -74,8 +74,13 @@ def check_reverse_pair(translator: Translator, reverse) -> None:
 def reranked(sources: list[str], hypotheses: list[list[Translation]], reverse: Translator, weight: float) -> list[list[Translation]]:
     """Each sentence's hypotheses re-sorted by score + weight x the reverse model's mean log-probability of the
     source's pieces (and eos) given the hypothesis, which becomes their score (noisy-channel reranking:
-    a translation that leaves out or invents content explains its source badly). Blank sentences stay as they are."""
-    todo = [i for i, source in enumerate(sources) if source.strip()]
+    a translation that leaves out or invents content explains its source badly). Blank sentences keep their order, and
+    so do those the reverse model cannot read whole: a source, or a hypothesis cut at the length limit, over its positions."""
+    limit = reverse.recipe.model.max_positions
+    groups = [[source, *(h.text for h in hyps)] for source, hyps in zip(sources, hypotheses)]
+    lengths = iter(reverse.tokenizer.encode([text for group in groups for text in group]))
+    fits = [all([len(next(lengths)) + 1 <= limit for _ in group]) for group in groups]  # every text's length read, in order
+    todo = [i for i, source in enumerate(sources) if source.strip() and fits[i]]
     back = iter(reverse.score([h.text for i in todo for h in hypotheses[i]], [sources[i] for i in todo for _ in hypotheses[i]], normalize=True))
     out = [list(hyps) for hyps in hypotheses]
     for i in todo:
@@ -186,8 +191,9 @@ class Translator:
             raise ValueError("rerank_weight: given without rerank=, the reverse model it weighs")
         if rerank is not None:
             check_reverse_pair(self, rerank)
-            if sampling is not None:
-                raise ValueError("rerank: reranks beam search's hypotheses; it does not apply to sampling")
+            if sampling is not None or decode.beam_size == 1:
+                raise ValueError(f"rerank: reranks beam search's hypotheses; it does not apply to "
+                                 f"{'sampling' if sampling is not None else 'greedy search (beam_size=1)'}")
         searched = decode.beam_size if rerank is not None else k  # reranking sees the whole beam
         sources = self._source_ids(batch, truncate)  # here, so that a warning or error reaches the caller, not a worker
         if self.workers > 1 and sum(ids is not None for ids in sources) > 1:
