@@ -452,3 +452,15 @@ def test_the_multi30k_recipes_differ_only_in_their_languages_names_and_length_pe
             recipe["data"].update(src_lang=None, tgt_lang=None)
             recipe["decode"].update(alpha=None, rerank_weight=None)
         assert other == main
+
+
+def test_the_distilled_recipe_trains_the_en_de_settings_on_the_distilled_folder():
+    """Its figures compare a student with its teachers: only the data, the names and the decoding it chose may differ."""
+    plain = load_recipe(ROOT / "recipes" / "multi30k_en_de.yaml").to_dict()
+    distilled = load_recipe(ROOT / "recipes" / "multi30k_en_de_distilled.yaml").to_dict()
+    assert distilled["data"]["path"] == "runs/multi30k_en_de_distilled_data"  # where the commands in its header write
+    for recipe in (plain, distilled):
+        recipe.update(name=None, out_dir=None)
+        recipe["data"].update(path=None)
+        recipe["decode"].update(alpha=None, rerank_weight=None)
+    assert distilled == plain
