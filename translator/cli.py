@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     decoding.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU when torch sees one")
     decoding.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16", "int8"), default=None,
                           help="default: the recipe's decode.precision (auto: bf16 where the CPU or GPU runs it natively); int8: CPU only")
-    reranking = argparse.ArgumentParser(add_help=False, parents=[decoding])  # translate and evaluate
+    reranking = argparse.ArgumentParser(add_help=False, parents=[decoding])  # translate, evaluate and distill
     reranking.add_argument("--rerank-with", default=None, metavar="MODEL_DIR",
                            help="a model of the reverse pair: the beam re-sorted by score + weight x its log p(source | translation) a source token")
     reranking.add_argument("--rerank-weight", type=float, default=None, help="with --rerank-with: the weight (default: the recipe's decode.rerank_weight)")
