@@ -77,11 +77,12 @@ def reranked(sources: list[str], hypotheses: list[list[Translation]], reverse: T
     a translation that leaves out or invents content explains its source badly). Blank sentences keep their order, and
     so do those the reverse model cannot read whole: a source, or a hypothesis cut at the length limit, over its positions."""
     limit = reverse.recipe.model.max_positions
-    groups = [[source, *(h.text for h in hyps)] for source, hyps in zip(sources, hypotheses)]
-    lengths = iter(reverse.tokenizer.encode([text for group in groups for text in group]))
-    fits = [all([len(next(lengths)) + 1 <= limit for _ in group]) for group in groups]  # every text's length read, in order
-    todo = [i for i, source in enumerate(sources) if source.strip() and fits[i]]
-    back = iter(reverse.score([h.text for i in todo for h in hypotheses[i]], [sources[i] for i in todo for _ in hypotheses[i]], normalize=True))
+    todo = [i for i, source in enumerate(sources) if source.strip()]
+    ids = iter(reverse.tokenizer.encode([text for i in todo for text in (sources[i], *(h.text for h in hypotheses[i]))]))
+    encoded = {i: [next(ids) for _ in range(1 + len(hypotheses[i]))] for i in todo}  # the source's ids, then each hypothesis'
+    todo = [i for i in todo if all(len(row) + 1 <= limit for row in encoded[i])]
+    back = iter(reverse._score_ids([hyp for i in todo for hyp in encoded[i][1:]], [encoded[i][0] for i in todo for _ in hypotheses[i]],
+                                   reverse._decode_config(), normalize=True))
     out = [list(hyps) for hyps in hypotheses]
     for i in todo:
         out[i] = sorted((replace(h, score=h.score + weight * next(back)) for h in hypotheses[i]), key=lambda h: -h.score)
@@ -228,10 +229,15 @@ class Translator:
             too_long = next((i for i, row in enumerate(ids) if len(row) + 1 > limit), None)
             if too_long is not None:
                 raise PairTooLong(side, too_long, len(ids[too_long]) + 1, limit)
+        return self._score_ids(src_ids, tgt_ids, decode, normalize, progress)
+
+    def _score_ids(self, src_ids: list[list[int]], tgt_ids: list[list[int]], decode: DecodeConfig, normalize: bool = False,
+                   progress: bool = False) -> list[float]:
+        """score() of token ids that fit the model's positions."""
         sizes = np.array([max(len(s), len(t)) + 1 for s, t in zip(src_ids, tgt_ids)], dtype=np.int64)
         model, autocast = self._decoding(self.precision(decode.precision))
-        scores = [0.0] * len(sources)
-        for indices in tqdm(sorted_batches(np.arange(len(sources)), sizes, decode.max_tokens), desc="scoring", unit="batch", disable=not progress):
+        scores = [0.0] * len(src_ids)
+        for indices in tqdm(sorted_batches(np.arange(len(src_ids)), sizes, decode.max_tokens), desc="scoring", unit="batch", disable=not progress):
             src = source_tensor([src_ids[i] for i in indices]).to(self.device)
             tgt_in, tgt_out = (t.to(self.device) for t in target_tensors([tgt_ids[i] for i in indices]))
             with autocast:
