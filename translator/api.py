@@ -76,11 +76,10 @@ def reranked(sources: list[str], hypotheses: list[list[Translation]], reverse: T
     source's pieces (and eos) given the hypothesis, which becomes their score (noisy-channel reranking:
     a translation that leaves out or invents content explains its source badly). Blank sentences keep their order, and
     so do those the reverse model cannot read whole: a source, or a hypothesis cut at the length limit, over its positions."""
-    limit = reverse.recipe.model.max_positions
     todo = [i for i, source in enumerate(sources) if source.strip()]
     ids = iter(reverse.tokenizer.encode([text for i in todo for text in (sources[i], *(h.text for h in hypotheses[i]))]))
     encoded = {i: [next(ids) for _ in range(1 + len(hypotheses[i]))] for i in todo}  # the source's ids, then each hypothesis'
-    todo = [i for i in todo if all(len(row) + 1 <= limit for row in encoded[i])]
+    todo = [i for i in todo if all(map(reverse._fits, encoded[i]))]
     back = iter(reverse._score_ids([hyp for i in todo for hyp in encoded[i][1:]], [encoded[i][0] for i in todo for _ in hypotheses[i]],
                                    reverse._decode_config(), normalize=True))
     out = [list(hyps) for hyps in hypotheses]
@@ -226,7 +225,7 @@ class Translator:
         src_ids, tgt_ids = self.tokenizer.encode(list(sources)), self.tokenizer.encode(list(targets))
         limit = self.recipe.model.max_positions
         for side, ids in (("source", src_ids), ("target", tgt_ids)):
-            too_long = next((i for i, row in enumerate(ids) if len(row) + 1 > limit), None)
+            too_long = next((i for i, row in enumerate(ids) if not self._fits(row)), None)
             if too_long is not None:
                 raise PairTooLong(side, too_long, len(ids[too_long]) + 1, limit)
         return self._score_ids(src_ids, tgt_ids, decode, normalize, progress)
@@ -290,12 +289,16 @@ class Translator:
                               f"(half of this model's {self.tokenizer.vocab_size} pieces)")
         return decode
 
+    def _fits(self, ids: list[int]) -> bool:
+        """Whether a text of these token ids, with its end-of-sentence token, fits the model's positions."""
+        return len(ids) + 1 <= self.recipe.model.max_positions
+
     def _source_ids(self, sentences: list[str], truncate: bool) -> list[list[int] | None]:
         """Each sentence's token ids, cut to the model's positions (with a warning; truncate=False refuses),
         or None for a blank one: it maps to "" rather than to whatever the model invents."""
         limit = self.recipe.model.max_positions
         src_ids = self.tokenizer.encode(sentences)
-        too_long = [i for i, ids in enumerate(src_ids) if len(ids) + 1 > limit]
+        too_long = [i for i, ids in enumerate(src_ids) if not self._fits(ids)]
         if too_long:
             error = SourceTooLong(too_long, [len(src_ids[i]) + 1 for i in too_long], limit)
             if not truncate:
