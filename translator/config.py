@@ -110,6 +110,7 @@ class TrainConfig:
     average_last: int = 0  # at the end, the model's weights become the mean of the last N checkpoints (0: the best by BLEU)
     threads: int | None = None  # torch intra-op threads; None keeps torch's default (one per core)
     rdrop_alpha: float = 0.0  # R-Drop (Liang et al., 2021): each batch twice under two dropout masks, + alpha x their symmetric KL (0: off)
+    init_from: str | None = None  # fine-tuning: a model directory whose weights and SentencePiece model the run starts from (None: fresh ones)
 
     def validate(self) -> None:
         for key in ("max_tokens", "accum_steps", "max_steps", "log_every", "valid_every", "checkpoint_every", "keep_checkpoints"):

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 from .api import Translator
 from .checkpoint import (
-    CHECKPOINTS, SPM, WEIGHTS, average_weights, clean_interrupted_writes, load_data_arrays, load_recipe_json, load_training_checkpoint,
-    save_model_config, save_training_checkpoint, save_weights, training_checkpoints,
+    CHECKPOINTS, SPM, WEIGHTS, CheckpointError, average_weights, clean_interrupted_writes, load_data_arrays, load_model_dir,
+    load_recipe_json, load_training_checkpoint, save_model_config, save_training_checkpoint, save_weights, training_checkpoints,
 )
 from .config import Recipe, RecipeError, TrainConfig
 from .data import load_split, texts
@@ -46,6 +46,10 @@ from .tokenizer import PAD_ID, Tokenizer, interleave
 # the promise that a resumed run ends bitwise where an uninterrupted one does). train.accum_steps
 # may change with the number of processes: _restore warns unless their product, the batches an
 # update reads, stays.
+# Recipe keys a fine-tuned run must share with the model it starts from (train.init_from): they give the weights
+# their meaning. Dropout is training's own choice, and the position table is computed, not learned.
+FINE_TUNING_KEEPS = ("model.d_model", "model.n_heads", "model.d_ff", "model.encoder_layers", "model.decoder_layers", "model.norm", "tokenizer.")
+
 RESUMABLE_CHANGES = (
     "name", "out_dir", "data.num_proc", "data.valid_split", "data.test_split", "train.max_steps", "train.on_nan", "train.device",
     "train.log_every", "train.valid_every", "train.checkpoint_every", "train.keep_checkpoints", "train.patience",
@@ -132,11 +136,16 @@ def setup(recipe: Recipe, world: World, device: torch.device, resume: bool) -> t
     log = RunLog(out, enabled=world.is_main)
     say = log.say
     checkpoint = world.computed_by_main(lambda: _checkpoint_to_resume(recipe, resume, say))
+    start = None if checkpoint else _model_to_fine_tune(recipe)  # a resumed run's weights are its checkpoint's
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(recipe.seed)  # the initial weights
-    tokenizer, train_batches, valid_batches, valid_pairs = load_data(recipe, world, from_checkpoint=checkpoint is not None, say=say)
+    tokenizer, train_batches, valid_batches, valid_pairs = load_data(recipe, world, from_checkpoint=checkpoint is not None, say=say,
+                                                                     start_tokenizer=start[1] if start else None)
     model = Transformer(recipe.model, tokenizer.vocab_size).to(device)
+    if start:
+        model.load_state_dict(start[0].state_dict())
+        say(f"fine-tuning {cfg.init_from}: its weights and SentencePiece model, a new optimizer and learning-rate schedule")
     optimizer, scheduler = optimizer_and_schedule(model, cfg)
     precision = resolve_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
@@ -161,8 +170,10 @@ def setup(recipe: Recipe, world: World, device: torch.device, resume: bool) -> t
     return run, state
 
 
-def load_data(recipe: Recipe, world: World, from_checkpoint: bool, say) -> tuple[Tokenizer, TrainBatches | StreamBatches, TrainBatches, datasets.Dataset]:
-    """The tokenizer (trained, or the run's own when resuming), training batches, validation batches and pairs."""
+def load_data(recipe: Recipe, world: World, from_checkpoint: bool, say, start_tokenizer: Tokenizer | None = None
+              ) -> tuple[Tokenizer, TrainBatches | StreamBatches, TrainBatches, datasets.Dataset]:
+    """The tokenizer (trained, the run's own when resuming, or `start_tokenizer`: the fine-tuned model's),
+    training batches, validation batches and pairs."""
     out, data, tok, cfg = Path(recipe.out_dir), recipe.data, recipe.tokenizer, recipe.train
     with world.main_first():  # rank 0 downloads, trains the tokenizer and fills the caches; the rest reuse them
         train_pairs = load_split(data, data.train_split, data.streaming)
@@ -172,6 +183,8 @@ def load_data(recipe: Recipe, world: World, from_checkpoint: bool, say) -> tuple
         say(f"data: {'a stream of' if data.streaming else len(train_pairs)} training, {len(valid_pairs)} validation, {test} pairs from {data.path}")
         if from_checkpoint or not world.is_main:
             tokenizer = Tokenizer.load(out / SPM)
+        elif start_tokenizer:
+            tokenizer = start_tokenizer
         else:
             sample = train_pairs.shuffle(seed=recipe.seed).take(tok.input_sentence_size) if data.streaming else train_pairs
             try:
@@ -221,9 +234,29 @@ def sentences(pairs: datasets.Dataset) -> Iterator[str]:
 
 
 def resolved(recipe: Recipe) -> Recipe:
-    """The recipe as the model directory stores it: a local data folder becomes an absolute path."""
+    """The recipe as the model directory stores it: a local data folder and the model fine-tuned become absolute paths."""
     path = Path(recipe.data.path).expanduser()
-    return replace(recipe, data=replace(recipe.data, path=str(path.resolve()))) if path.is_dir() else recipe
+    if path.is_dir():
+        recipe = replace(recipe, data=replace(recipe.data, path=str(path.resolve())))
+    if recipe.train.init_from:
+        recipe = replace(recipe, train=replace(recipe.train, init_from=str(Path(recipe.train.init_from).expanduser().resolve())))
+    return recipe
+
+
+def _model_to_fine_tune(recipe: Recipe) -> tuple[Transformer, Tokenizer] | None:
+    """train.init_from's model and SentencePiece model, once the recipe is known to describe them."""
+    if not recipe.train.init_from:
+        return None
+    try:
+        trained, model, tokenizer = load_model_dir(recipe.train.init_from)
+    except CheckpointError as e:
+        raise RecipeError(f"train.init_from: {e}") from None
+    differ = [(key, old, new) for key, old, new in _changed_keys(trained, recipe) if key.startswith(FINE_TUNING_KEEPS)]
+    if differ:
+        listed = "; ".join(f"{key} is {old!r} there, {new!r} here" for key, old, new in differ)
+        raise RecipeError(f"train.init_from: {recipe.train.init_from} is not the model this recipe describes ({listed}); "
+                          "fine-tuning keeps a model's shape and SentencePiece model: set these keys to its values")
+    return model, tokenizer
 
 
 def _checkpoint_to_resume(recipe: Recipe, resume: bool, say) -> Path | None:
