@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY_RECIPE
-from translator.checkpoint import DATA, WEIGHTS, training_checkpoints
+from translator.checkpoint import DATA, SPM, WEIGHTS, training_checkpoints
 
 
 def settings(corpus, out, *extra):
@@ -99,3 +99,21 @@ def test_a_nan_on_one_rank_skips_or_stops_on_every_rank_without_hanging(tmp_path
     assert "weights identical on all 2 processes" in result.stderr  # rank 0 skipped the update rank 1's NaN spoiled
     skipped = [e for e in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "skipped" in e]
     assert [e["step"] for e in skipped] == [5]
+
+
+@pytest.mark.slow
+def test_two_processes_fine_tune_like_one_accumulating_their_batches(tmp_path, toy_corpus, tiny_model_dir):
+    """train.init_from under torchrun: the ranks start from the model's weights and SentencePiece model (rank 0
+    stores it in the run, where the others read it), bitwise as one process accumulating their batches."""
+    init = [f"train.init_from={tiny_model_dir}", "train.lr=0.0001", "model.dropout=0.1"]
+    two = train_cli(torchrun(2), toy_corpus, tmp_path / "two", *init)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = train_cli([sys.executable], toy_corpus, tmp_path / "one", *init, "train.accum_steps=2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = load_file(training_checkpoints(tmp_path / "two")[-1] / WEIGHTS)
+    b = load_file(training_checkpoints(tmp_path / "one")[-1] / WEIGHTS)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "two" / SPM).read_bytes() == (tiny_model_dir / SPM).read_bytes()
+    trained, tuned = ([e["valid_bleu"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "valid_bleu" in e]
+                      for run in (tiny_model_dir, tmp_path / "two"))
+    assert tuned[0] > 0.7 * trained[-1]  # 20 updates from fresh weights translate next to nothing (test_fine_tuning.py)
