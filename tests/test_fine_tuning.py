@@ -31,8 +31,13 @@ def valid_bleu(out: Path) -> float:
     return [e["valid_bleu"] for e in entries if "valid_bleu" in e][-1]
 
 
-def test_a_fine_tuned_run_starts_from_the_models_weights_and_sentencepiece_model(tmp_path, toy_corpus, tiny_model_dir):
-    recipe = training.resolved(fine_tuning(toy_corpus, tmp_path / "tuned", tiny_model_dir, "model.dropout=0.1"))  # dropout may change
+def test_a_fine_tuned_run_starts_from_the_models_weights_and_sentencepiece_model(tmp_path, toy_corpus, tiny_model_dir, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("a fine-tuned run trains no SentencePiece model")
+
+    monkeypatch.setattr(training.Tokenizer, "train", no_training)
+    monkeypatch.chdir(tiny_model_dir.parent)  # init_from relative to the working directory
+    recipe = training.resolved(fine_tuning(toy_corpus, tmp_path / "tuned", tiny_model_dir.name, "model.dropout=0.1"))  # dropout may change
     run, state = training.setup(recipe, World(), torch.device("cpu"), resume=False)
     run.log.close()
     trained = load_file(tiny_model_dir / WEIGHTS)
@@ -57,16 +62,16 @@ def test_fine_tuning_keeps_what_the_model_learned_where_training_afresh_has_not_
     assert (tmp_path / "tuned" / SPM).read_bytes() == (tiny_model_dir / SPM).read_bytes()
 
 
-@pytest.mark.parametrize("override, named", [
-    ("model.d_ff=128", "model.d_ff is 64 there, 128 here"),
-    ("model.norm=post", "model.norm is 'pre' there, 'post' here"),
-    ("tokenizer.vocab_size=300", "tokenizer.vocab_size is 200 there, 300 here"),
+@pytest.mark.parametrize("overrides, named", [
+    (["model.n_heads=1"], ["model.n_heads is 2 there, 1 here"]),  # no tensor's shape shows it
+    (["model.d_ff=128", "model.norm=post"], ["model.d_ff is 64 there, 128 here", "model.norm is 'pre' there, 'post' here"]),
+    (["tokenizer.vocab_size=300"], ["tokenizer.vocab_size is 200 there, 300 here"]),
 ])
 def test_a_recipe_of_another_shape_or_vocabulary_is_refused_naming_the_keys_and_nothing_is_written(tmp_path, toy_corpus, tiny_model_dir,
-                                                                                                  override, named):
+                                                                                                  overrides, named):
     with pytest.raises(RecipeError, match="train.init_from") as refused:
-        training.setup(fine_tuning(toy_corpus, tmp_path / "tuned", tiny_model_dir, override), World(), torch.device("cpu"), resume=False)
-    assert named in str(refused.value)
+        training.setup(fine_tuning(toy_corpus, tmp_path / "tuned", tiny_model_dir, *overrides), World(), torch.device("cpu"), resume=False)
+    assert all(key in str(refused.value) for key in named), refused.value
     assert not (tmp_path / "tuned").exists()
 
 
@@ -80,13 +85,13 @@ def test_cli_init_from_a_folder_that_holds_no_model_exits_2_naming_it(tmp_path, 
 
 @pytest.mark.slow
 def test_a_fine_tuned_run_resumes_exactly(tmp_path, toy_corpus, tiny_model_dir):
-    """Resuming reads the run's own checkpoint, not the model it started from (which may have changed since)."""
+    """Resuming reads the run's own checkpoint, not the model it started from (which may be gone since)."""
     init = tmp_path / "init"
     shutil.copytree(tiny_model_dir, init)
     settings = ["train.valid_every=20", "train.checkpoint_every=10", "model.dropout=0.1"]
     training.train(fine_tuning(toy_corpus, tmp_path / "straight", init, "train.max_steps=20", *settings), progress=False)
     training.train(fine_tuning(toy_corpus, tmp_path / "stopped", init, "train.max_steps=10", *settings), progress=False)
-    (init / WEIGHTS).write_bytes(b"not the weights any more")
+    shutil.rmtree(init)
     training.train(fine_tuning(toy_corpus, tmp_path / "stopped", init, "train.max_steps=20", *settings), progress=False, resume=True)
     straight, resumed = (load_file(training.training_checkpoints(tmp_path / run)[-1] / WEIGHTS) for run in ("straight", "stopped"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)

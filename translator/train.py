@@ -46,15 +46,15 @@ from .tokenizer import PAD_ID, Tokenizer, interleave
 # the promise that a resumed run ends bitwise where an uninterrupted one does). train.accum_steps
 # may change with the number of processes: _restore warns unless their product, the batches an
 # update reads, stays.
-# Recipe keys a fine-tuned run must share with the model it starts from (train.init_from): they give the weights
-# their meaning. Dropout is training's own choice, and the position table is computed, not learned.
-FINE_TUNING_KEEPS = ("model.d_model", "model.n_heads", "model.d_ff", "model.encoder_layers", "model.decoder_layers", "model.norm", "tokenizer.")
-
 RESUMABLE_CHANGES = (
     "name", "out_dir", "data.num_proc", "data.valid_split", "data.test_split", "train.max_steps", "train.on_nan", "train.device",
     "train.log_every", "train.valid_every", "train.checkpoint_every", "train.keep_checkpoints", "train.patience",
     "train.average_last", "train.threads", "train.accum_steps", "decode.", "evaluate.",
 )
+
+# A fine-tuned run (train.init_from) must describe the model it starts from: every model and tokenizer key but
+# these, which the weights do not depend on (dropout is training's own; the position table is computed, not learned).
+FINE_TUNING_MAY_CHANGE = ("model.dropout", "model.attention_dropout", "model.activation_dropout", "model.max_positions")
 
 
 @dataclass
@@ -136,15 +136,15 @@ def setup(recipe: Recipe, world: World, device: torch.device, resume: bool) -> t
     log = RunLog(out, enabled=world.is_main)
     say = log.say
     checkpoint = world.computed_by_main(lambda: _checkpoint_to_resume(recipe, resume, say))
-    start = None if checkpoint else _model_to_fine_tune(recipe)  # a resumed run's weights are its checkpoint's
+    weights, start_tokenizer = (None, None) if checkpoint else _fine_tuning_start(recipe)  # a resumed run's weights are its checkpoint's
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(recipe.seed)  # the initial weights
     tokenizer, train_batches, valid_batches, valid_pairs = load_data(recipe, world, from_checkpoint=checkpoint is not None, say=say,
-                                                                     start_tokenizer=start[1] if start else None)
+                                                                     start_tokenizer=start_tokenizer)
     model = Transformer(recipe.model, tokenizer.vocab_size).to(device)
-    if start:
-        model.load_state_dict(start[0].state_dict())
+    if weights is not None:
+        model.load_state_dict(weights)
         say(f"fine-tuning {cfg.init_from}: its weights and SentencePiece model, a new optimizer and learning-rate schedule")
     optimizer, scheduler = optimizer_and_schedule(model, cfg)
     precision = resolve_precision(cfg.precision, device)
@@ -243,20 +243,21 @@ def resolved(recipe: Recipe) -> Recipe:
     return recipe
 
 
-def _model_to_fine_tune(recipe: Recipe) -> tuple[Transformer, Tokenizer] | None:
-    """train.init_from's model and SentencePiece model, once the recipe is known to describe them."""
+def _fine_tuning_start(recipe: Recipe) -> tuple[dict[str, torch.Tensor] | None, Tokenizer | None]:
+    """train.init_from's weights and SentencePiece model, once the recipe is known to describe them (without it: None, None)."""
     if not recipe.train.init_from:
-        return None
+        return None, None
     try:
         trained, model, tokenizer = load_model_dir(recipe.train.init_from)
     except CheckpointError as e:
         raise RecipeError(f"train.init_from: {e}") from None
-    differ = [(key, old, new) for key, old, new in _changed_keys(trained, recipe) if key.startswith(FINE_TUNING_KEEPS)]
+    differ = [(key, old, new) for key, old, new in _changed_keys(trained, recipe)
+              if key.startswith(("model.", "tokenizer.")) and key not in FINE_TUNING_MAY_CHANGE]
     if differ:
         listed = "; ".join(f"{key} is {old!r} there, {new!r} here" for key, old, new in differ)
         raise RecipeError(f"train.init_from: {recipe.train.init_from} is not the model this recipe describes ({listed}); "
                           "fine-tuning keeps a model's shape and SentencePiece model: set these keys to its values")
-    return model, tokenizer
+    return model.state_dict(), tokenizer
 
 
 def _checkpoint_to_resume(recipe: Recipe, resume: bool, say) -> Path | None:
