@@ -23,6 +23,7 @@ from .config import RecipeError, apply_overrides, load_recipe, recipe_from_dict
 
 EXAMPLES = """examples:
   translator train recipes/multi30k_de_en.yaml --set data.path=../shared/data/multi30k
+  translator train recipes/multi30k_de_en.yaml --set train.init_from=runs/multi30k_de_en --set data.path=my_domain_data --set out_dir=runs/domain  # fine-tune
   translator translate runs/multi30k_de_en --precision int8 < input.de > output.en
   translator translate runs/multi30k_de_en -i input.de -o nbest.tsv --beam-size 5 --n-best 5
   translator translate runs/multi30k_de_en --rerank-with runs/multi30k_en_de < input.de   # the beam reranked by the reverse model
