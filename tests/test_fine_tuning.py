@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -81,6 +82,19 @@ def test_cli_init_from_a_folder_that_holds_no_model_exits_2_naming_it(tmp_path, 
         line = assert_usage_error(cli("train", TINY_RECIPE, "--set", f"data.path={toy_corpus}", "--set", f"out_dir={tmp_path / 'tuned'}",
                                       "--set", f"train.init_from={init}", "--quiet"), "train", "train.init_from", str(init))
         assert not (tmp_path / "tuned").exists(), line
+
+
+def test_a_training_checkpoint_is_refused_with_the_command_that_makes_it_a_model_directory(tmp_path, toy_corpus, tiny_model_dir):
+    checkpoint = training.training_checkpoints(tiny_model_dir)[-1]
+    with pytest.raises(RecipeError, match=re.escape(f"translator average {checkpoint} -o DIR")):
+        training.setup(fine_tuning(toy_corpus, tmp_path / "tuned", checkpoint), World(), torch.device("cpu"), resume=False)
+    assert not (tmp_path / "tuned").exists()
+    made = cli("average", checkpoint, "-o", tmp_path / "model")
+    assert made.returncode == 0, made.stderr
+    run, _ = training.setup(fine_tuning(toy_corpus, tmp_path / "tuned", tmp_path / "model"), World(), torch.device("cpu"), resume=False)
+    run.log.close()
+    weights = load_file(checkpoint / WEIGHTS)
+    assert all(torch.equal(tensor, weights[name]) for name, tensor in run.model.state_dict().items())
 
 
 @pytest.mark.slow
