@@ -180,6 +180,9 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"model directory not found: {directory}" + (" (that is a file)" if directory.exists() else ""))
+    if (directory / WEIGHTS).exists() and not (directory / CONFIG).exists():
+        raise CheckpointError(f"{directory}: a training checkpoint, not a model directory (no {CONFIG}); "
+                              f"a training checkpoint becomes a model directory with: translator average {directory} -o DIR")
     recipe = load_recipe_json(directory)
     tokenizer = _load_tokenizer(directory / SPM)
     model = Transformer(recipe.model, tokenizer.vocab_size)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .api import Translator
 from .checkpoint import (
-    CHECKPOINTS, CONFIG, SPM, WEIGHTS, CheckpointError, average_weights, clean_interrupted_writes, load_data_arrays, load_model_dir,
+    CHECKPOINTS, SPM, WEIGHTS, CheckpointError, average_weights, clean_interrupted_writes, load_data_arrays, load_model_dir,
     load_recipe_json, load_training_checkpoint, save_model_config, save_training_checkpoint, save_weights, training_checkpoints,
 )
 from .config import Recipe, RecipeError, TrainConfig
@@ -247,13 +247,10 @@ def _fine_tuning_start(recipe: Recipe) -> tuple[dict[str, torch.Tensor] | None, 
     """train.init_from's weights and SentencePiece model, once the recipe is known to describe them (without it: None, None)."""
     if not recipe.train.init_from:
         return None, None
-    init = Path(recipe.train.init_from)
     try:
-        trained, model, tokenizer = load_model_dir(init)
+        trained, model, tokenizer = load_model_dir(recipe.train.init_from)
     except CheckpointError as e:
-        checkpoint = (init / WEIGHTS).exists() and not (init / CONFIG).exists()
-        hint = f"; a training checkpoint becomes a model directory with: translator average {init} -o DIR" if checkpoint else ""
-        raise RecipeError(f"train.init_from: {e}{hint}") from None
+        raise RecipeError(f"train.init_from: {e}") from None
     differ = [(key, old, new) for key, old, new in _changed_keys(trained, recipe)
               if key.startswith(("model.", "tokenizer.")) and key not in FINE_TUNING_MAY_CHANGE]
     if differ:
