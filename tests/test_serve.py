@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from conftest import ROOT  # noqa: E402
 from translator import Sampling, Translator  # noqa: E402
 from translator.config import recipe_from_dict  # noqa: E402
-from translator.serve import Batcher, Limits, create_app  # noqa: E402
+from translator.serve import Batcher, Limits, Reranking, create_app  # noqa: E402
 
 SENTENCES = ["Ein mann sieht der hut.", "Der alte hund trägt ein ball und ein hut.", "Ein kind fährt.", "Die kleine frau sieht ein fahrrad."]
 PAIR = {"source": "de", "target": "en"}
@@ -330,3 +330,23 @@ def test_serve_command_errors(tiny_model_dir, tmp_path):
 def test_importing_translator_does_not_import_the_web_stack():
     code = "import sys, translator; print(any(m.split('.')[0] in ('fastapi', 'uvicorn', 'starlette') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_rerank_with_reranks_beam_searches_only(tiny_translator, reverse):
+    weight = 50.0  # large enough to reorder some beams (tests/test_score.py)
+    with TestClient(create_app(tiny_translator, reranking=Reranking(reverse, weight))) as reranking:
+        beam = reranking.post("/translate", json={"q": SENTENCES, **PAIR, "beam_size": 4, "alternatives": 1}).json()
+        greedy = reranking.post("/translate", json={"q": SENTENCES, **PAIR, "beam_size": 1}).json()
+        drawn = reranking.post("/translate", json={"q": SENTENCES[0], **PAIR, "sampling": {"seed": 3}}).json()
+    expected = tiny_translator.translate(SENTENCES, beam_size=4, n_best=2, rerank=reverse, rerank_weight=weight)
+    assert beam["translatedText"] == [hyps[0].text for hyps in expected]
+    assert beam["scores"] == [[round(h.score, 4) for h in hyps] for hyps in expected]
+    assert beam["translatedText"] != tiny_translator.translate(SENTENCES, beam_size=4)  # the reranking changed some
+    assert greedy["translatedText"] == tiny_translator.translate(SENTENCES, beam_size=1)
+    assert drawn["translatedText"] == tiny_translator.translate(SENTENCES[0], sampling=Sampling(seed=3))
+
+
+def test_serve_refuses_a_reranking_model_of_another_pair(tiny_model_dir):
+    wrong = subprocess.run([sys.executable, "-m", "translator", "serve", str(tiny_model_dir), "--rerank-with", str(tiny_model_dir)],
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "the reranking model must translate en to de" in wrong.stderr and "Traceback" not in wrong.stderr

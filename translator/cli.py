@@ -325,10 +325,13 @@ Closing the pipe early (| head) ends the command quietly with status 141, as for
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .serve import Limits, serve  # FastAPI and uvicorn: only this command imports them
+        from .serve import Limits, Reranking, serve  # FastAPI and uvicorn: only this command imports them
     except ImportError as e:
         raise RuntimeError(f"translator serve needs FastAPI and uvicorn: pip install 'translator[serve]' ({e})") from None
-    serve(load_translator(args.model_dir, args.set, args.device, args.precision, announce=True, workers=args.workers), args.host, args.port, Limits(args.max_sentences, args.max_chars, args.max_hypotheses), args.batch_wait_ms)
+    translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=True, workers=args.workers)
+    reverse = reverse_translator(args, translator)
+    reranking = Reranking(reverse, args.rerank_weight) if reverse else None
+    serve(translator, args.host, args.port, Limits(args.max_sentences, args.max_chars, args.max_hypotheses), args.batch_wait_ms, reranking)
     return 0
 
 
@@ -371,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     decoding.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU when torch sees one")
     decoding.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16", "int8"), default=None,
                           help="default: the recipe's decode.precision (auto: bf16 where the CPU or GPU runs it natively); int8: CPU only")
-    reranking = argparse.ArgumentParser(add_help=False, parents=[decoding])  # translate, evaluate and distill
+    reranking = argparse.ArgumentParser(add_help=False, parents=[decoding])  # translate, evaluate, distill and serve
     reranking.add_argument("--rerank-with", default=None, metavar="MODEL_DIR",
                            help="a model of the reverse pair: the beam re-sorted by score + weight x its log p(source | translation) a source token")
     reranking.add_argument("--rerank-weight", type=float, default=None, help="with --rerank-with: the weight (default: the recipe's decode.rerank_weight)")
@@ -424,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     average.add_argument("-o", "--output", required=True, help="the model directory to write")
     average.set_defaults(run=cmd_average)
 
-    _add_plot_and_serve(verbs, decoding, overrides)
+    _add_plot_and_serve(verbs, reranking, overrides)
     for verb in verbs.choices.values():  # also after the verb, where a user adds it to the command that failed;
         # SUPPRESS: a verb's own default would otherwise overwrite `translator --debug VERB`
         verb.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
@@ -474,7 +477,7 @@ def _add_score(verbs, decoding: argparse.ArgumentParser, overrides: dict) -> Non
     score.set_defaults(run=cmd_score)
 
 
-def _add_plot_and_serve(verbs, decoding: argparse.ArgumentParser, overrides: dict) -> None:
+def _add_plot_and_serve(verbs, reranking: argparse.ArgumentParser, overrides: dict) -> None:
     plot = verbs.add_parser("plot", help="PNG training curves of a run, or (--attention) a translation's attention maps",
                             epilog='examples: translator plot runs/multi30k_de_en\n'
                                    '          translator plot --attention runs/multi30k_de_en "Ein Mann fährt Fahrrad." -o attention.png',
@@ -489,7 +492,7 @@ def _add_plot_and_serve(verbs, decoding: argparse.ArgumentParser, overrides: dic
     plot.add_argument("-o", "--output", default=None, help="the PNG to write (default: RUN_DIR/curves.png, or attention.png)")
     plot.set_defaults(run=cmd_plot)
 
-    serve = verbs.add_parser("serve", help="an HTTP translation service (LibreTranslate's POST /translate) and a page with attention maps", parents=[decoding],
+    serve = verbs.add_parser("serve", help="an HTTP translation service (LibreTranslate's POST /translate) and a page with attention maps", parents=[reranking],
                              epilog="example: translator serve runs/multi30k_de_en --port 8000   (then open http://127.0.0.1:8000/)")
     serve.add_argument("model_dir")
     serve.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1; no authentication: put a reverse proxy in front)")

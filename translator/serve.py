@@ -12,7 +12,9 @@ Requests that arrive while a batch decodes wait in a queue; the next batch takes
 request with the same decoding options, up to `decode.max_tokens`, and hands their sentences
 to `Translator.translate` as one list. Batch invariance makes each result the one the request
 would get alone, up to the kernels' rounding for other batch shapes (rare in bf16; not so in
-int8). FastAPI and uvicorn are imported by this module only (`translator[serve]`).
+int8). With `--rerank-with`, every beam search (not greedy search or sampling) is reranked by
+a model of the reverse pair, as `translate --rerank-with` reranks it, and its scores are the reranked
+ones. FastAPI and uvicorn are imported by this module only (`translator[serve]`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,14 @@ class Limits:
     def max_body_bytes(self) -> int:
         # A character takes at most 12 bytes of JSON (an escaped surrogate pair, "\ud83d\ude00"); 64 KiB for the rest.
         return 12 * self.max_chars + 65_536
+
+
+@dataclass(frozen=True)
+class Reranking:
+    """A model of the reverse pair that reranks every beam search's hypotheses (`serve --rerank-with`)."""
+
+    model: Translator
+    weight: float | None = None  # None: the served model's decode.rerank_weight
 
 
 class SamplingFields(BaseModel):
@@ -152,7 +162,8 @@ class Batcher:
             start += len(job.sentences)
 
 
-def create_app(translator: Translator, limits: Limits = Limits(), batch_wait_ms: float = 5.0) -> FastAPI:
+def create_app(translator: Translator, limits: Limits = Limits(), batch_wait_ms: float = 5.0,
+               reranking: Reranking | None = None) -> FastAPI:
     """The service for one loaded Translator (tests drive it in process with fastapi.testclient)."""
     data = translator.recipe.data
     state: dict[str, Batcher] = {}
@@ -186,7 +197,7 @@ def create_app(translator: Translator, limits: Limits = Limits(), batch_wait_ms:
 
     @app.post("/translate")
     async def translate(body: TranslateRequest, request: Request) -> Response:
-        sentences, options = _checked(body, translator, limits)
+        sentences, options = _checked(body, translator, limits, reranking)
         future = state["batcher"].submit(sentences, options)
         watch = asyncio.ensure_future(_disconnected(request))
         try:
@@ -201,7 +212,7 @@ def create_app(translator: Translator, limits: Limits = Limits(), batch_wait_ms:
     return app
 
 
-def _checked(body: TranslateRequest, translator: Translator, limits: Limits) -> tuple[list[str], dict]:
+def _checked(body: TranslateRequest, translator: Translator, limits: Limits, reranking: Reranking | None = None) -> tuple[list[str], dict]:
     """The request's sentences and Translator.translate options, validated as translate validates them."""
     data = translator.recipe.data
     source = data.src_lang if body.source == "auto" else body.source  # LibreTranslate's "detect it": the model reads one language
@@ -228,6 +239,8 @@ def _checked(body: TranslateRequest, translator: Translator, limits: Limits) -> 
     try:
         sampling = Sampling(**body.sampling.model_dump()) if body.sampling else None
         options = dict(beam_size=beam_size, alpha=body.alpha, n_best=n_best, sampling=sampling, return_attention=body.attention)
+        if reranking and sampling is None and (beam_size or translator.recipe.decode.beam_size) > 1:  # a beam search
+            options.update(rerank=reranking.model, rerank_weight=reranking.weight)
         translator.translate([], **options)  # validates the options; decodes nothing
     except (ValueError, RecipeError) as e:
         raise HTTPException(400, str(e).removeprefix("decode.").replace("Sampling.", "sampling.")) from None  # the field, as the request names it
@@ -370,14 +383,14 @@ def _describe(error: dict) -> str:
     return f"{'.'.join(loc)}: {error['msg']}"
 
 
-def serve(translator: Translator, host: str, port: int, limits: Limits, batch_wait_ms: float) -> None:
+def serve(translator: Translator, host: str, port: int, limits: Limits, batch_wait_ms: float, reranking: Reranking | None) -> None:
     """Run the service until SIGINT or SIGTERM; the requests in flight are answered first."""
     import uvicorn
 
     # uvicorn raises the signal again once it has shut down gracefully. By then every request
     # has been answered, so SIGTERM ends in an ordinary exit (status 0) instead of a kill.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    server = uvicorn.Server(uvicorn.Config(create_app(translator, limits, batch_wait_ms), host=host, port=port, log_level="info"))
+    server = uvicorn.Server(uvicorn.Config(create_app(translator, limits, batch_wait_ms, reranking), host=host, port=port, log_level="info"))
     try:
         server.run()
     except SystemExit:  # uvicorn's way out when it cannot start (a port in use, say), after logging why
