@@ -10,7 +10,7 @@ from sentencepiece import sentencepiece_model_pb2
 
 from conftest import TINY_RECIPE
 from test_cli import run
-from test_search import SENTENCES, assert_batched_beam_equals_reference, encode
+from test_search import SENTENCES, assert_batched_beam_equals_reference, assert_grouped_encoding_equals_one_call, encode
 from translator import Translator, evaluate, load_recipe, train
 from translator.batching import source_tensor, target_tensors
 from translator.checkpoint import CheckpointError
@@ -89,6 +89,10 @@ def test_batched_beam_search_equals_the_slow_reference_over_the_mean_distributio
     """Beam reordering and sentences leaving the batch move every member's cache together."""
     members = ensemble.model.members
     assert_batched_beam_equals_reference(ensemble.model, lambda s, t: mean_log_probs(members, s, t), ensemble, beam_size=3)
+
+
+def test_an_ensemble_encodes_in_groups_as_in_one_call(ensemble):
+    assert_grouped_encoding_equals_one_call(ensemble.model, ensemble.tokenizer.vocab_size)
 
 
 def test_an_ensemble_translates_a_sentence_the_same_alone_in_a_batch_and_in_workers(ensemble, tiny_model_dir, second_model_dir):

@@ -10,7 +10,8 @@ from translator.batching import source_tensor
 from translator.config import ModelConfig
 from translator.model import Transformer
 from translator.quantize import bf16_model
-from translator.search import Hypothesis, beam_search, greedy_search, length_penalty, max_output_lengths, sample
+from translator import search
+from translator.search import Hypothesis, beam_search, encode as encode_in_groups, greedy_search, length_penalty, max_output_lengths, sample
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 SENTENCES = [
@@ -153,6 +154,44 @@ def test_a_sentence_translates_the_same_alone_and_in_a_mixed_batch(tiny_translat
         alone, alone_lens = encode(tiny_translator, [sentence])
         assert greedy_search(model, alone, alone_lens)[0].tokens == batched_greedy[i].tokens
         assert beam_search(model, alone, alone_lens, beam_size=5, alpha=0.6)[0][0].tokens == batched_beam[i][0].tokens
+
+
+def random_sources(rows: int, longest: int, vocab_size: int, seed: int = 0):
+    """A batch of random sentences of every length from 1 to `longest` pieces, shuffled."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, longest + 1, size=rows)
+    return source_tensor([rng.integers(EOS_ID + 1, vocab_size, size=n).tolist() for n in lengths])
+
+
+def assert_grouped_encoding_equals_one_call(model, vocab_size: int):
+    src = random_sources(300, 60, vocab_size)  # about 9,000 real and 18,000 padded positions: many groups
+    real = (src != PAD_ID)[:, :, None]
+    memory, mask = encode_in_groups(model, src)
+    one_memory, one_mask = model.encode(src)
+    assert torch.equal(mask, one_mask)
+    members = zip(memory, one_memory) if isinstance(memory, tuple) else [(memory, one_memory)]  # an ensemble: one per member
+    for grouped, whole in members:
+        assert grouped.shape == whole.shape
+        torch.testing.assert_close(torch.where(real, grouped, 0), torch.where(real, whole, 0), atol=1e-5, rtol=1e-5)
+        assert (grouped.abs().sum(dim=-1) == 0).any() and (whole.abs().sum(dim=-1) != 0).all()  # groups were cut short
+
+
+def test_encoding_in_groups_equals_one_call_at_every_real_position(tiny_translator):
+    assert_grouped_encoding_equals_one_call(tiny_translator.model, tiny_translator.tokenizer.vocab_size)
+
+
+def test_encoding_in_groups_never_changes_a_translation(tiny_translator, monkeypatch):
+    src, max_lens = encode(tiny_translator, SENTENCES * 4)
+    model = tiny_translator.model
+
+    def searched():
+        hypotheses = greedy_search(model, src, max_lens) + [h for n_best in beam_search(model, src, max_lens, beam_size=5, alpha=0.6, n_best=5) for h in n_best]
+        return [h.tokens for h in hypotheses], [h.score for h in hypotheses]
+
+    tokens, scores = searched()
+    monkeypatch.setattr(search, "ENCODER_GROUP_TOKENS", 1)  # every sentence a group of its own, the groups in length order
+    grouped_tokens, grouped_scores = searched()
+    assert grouped_tokens == tokens and grouped_scores == pytest.approx(scores, abs=1e-4)  # scores: up to float rounding
 
 
 def test_translate_keeps_input_order_whatever_the_batching(tiny_translator):
