@@ -21,6 +21,7 @@ from translator.config import (
     load_recipe,
     recipe_from_dict,
 )
+from translator.train import FINE_TUNING_MAY_CHANGE, _changed_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.yaml"
@@ -455,12 +456,19 @@ def test_the_multi30k_recipes_differ_only_in_their_languages_names_and_length_pe
 
 
 def test_the_distilled_recipe_trains_the_en_de_settings_on_the_distilled_folder():
-    """Its figures compare a student with its teachers: only the data, the names and the decoding it chose may differ."""
-    plain = load_recipe(ROOT / "recipes" / "multi30k_en_de.yaml").to_dict()
-    distilled = load_recipe(ROOT / "recipes" / "multi30k_en_de_distilled.yaml").to_dict()
-    assert distilled["data"]["path"] == "runs/multi30k_en_de_distilled_data"  # where the commands in its header write
+    """Its figures compare a student with its teachers: only the data, the model it starts from, the names and the
+    decoding it chose may differ. It starts from the quick de-en recipe's model, which it must describe key for key."""
+    plain = load_recipe(ROOT / "recipes" / "multi30k_en_de.yaml")
+    distilled = load_recipe(ROOT / "recipes" / "multi30k_en_de_distilled.yaml")
+    quick = load_recipe(ROOT / "recipes" / "multi30k_de_en_quick.yaml")
+    assert distilled.data.path == "runs/multi30k_en_de_distilled_data"  # where the commands in its header write
+    assert distilled.train.init_from == quick.out_dir  # what the first command in its header trains
+    assert [key for key, _, _ in _changed_keys(quick, distilled)
+            if key.startswith(("model.", "tokenizer.")) and key not in FINE_TUNING_MAY_CHANGE] == []  # init_from would refuse
+    plain, distilled = plain.to_dict(), distilled.to_dict()
     for recipe in (plain, distilled):
         recipe.update(name=None, out_dir=None)
         recipe["data"].update(path=None)
+        recipe["train"].update(init_from=None)
         recipe["decode"].update(alpha=None, rerank_weight=None)
     assert distilled == plain
