@@ -6,12 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from translator import Sampling
-from translator.batching import source_tensor
+from translator.batching import source_tensor, target_tensors
 from translator.config import ModelConfig
 from translator.model import Transformer
 from translator.quantize import bf16_model
-from translator import search
-from translator.search import Hypothesis, beam_search, encode as encode_in_groups, greedy_search, length_penalty, max_output_lengths, sample
+from translator.search import Hypothesis, beam_search, encode_in_groups, forced_log_probs, greedy_search, length_penalty, max_output_lengths, sample
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 SENTENCES = [
@@ -180,16 +179,18 @@ def test_encoding_in_groups_equals_one_call_at_every_real_position(tiny_translat
     assert_grouped_encoding_equals_one_call(tiny_translator.model, tiny_translator.tokenizer.vocab_size)
 
 
-def test_encoding_in_groups_never_changes_a_translation(tiny_translator, monkeypatch):
+def test_encoding_in_groups_never_changes_a_translation_or_a_score(tiny_translator, monkeypatch):
     src, max_lens = encode(tiny_translator, SENTENCES * 4)
     model = tiny_translator.model
+    targets = target_tensors(tiny_translator.tokenizer.encode(["A man sees a hat."] * len(src)))
 
     def searched():
-        hypotheses = greedy_search(model, src, max_lens) + [h for n_best in beam_search(model, src, max_lens, beam_size=5, alpha=0.6, n_best=5) for h in n_best]
-        return [h.tokens for h in hypotheses], [h.score for h in hypotheses]
+        hypotheses = (greedy_search(model, src, max_lens) + [h for n_best in beam_search(model, src, max_lens, beam_size=5, alpha=0.6, n_best=5) for h in n_best]
+                      + [h for drawn in sample(model, src, max_lens, Sampling(seed=3), n_samples=2) for h in drawn])
+        return [h.tokens for h in hypotheses], [h.score for h in hypotheses] + forced_log_probs(model, src, *targets).tolist()
 
     tokens, scores = searched()
-    monkeypatch.setattr(search, "ENCODER_GROUP_TOKENS", 1)  # every sentence a group of its own, the groups in length order
+    monkeypatch.setattr("translator.search.ENCODER_GROUP_TOKENS", 1)  # every sentence a group of its own, the groups in length order
     grouped_tokens, grouped_scores = searched()
     assert grouped_tokens == tokens and grouped_scores == pytest.approx(scores, abs=1e-4)  # scores: up to float rounding
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import padding_mask
-from .batching import chunk_by_budget
+from .batching import sorted_batches
 from .model import Transformer
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -112,22 +112,22 @@ def top_log_probs(model: Transformer, outputs: Tensor, k: int) -> tuple[Tensor, 
 ENCODER_GROUP_TOKENS = 1024  # padded source tokens a group (512 to 4,096 measured alike: docs/deployment.md)
 
 
-def encode(model: Transformer, src: Tensor) -> tuple[Tensor, Tensor]:
+def encode_in_groups(model: Transformer, src: Tensor) -> tuple[Tensor, Tensor]:
     """`model.encode(src)`, on the CPU a group of rows of similar length at a time, each group cut to its own
-    longest row: memory (B, S, D), padded back to S with zeros (masked), and src_mask (B, 1, 1, S).
+    longest row -> memory (B, S, D), zeros where a group was cut (masked), and src_mask (B, 1, 1, S).
 
     A decoding batch holds many sentences so that each decoder step multiplies many rows, and pads its
-    short sentences to its longest: a worker's half of the Multi30k test set ran the encoder over 12,376
-    positions for about 8,400 tokens, 9,168 in groups. A row's encoding does not depend on its padding:
-    fp32 outputs stay the same, and greedy search took 5-9% less time (docs/deployment.md). On a GPU, where
-    it is not measured, the batch stays one call. An ensemble's memory is one per member."""
+    short sentences to its longest: the encoder would spend about a third of its time on padding
+    (Multi30k test set). A row's encoding does not depend on its padding, so fp32 outputs stay the same
+    (docs/deployment.md, "Session 35"). On a GPU, where it is not measured, the batch stays one call.
+    An ensemble's memory is one per member."""
     if src.device.type != "cpu":
         return model.encode(src)
-    lengths = (src != PAD_ID).sum(dim=1)
-    groups = chunk_by_budget(lengths.argsort(stable=True).numpy(), lengths.numpy(), ENCODER_GROUP_TOKENS)
+    lengths = (src != PAD_ID).sum(dim=1).numpy()
+    groups = sorted_batches(np.arange(len(lengths)), lengths, ENCODER_GROUP_TOKENS)
     if len(groups) == 1:
         return model.encode(src)
-    memories = [model.encode(src[rows, : int(lengths[rows].max())])[0] for rows in map(torch.from_numpy, groups)]
+    memories = [model.encode(src[torch.from_numpy(rows), : lengths[rows].max()])[0] for rows in groups]
     inverse = torch.from_numpy(np.concatenate(groups)).argsort()  # the rows back in src's order
 
     def merged(*parts: Tensor) -> Tensor:
@@ -144,7 +144,7 @@ def forced_log_probs(model: Transformer, src: Tensor, tgt_in: Tensor, tgt_out: T
 
     What a search's score would be had it chosen these tokens (without the length penalty), in one
     pass over the whole target instead of a step per token."""
-    memory, src_mask = encode(model, src)
+    memory, src_mask = encode_in_groups(model, src)
     outputs, _ = model.decode(tgt_in, model.start(memory, src_mask))  # (B, T, D)
     targets = tgt_out.flatten()
     chosen = [F.log_softmax(model.logits(rows).float(), dim=-1).gather(-1, ids[:, None])  # a block of rows at a time, as top_log_probs
@@ -183,7 +183,7 @@ def sample(model: Transformer, src: Tensor, max_lens: list[int], sampling: Sampl
 def _token_by_token(model: Transformer, src: Tensor, max_lens: list[int], choose) -> list[Hypothesis]:
     """One hypothesis per sentence, extended by `choose(decoder outputs (B, D), the rows' indices in src) -> tokens (B,),
     their log-probabilities (B,)` until eos or the length limit."""
-    memory, src_mask = encode(model, src)
+    memory, src_mask = encode_in_groups(model, src)
     state = model.start(memory, src_mask)
     alive = list(range(src.size(0)))  # original index of each row still decoding
     tokens: list[list[int]] = [[] for _ in alive]
@@ -217,7 +217,7 @@ def beam_search(model: Transformer, src: Tensor, max_lens: list[int], beam_size:
     Only eos among the top K candidates finishes a hypothesis, so beam_size=1 with alpha=0 is exactly greedy search.
     """
     K, device = beam_size, src.device
-    memory, src_mask = encode(model, src)
+    memory, src_mask = encode_in_groups(model, src)
     n = src.size(0)
     state = model.start(memory, src_mask)  # K hypotheses per sentence share its memory (see MultiHeadAttention)
     alive = list(range(n))

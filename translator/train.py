@@ -243,6 +243,12 @@ def resolved(recipe: Recipe) -> Recipe:
     return recipe
 
 
+def fine_tuning_mismatches(trained: Recipe, recipe: Recipe) -> list[tuple[str, object, object]]:
+    """The keys that keep `recipe` from fine-tuning the model `trained` describes: (key, its value there, here)."""
+    return [(key, old, new) for key, old, new in _changed_keys(trained, recipe)
+            if key.startswith(("model.", "tokenizer.")) and key not in FINE_TUNING_MAY_CHANGE]
+
+
 def _fine_tuning_start(recipe: Recipe) -> tuple[dict[str, torch.Tensor] | None, Tokenizer | None]:
     """train.init_from's weights and SentencePiece model, once the recipe is known to describe them (without it: None, None)."""
     if not recipe.train.init_from:
@@ -251,8 +257,7 @@ def _fine_tuning_start(recipe: Recipe) -> tuple[dict[str, torch.Tensor] | None, 
         trained, model, tokenizer = load_model_dir(recipe.train.init_from)
     except CheckpointError as e:
         raise RecipeError(f"train.init_from: {e}") from None
-    differ = [(key, old, new) for key, old, new in _changed_keys(trained, recipe)
-              if key.startswith(("model.", "tokenizer.")) and key not in FINE_TUNING_MAY_CHANGE]
+    differ = fine_tuning_mismatches(trained, recipe)
     if differ:
         listed = "; ".join(f"{key} is {old!r} there, {new!r} here" for key, old, new in differ)
         raise RecipeError(f"train.init_from: {recipe.train.init_from} is not the model this recipe describes ({listed}); "
