@@ -156,7 +156,7 @@ def test_a_sentence_translates_the_same_alone_and_in_a_mixed_batch(tiny_translat
 
 
 def random_sources(rows: int, longest: int, vocab_size: int, seed: int = 0):
-    """A batch of random sentences of every length from 1 to `longest` pieces, shuffled."""
+    """A batch of random sentences of random lengths from 1 to `longest` pieces, in no order."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, longest + 1, size=rows)
     return source_tensor([rng.integers(EOS_ID + 1, vocab_size, size=n).tolist() for n in lengths])
