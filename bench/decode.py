@@ -44,7 +44,7 @@ from translator.devices import describe, keep_freed_memory, pick_device, synchro
 from translator.evaluate import score
 from translator.export import export_ctranslate2
 from translator.model import Transformer
-from translator.search import top_log_probs
+from translator.search import argmax_rows
 from translator.tokenizer import BOS_ID, EOS_ID, Tokenizer, interleave
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def greedy_with_cache(model: Transformer, src: torch.Tensor, steps: int, step_ti
     for _ in range(steps):
         start = time.perf_counter()
         outputs, state = model.decode(last, state)
-        last = top_log_probs(model, outputs[:, -1], 1)[1]  # as greedy search picks its token
+        last = argmax_rows(model.logits(outputs[:, -1]).float())[:, None]  # as greedy search picks its token
         if step_times is not None:
             synchronize(src.device)
             step_times.append(time.perf_counter() - start)

@@ -1,5 +1,7 @@
 """Greedy and beam search: exact against slow references, and batching never changes a translation."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,8 @@ from translator.batching import source_tensor, target_tensors
 from translator.config import ModelConfig
 from translator.model import Transformer
 from translator.quantize import bf16_model
-from translator.search import Hypothesis, beam_search, encode_in_groups, forced_log_probs, greedy_search, length_penalty, max_output_lengths, sample
+from translator.search import (Hypothesis, argmax_rows, beam_search, encode_in_groups, forced_log_probs, greedy_search, length_penalty,
+                               max_output_lengths, sample)
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 SENTENCES = [
@@ -64,6 +67,29 @@ def test_beam_size_one_is_greedy(tiny_translator):
     for g, (b,) in zip(greedy, beam):
         assert abs(g.score - b.score) < 1e-4
 
+
+
+@pytest.mark.parametrize("columns", [1, 5, 127, 128, 129, 300, 1000])
+def test_argmax_rows_is_argmax_with_the_first_of_equals(columns):
+    g = torch.Generator().manual_seed(columns)
+    # Five values only: ties within a block, across blocks, and between the blocks and the columns after them.
+    few_values = torch.randint(-2, 3, (17, columns), generator=g).float()
+    spread = torch.randn(17, columns, generator=g)
+    late_best = spread.clone()
+    late_best[:, -1] = 10.0  # the largest in the last column, past the whole blocks when there is a remainder
+    for scores in (few_values, spread, late_best, torch.full((3, columns), -math.inf)):
+        assert torch.equal(argmax_rows(scores), scores.argmax(dim=-1))
+
+
+def test_greedy_without_scores_picks_the_same_tokens(tiny_translator):
+    """Text-only translation skips the log-softmax: the same tokens, their score left NaN."""
+    src, max_lens = encode(tiny_translator, SENTENCES)
+    with_scores = greedy_search(tiny_translator.model, src, max_lens)
+    without = greedy_search(tiny_translator.model, src, max_lens, scores=False)
+    assert [h.tokens for h in without] == [h.tokens for h in with_scores]
+    assert all(math.isnan(h.score) for h in without) and not any(math.isnan(h.score) for h in with_scores)
+    texts = tiny_translator.translate(SENTENCES, beam_size=1)  # takes the path without scores
+    assert texts == [hyps[0].text for hyps in tiny_translator.translate(SENTENCES, beam_size=1, n_best=1)]
 
 def test_greedy_equals_argmax_of_full_recomputation(tiny_translator):
     model = tiny_translator.model

@@ -195,12 +195,14 @@ class Translator:
                 raise ValueError(f"rerank: reranks beam search's hypotheses; it does not apply to "
                                  f"{'sampling' if sampling is not None else 'greedy search (beam_size=1)'}")
         searched = decode.beam_size if rerank is not None else k  # reranking sees the whole beam
+        scores = n_best is not None or return_attention  # only these return Translations, which carry a score
         sources = self._source_ids(batch, truncate)  # here, so that a warning or error reaches the caller, not a worker
         if self.workers > 1 and sum(ids is not None for ids in sources) > 1:
             hypotheses = self._decoding_workers(decode).translate(
-                sources, decode=decode, n_best=searched, sampling=sampling, progress=progress, return_attention=return_attention)
+                sources, decode=decode, n_best=searched, sampling=sampling, progress=progress, return_attention=return_attention,
+                scores=scores)
         else:
-            hypotheses = self._translate(sources, decode, searched, sampling, progress, return_attention)
+            hypotheses = self._translate(sources, decode, searched, sampling, progress, return_attention, scores)
         if rerank is not None:
             hypotheses = [hyps[:k] for hyps in reranked(batch, hypotheses, rerank, decode.rerank_weight)]
         if n_best is None:
@@ -308,9 +310,10 @@ class Translator:
 
     def _translate(
         self, src_ids: list[list[int] | None], decode: DecodeConfig, n_best: int, sampling: Sampling | None, progress: bool,
-        return_attention: bool = False,
+        return_attention: bool = False, scores: bool = True,
     ) -> list[list[Translation]]:
-        """Token ids from _source_ids -> each sentence's n_best translations (a blank one's are "")."""
+        """Token ids from _source_ids -> each sentence's n_best translations (a blank one's are ""); without
+        `scores`, greedy search may leave their scores NaN, which is faster."""
         limit = self.recipe.model.max_positions
         outputs = [[Translation("", 0.0)] * n_best for _ in src_ids]
         todo = np.array([i for i, ids in enumerate(src_ids) if ids is not None], dtype=np.int64)
@@ -324,7 +327,7 @@ class Translator:
             src = source_tensor([src_ids[i] for i in indices]).to(self.device)
             max_lens = max_output_lengths(src, PAD_ID, decode.max_len_a, decode.max_len_b, limit)
             with autocast:
-                hypotheses = self._search(model, src, max_lens, decode, n_best, sampling)
+                hypotheses = self._search(model, src, max_lens, decode, n_best, sampling, scores)
                 # One SentencePiece call a batch: each of its batch calls starts a thread, which costs more than decoding a sentence.
                 texts = iter(self.tokenizer.decode([h.tokens for hyps in hypotheses for h in hyps]))
                 for i, hyps in zip(indices, hypotheses):
@@ -338,9 +341,10 @@ class Translator:
         return model, torch.autocast(self.device.type, dtype=precision.dtype, enabled=precision.dtype is not None and model is self.model)
 
     @staticmethod
-    def _search(model: Transformer, src, max_lens: list[int], decode: DecodeConfig, n_best: int, sampling: Sampling | None) -> list[list[Hypothesis]]:
+    def _search(model: Transformer, src, max_lens: list[int], decode: DecodeConfig, n_best: int, sampling: Sampling | None,
+                scores: bool) -> list[list[Hypothesis]]:
         if sampling is not None:
             return sample(model, src, max_lens, sampling, n_best)
         if decode.beam_size == 1:
-            return [[h] for h in greedy_search(model, src, max_lens)]
+            return [[h] for h in greedy_search(model, src, max_lens, scores)]
         return beam_search(model, src, max_lens, decode.beam_size, decode.alpha, n_best, decode.beam_stop)

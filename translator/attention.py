@@ -93,13 +93,16 @@ def padding_mask(ids: Tensor, pad_id: int) -> Tensor:
     return real[:, None, None, :]
 
 
-def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> Tensor:
-    """(T, L), True where query i may see key j: j <= i + (L - T).
+def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> Tensor | None:
+    """(T, L), True where query i may see key j: j <= i + (L - T); None for one query (T = 1), which sees every key.
 
     Bottom-right aligned, so the last query is the newest position whether the keys are
     the same T positions (training) or T new ones after L - T cached ones (decoding).
     SDPA's `is_causal=True` is top-left aligned and would be wrong for the second case.
+    A decoding step's one query needs no mask at all, and skipping it saves a pass over its scores.
     """
+    if q_len == 1:
+        return None
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
 
 
@@ -155,9 +158,10 @@ class MultiHeadAttention(nn.Module):
 
     def _weights(self, q: Tensor, kv: KV, mask: Tensor | None) -> Tensor:
         """softmax(Q K^T / sqrt(Dh)) under mask: (B, H, T, L)."""
-        scores = q @ kv.k.transpose(-2, -1) / math.sqrt(self.head_size)  # (B, H, T, L)
+        # In place: the scores are this function's own, and no backward needs them before the softmax.
+        scores = (q @ kv.k.transpose(-2, -1)).div_(math.sqrt(self.head_size))  # (B, H, T, L)
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores.masked_fill_(~mask, float("-inf"))
         return scores.softmax(dim=-1)
 
     def _attend(self, q: Tensor, kv: KV, mask: Tensor | None) -> Tensor:
