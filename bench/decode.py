@@ -69,14 +69,19 @@ def count_tokens(tokenizer: Tokenizer, texts: list[str]) -> int:
     return sum(len(ids) for ids in tokenizer.encode(texts)) + len(texts)
 
 
-def best_of(repeat: int, run) -> tuple[float, list[str]]:
-    """The best of `repeat` runs of `run() -> outputs`: this machine's speed drifts by 10-20% from minute to minute."""
-    best = float("inf")
+def best_of(repeat: int, runs: dict, threads: int) -> dict:
+    """Each of `runs` (key -> run() -> outputs) `repeat` times -> key -> (its best seconds, its outputs).
+
+    In rounds, every run once a round: this machine's speed drifts by 10-20% from minute to minute, and
+    rounds spread the drift over every row alike, where back-to-back repeats left it between rows."""
+    best = {key: (float("inf"), None) for key in runs}
     for _ in range(repeat):
-        start = time.perf_counter()
-        out = run()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        for key, run in runs.items():
+            torch.set_num_threads(threads)  # creating a CTranslate2 translator sets OpenMP's thread count for this thread too
+            start = time.perf_counter()
+            out = run()
+            best[key] = min(best[key][0], time.perf_counter() - start), out
+    return best
 
 
 def ctranslate2_runs(model_dir: str, translator: Translator, sentences: list[str], threads: int, folder: Path) -> dict:
@@ -180,7 +185,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="cuda: fp32, bf16 and fp16 in one process (no workers, no int8)")
     parser.add_argument("--peer", action="store_true", help="run Joey NMT's decode.sh in this run and print ratios")
     parser.add_argument("--ctranslate2", action="store_true", help="also export the model to CTranslate2 (float32, int8) and time it (needs --model)")
-    parser.add_argument("--repeat", type=int, default=3, help="time each test-set row this many times and keep the best")
+    parser.add_argument("--repeat", type=int, default=3, help="time each test-set row this many times (in rounds: every row once a round) and keep the best")
     parser.add_argument("--cache-sentences", type=int, default=200, help="sentences for the cache vs no-cache row")
     parser.add_argument("--precision", action="append", choices=sorted({p for ps in PRECISIONS.values() for p in ps}),
                         help="time only this precision of ours (repeatable; default: each of PRECISIONS for the device)")
@@ -230,9 +235,8 @@ def main() -> None:
         machine += f"; CTranslate2 {version('ctranslate2')}, CT2_USE_MKL={os.environ.get('CT2_USE_MKL', 'unset')}"
         runs |= ctranslate2_runs(args.model, translator, sentences, args.threads, Path(tempfile.mkdtemp(prefix="bench_ct2_")))
     rows = []
-    for (name, beam, label), run in sorted(runs.items(), key=lambda item: (item[0][1], item[0][0])):
-        torch.set_num_threads(args.threads)  # creating a CTranslate2 translator sets OpenMP's thread count for this thread too
-        seconds, out = best_of(args.repeat, run)
+    timed = best_of(args.repeat, runs, args.threads)
+    for (name, beam, label), (seconds, out) in sorted(timed.items(), key=lambda item: (item[0][1], item[0][0])):
         tokens = count_tokens(tokenizer, out)
         row = {"what": f"{name}, {label}, {len(sentences)} test sentences", "seconds": seconds,
                "sent/s": len(sentences) / seconds, "tok/s": tokens / seconds}
