@@ -176,7 +176,10 @@ def argmax_rows(scores: Tensor) -> Tensor:
     """(B, V) -> (B,) each row's index of its largest value, the first of equals (as `argmax`).
 
     In two passes: each block's maximum, then the best block's columns. Torch's CPU argmax and topk(1) over
-    a long row run 3-4x slower than this, and than the reduction `amax` (docs/deployment.md, "Session 36")."""
+    a long row run 3-4x slower than this, and than the reduction `amax` (docs/deployment.md, "Session 36").
+    A GPU, where that was not measured, keeps its own argmax kernel."""
+    if not scores.is_cpu:
+        return scores.argmax(dim=-1)
     B, V = scores.shape
     size = min(ARGMAX_BLOCK, V)
     rows = torch.arange(B, device=scores.device)
