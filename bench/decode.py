@@ -61,6 +61,9 @@ def random_translator(data: DataConfig, device: torch.device) -> Translator:
     model = Transformer(recipe.model, tokenizer.vocab_size).to(device).eval()
     with torch.no_grad():
         model.embedding.weight[EOS_ID].zero_()  # eos's logit is then 0, which never beats the best of 5k random ones
+        # and so is bos's: through the tied embedding a random model echoes its input, and an echoed bos
+        # would detokenize to "", leaving the tok/s column nothing to count
+        model.embedding.weight[BOS_ID].zero_()
     decode = DecodeConfig(beam_size=5, alpha=0.6, max_len_a=1.0, max_len_b=1)  # output length = source length
     return Translator(model, tokenizer, replace(recipe, decode=decode))
 
