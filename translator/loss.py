@@ -57,15 +57,16 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         # Two fp32 buffers serve every block: fresh 4 MB tensors would each be mapped and faulted in anew.
         # fp32 needs neither: the logits are read where they are, and an fp32 gradient is written in place
         # (11% of the loss's time, the same values).
-        as_float = torch.empty(min(block, rows), vocab, dtype=torch.float32, device=logits.device)
-        log_probs_buffer = torch.empty_like(as_float)
         grad_in_place = grad is not None and grad.dtype == torch.float32
+        buffer = dict(size=(min(block, rows), vocab), dtype=torch.float32, device=logits.device)
+        as_float = None if logits.dtype == torch.float32 else torch.empty(**buffer)
+        log_probs_buffer = None if grad_in_place else torch.empty(**buffer)
         for start in range(0, rows, block):
             end = min(start + block, rows)
             part = slice(start, end)
             gold = target[part, None].clamp(min=0)  # (b, 1); an ignored row's index is never used
             weight = counted[part, None]  # (b, 1)
-            source = logits[part] if logits.dtype == torch.float32 else as_float[: end - start].copy_(logits[part])
+            source = logits[part] if as_float is None else as_float[: end - start].copy_(logits[part])
             log_probs = torch.log_softmax(source, dim=-1, out=grad[part] if grad_in_place else log_probs_buffer[: end - start])  # (b, V)
             gold_log_prob = log_probs.gather(-1, gold)
             row_loss = -(1 - eps) * gold_log_prob - (eps / vocab) * log_probs.sum(-1, keepdim=True)
