@@ -337,6 +337,32 @@ def test_a_json_lines_file_that_cannot_give_pairs_names_its_line(tmp_path, conte
         load_split(DataConfig(path=str(tmp_path)), "train")
 
 
+def test_translation_dicts_of_other_languages_a_row_are_read_by_each_rows_keys(tmp_path):
+    # datasets reads dicts whose keys differ between rows as a Json feature, which names no languages
+    rows = [{"translation": {"de": "a", "en": "b"}}, {"translation": {"de": "c"}}, {"translation": None},
+            {"translation": {"de": "e", "en": "f", "fr": "g"}}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    for streaming in (False, True):
+        pairs = list(load_split(DataConfig(path=str(tmp_path)), "train", streaming))
+        assert [(p["src"], p["tgt"]) for p in pairs] == [("a", "b"), ("c", None), (None, None), ("e", "f")]
+    with pytest.raises(DataError, match=r"train\.jsonl: no 'cs' text in any pair$"):
+        load_split(DataConfig(path=str(tmp_path), tgt_lang="cs"), "train")
+
+
+def test_a_json_lines_error_after_a_byte_order_mark_names_its_line(tmp_path):
+    (tmp_path / "train.jsonl").write_bytes(b'\xef\xbb\xbf{"de": "a", "en": "b"}\n{"de": "c", "en": "d"}\n{"de": "e" "en": "f"}\n')
+    with pytest.raises(DataError, match=r"train\.jsonl, line 3: not valid JSON"):
+        load_split(DataConfig(path=str(tmp_path)), "train")
+
+
+def test_a_csv_cell_over_the_csv_modules_limit_names_the_file(tmp_path):
+    # an unclosed quote in the first row swallows the rest of the file into one cell
+    rows = "".join(f"Ein Hund {i}.,A dog {i}.\n" for i in range(20_000))
+    (tmp_path / "train.csv").write_text(f'de,en\n"Ein Mann.,A man.\n{rows}', encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}/train\.csv: cannot be read as csv \(field larger than"):
+        load_split(DataConfig(path=str(tmp_path)), "train")
+
+
 def test_missing_cells_are_empty_sides_not_errors(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"de": "a", "en": "b"}\n{"de": null, "en": "d"}\n{"de": "e"}\n', encoding="utf-8")
     pairs = load_split(DataConfig(path=str(tmp_path)), "train")

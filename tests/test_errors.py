@@ -386,8 +386,9 @@ def translate_quietly(t: translator.Translator, sentences, **kwargs):
     return result, messages
 
 
-@pytest.mark.parametrize("blank", ["", "   \t ", "\n", " \r\n "], ids=repr)
+@pytest.mark.parametrize("blank", ["", "   \t ", "\n", " \r\n ", "\u200b", "\ufeff", " \u200b\ufeff "], ids=repr)
 def test_blank_input_translates_to_empty(tiny_translator, blank):
+    assert tiny_translator.tokenizer.encode([blank]) == [[]]  # no pieces: zero-width characters are dropped like spaces
     assert tiny_translator.translate(blank) == ""
     assert tiny_translator.translate([blank, blank]) == ["", ""]
 

@@ -83,6 +83,12 @@ def test_bleu_tokenizer_follows_the_target_language():
     assert zh.chrf == score(ZH_HYPS, ZH_REFS).chrf  # chrF has no tokenizer
 
 
+@pytest.mark.parametrize("code", ["zh-CN", "zh_Hans", "ZH", "zho", "cmn"])
+def test_bleu_tokenizer_follows_the_language_of_a_code_with_a_region_or_script(code):
+    assert score(ZH_HYPS, ZH_REFS, tgt_lang=code) == score(ZH_HYPS, ZH_REFS, tgt_lang="zh")
+    assert "tok:13a" in score(HYPS, REFS, tgt_lang="de-AT").bleu_signature
+
+
 def test_bleu_tokenizer_override_wins_over_the_language():
     char = score(ZH_HYPS, ZH_REFS, tgt_lang="zh", tokenize="char")
     assert "tok:char" in char.bleu_signature

@@ -76,10 +76,9 @@ def reranked(sources: list[str], hypotheses: list[list[Translation]], reverse: T
     source's pieces (and eos) given the hypothesis, which becomes their score (noisy-channel reranking:
     a translation that leaves out or invents content explains its source badly). Blank sentences keep their order, and
     so do those the reverse model cannot read whole: a source, or a hypothesis cut at the length limit, over its positions."""
-    todo = [i for i, source in enumerate(sources) if source.strip()]
-    ids = iter(reverse.tokenizer.encode([text for i in todo for text in (sources[i], *(h.text for h in hypotheses[i]))]))
-    encoded = {i: [next(ids) for _ in range(1 + len(hypotheses[i]))] for i in todo}  # the source's ids, then each hypothesis'
-    todo = [i for i in todo if all(map(reverse._fits, encoded[i]))]
+    ids = iter(reverse.tokenizer.encode([text for source, hyps in zip(sources, hypotheses) for text in (source, *(h.text for h in hyps))]))
+    encoded = [[next(ids) for _ in range(1 + len(hyps))] for hyps in hypotheses]  # the source's ids, then each hypothesis'
+    todo = [i for i, texts in enumerate(encoded) if texts[0] and all(map(reverse._fits, texts))]  # a blank source has no pieces
     back = iter(reverse._score_ids([hyp for i in todo for hyp in encoded[i][1:]], [encoded[i][0] for i in todo for _ in hypotheses[i]],
                                    reverse._decode_config(), normalize=True))
     out = [list(hyps) for hyps in hypotheses]
@@ -297,7 +296,8 @@ class Translator:
 
     def _source_ids(self, sentences: list[str], truncate: bool) -> list[list[int] | None]:
         """Each sentence's token ids, cut to the model's positions (with a warning; truncate=False refuses),
-        or None for a blank one: it maps to "" rather than to whatever the model invents."""
+        or None for a blank one (no pieces: spaces, or only characters SentencePiece drops, such as U+200B): it maps
+        to "" rather than to whatever the model invents from an empty source."""
         limit = self.recipe.model.max_positions
         src_ids = self.tokenizer.encode(sentences)
         too_long = [i for i, ids in enumerate(src_ids) if not self._fits(ids)]
@@ -306,7 +306,7 @@ class Translator:
             if not truncate:
                 raise error
             warnings.warn(f"{error}: truncated", stacklevel=3)  # at the caller of translate()
-        return [ids[: limit - 1] if sentence.strip() else None for sentence, ids in zip(sentences, src_ids)]
+        return [ids[: limit - 1] if ids else None for ids in src_ids]
 
     def _translate(
         self, src_ids: list[list[int] | None], decode: DecodeConfig, n_best: int, sampling: Sampling | None, progress: bool,

@@ -70,6 +70,9 @@ def load_translator(model_dir: str | list[str], overrides: list[str], device: st
         recipe = recipe_from_dict(apply_overrides(translator.recipe.to_dict(), overrides))
         if recipe.model != translator.recipe.model or recipe.tokenizer != translator.recipe.tokenizer:
             raise RecipeError("--set can change data.*, decode.* and evaluate.* of a trained model, not its model.* or tokenizer.*")
+        trained, asked = (translator.recipe.data.src_lang, translator.recipe.data.tgt_lang), (recipe.data.src_lang, recipe.data.tgt_lang)
+        if asked != trained:  # the model would read one language as another, and be scored against the wrong side
+            raise RecipeError(f"--set data.src_lang/tgt_lang: this model translates {trained[0]} to {trained[1]}, not {asked[0]} to {asked[1]}")
         translator.recipe = recipe
     if announce:
         print(f"device: {translator.device}; precision: {translator.precision()}", file=sys.stderr)

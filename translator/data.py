@@ -251,7 +251,9 @@ def _check_text(pairs: datasets.Dataset, source: str, languages: tuple[str, str]
         raise DataError(f"{source}: no pairs")
     for column, language in zip(("src", "tgt"), languages):
         feature = pairs.features[column]
-        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "null"):
+        if isinstance(feature, datasets.Value) and feature.dtype == "null":
+            raise DataError(f"{source}: no {language!r} text in any pair")
+        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
             continue  # all text: nothing to read
         for row, value in enumerate(pairs[column]):
             if problem := datafiles.not_text(value, language):
@@ -266,16 +268,17 @@ def to_pairs(dataset: datasets.Dataset | datasets.IterableDataset, src_lang: str
         dataset = dataset.select_columns([src_lang, tgt_lang])
         return dataset.rename_columns({src_lang: "src", tgt_lang: "tgt"})
     if "translation" in columns:
-        # datasets.Translation (wmt14), a dict of Values, or in a stream of unknown features the first example's keys
+        # datasets.Translation (wmt14), a dict of Values, or in a stream of unknown features the first example's keys.
+        # Rows of other languages (a JSON Lines file) give a Json feature that names none: the rows themselves decide.
         feature = dataset.features["translation"] if dataset.features else next(iter(dataset))["translation"]
-        languages = set(getattr(feature, "languages", None) or feature.keys())
-        for lang in (src_lang, tgt_lang):
+        languages = getattr(feature, "languages", None) or (feature.keys() if isinstance(feature, (dict, datasets.Features)) else ())
+        for lang in (src_lang, tgt_lang) if languages else ():
             if lang not in languages:
                 raise DataError(f"language {lang!r} not in the translation column; languages there: {', '.join(sorted(languages))}")
         return dataset.map(
-            lambda batch: {
-                "src": [pair[src_lang] for pair in batch["translation"]],
-                "tgt": [pair[tgt_lang] for pair in batch["translation"]],
+            lambda batch: {  # a row without the language, or without a translation (null), is an empty side
+                "src": [(pair or {}).get(src_lang) for pair in batch["translation"]],
+                "tgt": [(pair or {}).get(tgt_lang) for pair in batch["translation"]],
             },
             batched=True,
             remove_columns=columns,

@@ -21,8 +21,12 @@ def nothing_to_read(file: str, builder: str) -> str | None:
         blank = not any(block.strip() for block in iter(lambda: f.read(1 << 16), b""))
     if blank:
         return f"{file}: the file is empty (no pairs)"
-    if builder == "csv" and _csv_rows(file)[1] is None:
-        return f"{file}: a header and no pairs"
+    if builder == "csv":
+        try:
+            if _csv_rows(file)[1] is None:
+                return f"{file}: a header and no pairs"
+        except csv.Error as e:  # a cell over the csv module's limit: in a corpus, a quote left open far above
+            return f"{file}: cannot be read as csv ({e}; an unclosed quote?)"
     return None
 
 
@@ -46,8 +50,8 @@ def csv_as_text(file: str) -> dict:
 
 def first_unreadable_json_line(file: str, languages: tuple[str, str]) -> str | None:
     """The first line of a JSON Lines file that is not one JSON object, or whose text for one of
-    `languages` (flat, or in a translation dict) is neither a string nor missing."""
-    with open(file, encoding="utf-8") as f:
+    `languages` (flat, or in a translation dict) is neither a string nor missing. A byte-order mark is not JSON: utf-8-sig."""
+    with open(file, encoding="utf-8-sig") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -57,7 +61,7 @@ def first_unreadable_json_line(file: str, languages: tuple[str, str]) -> str | N
                 return f"{file}, line {number}: not valid JSON ({e.msg} at column {e.colno})"
             if not isinstance(row, dict):
                 return f"{file}, line {number}: expected a JSON object of {{language: text}}, got {type(row).__name__}"
-            texts = row["translation"] if isinstance(row.get("translation"), dict) else row
+            texts = row.get("translation") or {} if "translation" in row else row
             for language in languages:
                 if (problem := not_text(texts.get(language), language)):
                     return f"{file}, line {number}: {problem}"

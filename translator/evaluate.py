@@ -32,11 +32,22 @@ class Scores:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+# ISO 639-2/3 codes of the languages sacreBLEU tokenizes apart, which it knows by their two-letter codes only
+THREE_LETTER_CODES = {"zho": "zh", "chi": "zh", "cmn": "zh", "jpn": "ja", "kor": "ko"}
+
+
+def language_of(code: str) -> str:
+    """The language of a code, as sacreBLEU's tokenizer choice reads it: zh-CN, zh_Hans, ZH and cmn are zh."""
+    language = code.lower().replace("_", "-").split("-")[0]
+    return THREE_LETTER_CODES.get(language, language)
+
+
 def bleu_metric(tgt_lang: str = "", tokenize: str | None = None, lowercase: bool = False) -> BLEU:
     """sacreBLEU's BLEU with `tokenize`, or with the tokenizer sacreBLEU picks for the target language
-    (zh for Chinese, ja-mecab for Japanese, ko-mecab for Korean, 13a for the rest); cased unless `lowercase`."""
+    (zh for Chinese, ja-mecab for Japanese, ko-mecab for Korean, 13a for the rest); cased unless `lowercase`.
+    Given a region or script (zh-CN, zh_Hans, ja-JP), sacreBLEU would take 13a: the language alone decides."""
     try:
-        return BLEU(tokenize=tokenize, trg_lang=tgt_lang, lowercase=lowercase)
+        return BLEU(tokenize=tokenize, trg_lang=language_of(tgt_lang), lowercase=lowercase)
     except RuntimeError as e:  # mecab's dictionaries are extras of sacreBLEU
         extra = "sacrebleu[ko]" if "Korean" in str(e) else "sacrebleu[ja]"
         raise RecipeError(f"BLEU for data.tgt_lang={tgt_lang!r} (evaluate.tokenize={tokenize!r}) needs `pip install {extra}`, "
