@@ -334,6 +334,8 @@ def test_a_model_directory_and_its_checkpoints_are_readable_as_plain_files_and_d
     files = [directory / name for directory in (tiny_model_dir, saved) for name in (CONFIG, WEIGHTS, SPM)]
     directories = [saved, *training_checkpoints(tiny_model_dir)]  # saved: save_pretrained's new directory
     assert len(directories) > 1
+    files += [file for checkpoint in directories[1:] for file in checkpoint.iterdir()]  # weights and Adam moments too
+    assert not [p.name for p in pathlib.Path(tiny_model_dir).rglob(".*")]  # and no writer's temporary file left anywhere
     # what open() and mkdir() give under this umask, not mkstemp's and mkdtemp's owner-only 0600 and 0700
     assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o666 & ~umask}
     assert {stat.S_IMODE(d.stat().st_mode) for d in directories} == {0o777 & ~umask}

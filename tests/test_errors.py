@@ -576,6 +576,8 @@ BATTERY = [
     ("recipe-is-a-directory", lambda tmp, m: ["train", tmp, "--quiet"], ["recipe file not found: {tmp} (that is a directory)"]),
     ("beam-wider-than-the-vocabulary", lambda tmp, m: ["evaluate", m, "--quiet", "--beam-size", "1000"],
      ["decode.beam_size: got 1000, expected at most", "half of this model's"]),
+    ("train-beam-wider-than-the-vocabulary", lambda tmp, m: train_on(tmp, "--set", "decode.beam_size=1000"),  # before training, not after
+     ["decode.beam_size: got 1000, expected at most", "half of this model's"]),
     ("average-missing-sentencepiece", lambda tmp, m: [
         "average", model_copy_with(m, tmp, lambda d: (d / SPM).unlink()), m, "-o", tmp / "averaged"], ["{tmp}/model/sentencepiece.model"]),
     ("average-into-a-model", lambda tmp, m: ["average", m, m, "-o", model_copy_with(m, tmp, lambda d: None)], ["{tmp}/model already holds a model"]),

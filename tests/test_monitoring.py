@@ -50,6 +50,31 @@ def test_a_resumed_run_keeps_the_lines_up_to_its_checkpoint_and_drops_the_rest(t
     assert (tmp_path / METRICS).read_text(encoding="utf-8").splitlines() == [*lines[:2], '{"step": 21, "loss": 1.9}']
 
 
+def test_tensorboard_of_a_resumed_run_ends_at_its_checkpoint_like_the_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from translator.runlog import RunLog
+
+    def run(up_to_step: int, steps: range) -> None:
+        log = RunLog(tmp_path)
+        log.open(up_to_step)
+        for step in steps:
+            log.record({"step": step, "loss": float(step)})
+        log.close()
+
+    def logged() -> list[int]:
+        events = EventAccumulator(str(tmp_path / "tensorboard"))
+        events.Reload()
+        return [e.step for e in events.Scalars("loss")]
+
+    run(0, range(1, 5))  # a run that dies at step 4, before its first checkpoint: started afresh
+    run(0, range(1, 17))  # killed at step 16, its last checkpoint at step 10
+    assert logged() == list(range(1, 17))
+    run(10, range(11, 21))  # resumed
+    assert logged() == list(range(1, 21))  # each step once, the resumed run's from 11 on
+
+
 def test_a_resume_that_fails_while_rewriting_the_metrics_loses_none_of_them(tmp_path, monkeypatch):
     import translator.checkpoint as checkpoint
     from translator.runlog import METRICS, RunLog

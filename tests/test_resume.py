@@ -1,6 +1,7 @@
 """Training loses nothing: killed at any moment and resumed, it ends bitwise where an uninterrupted run ends."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import TINY_RECIPE
 from translator import load_recipe, train
-from translator.checkpoint import OPTIMIZER, WEIGHTS, load_training_checkpoint, save_training_checkpoint, training_checkpoints
+from translator.train import Stopped
+from translator.checkpoint import OPTIMIZER, WEIGHTS, load_training_checkpoint, run_dir_held, save_training_checkpoint, training_checkpoints
 from translator.config import ModelConfig
 from translator.model import Transformer
 from translator.tokenizer import Tokenizer
@@ -113,6 +115,33 @@ def test_a_run_directory_is_never_overwritten_and_resume_needs_a_checkpoint(tmp_
     assert (out / WEIGHTS).read_bytes() == b"a finished run's weights"
 
 
+def test_a_run_folder_in_use_by_another_training_process_is_refused_untouched(tmp_path, toy_corpus):
+    out = tmp_path / "run"
+    writing = out / "checkpoints" / ".step_00000004.x1y2"  # the live run's checkpoint, half written
+    writing.mkdir(parents=True)
+    with run_dir_held(out):  # the live run
+        second = subprocess.run([sys.executable, "-m", "translator", "train", str(TINY_RECIPE), "--set", f"out_dir={out}",
+                                 "--set", f"data.path={toy_corpus}"], capture_output=True, text=True)
+    assert second.returncode == 2 and "in use by another training process" in second.stderr
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["checkpoints", "checkpoints/.step_00000004.x1y2"]
+    with run_dir_held(out):  # held by no one now: taken again
+        pass
+
+
+def test_a_signal_during_the_validation_that_stops_early_still_stops_the_command(tmp_path, toy_corpus, monkeypatch):
+    training = sys.modules["translator.train"]  # the module (the package's `train` is the function)
+
+    def converged_while_a_signal_came(run, state):  # the validation that ends the run, and SIGTERM during it
+        os.kill(os.getpid(), signal.SIGTERM)
+        return False, True
+
+    monkeypatch.setattr(training, "validate_and_keep_best", converged_while_a_signal_came)
+    with pytest.raises(Stopped) as stopped:
+        train_to(toy_corpus, tmp_path / "run", 40)
+    assert stopped.value.signal == signal.SIGTERM
+    assert [p.name for p in training_checkpoints(tmp_path / "run")] == ["step_00000010", "step_00000020"]  # resumable from there
+
+
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(d_model=16, n_heads=2, d_ff=32, encoder_layers=1, decoder_layers=1), vocab_size=30)
@@ -124,13 +153,14 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mo
 
     import translator.checkpoint as checkpoint
 
-    real_save = checkpoint.save_file
-    def crash_after_writing_part(tensors, path, **kwargs):  # noqa: E306
-        real_save(tensors, path, **kwargs)
-        Path(path).write_bytes(Path(path).read_bytes()[:100])  # half a file, then the machine goes down
-        raise OSError("disk full")
+    real_bytes, calls = checkpoint.tensors_bytes, []
+    def crash_after_the_weights(tensors, **kwargs):  # noqa: E306
+        calls.append(len(tensors))
+        if len(calls) > 1:  # the weights are written whole, then the disk fills up
+            raise OSError("disk full")
+        return real_bytes(tensors, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "save_file", crash_after_writing_part)
+    monkeypatch.setattr(checkpoint, "tensors_bytes", crash_after_the_weights)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)

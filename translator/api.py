@@ -71,6 +71,11 @@ def check_reverse_pair(translator: Translator, reverse) -> None:
                           f"{mine.tgt_lang} to {mine.src_lang}, and it translates {theirs.src_lang} to {theirs.tgt_lang}")
 
 
+def check_beam_size(beam_size: int, vocab_size: int) -> None:
+    if 2 * beam_size > vocab_size:  # each step ranks the 2K likeliest tokens of every beam
+        raise RecipeError(f"decode.beam_size: got {beam_size}, expected at most {vocab_size // 2} (half of this model's {vocab_size} pieces)")
+
+
 def reranked(sources: list[str], hypotheses: list[list[Translation]], reverse: Translator, weight: float) -> list[list[Translation]]:
     """Each sentence's hypotheses re-sorted by score + weight x the reverse model's mean log-probability of the
     source's pieces (and eos) given the hypothesis, which becomes their score (noisy-channel reranking:
@@ -285,9 +290,7 @@ class Translator:
         """The recipe's decode section with the caller's non-None arguments, validated like the recipe."""
         values = asdict(self.recipe.decode) | {k: v for k, v in overrides.items() if v is not None}
         decode = recipe_from_dict({"decode": values}).decode
-        if 2 * decode.beam_size > self.tokenizer.vocab_size:  # each step ranks the 2K likeliest tokens of every beam
-            raise RecipeError(f"decode.beam_size: got {decode.beam_size}, expected at most {self.tokenizer.vocab_size // 2} "
-                              f"(half of this model's {self.tokenizer.vocab_size} pieces)")
+        check_beam_size(decode.beam_size, self.tokenizer.vocab_size)
         return decode
 
     def _fits(self, ids: list[int]) -> bool:

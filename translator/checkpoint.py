@@ -13,6 +13,7 @@ training checkpoint as a whole directory, so a crash mid-write leaves the previo
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -25,8 +26,8 @@ from typing import TextIO
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.numpy import load_file as load_arrays, save_file as save_arrays
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load_file as load_arrays, save as arrays_bytes
+from safetensors.torch import load_file, save as tensors_bytes
 
 from .config import Recipe, RecipeError, recipe_from_dict
 from .ensemble import Ensemble
@@ -107,8 +108,8 @@ def _tensors(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def save_weights(model: Transformer, path: Path) -> None:
-    tensors = _tensors(model)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format_version": str(FORMAT_VERSION)}))
+    tensors = tensors_bytes(_tensors(model), metadata={"format_version": str(FORMAT_VERSION)})
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(tensors))
 
 
 def save_model_config(directory: str | Path, recipe: Recipe, tokenizer: Tokenizer) -> None:
@@ -266,12 +267,15 @@ def save_training_checkpoint(
     final = root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        save_file(_tensors(model), tmp / WEIGHTS)
+        # safetensors' bytes, written here: its save_file writes through a temporary file of its own, which is
+        # mode 0600 (unreadable to a service account) and, killed mid-write, left where no cleaning finds it.
+        (tmp / WEIGHTS).write_bytes(tensors_bytes(_tensors(model)))
         optim = optimizer.state_dict()
-        save_file({f"{i}.{name}": value for i, slots in optim["state"].items() for name, value in slots.items()}, tmp / OPTIMIZER)
+        slots = {f"{i}.{name}": value for i, slots in optim["state"].items() for name, value in slots.items()}
+        (tmp / OPTIMIZER).write_bytes(tensors_bytes(slots))
         (tmp / STATE).write_text(json.dumps({**state, "scheduled": scheduled, "optimizer_groups": optim["param_groups"]}), encoding="utf-8")
         if data:
-            save_arrays(data, tmp / DATA)
+            (tmp / DATA).write_bytes(arrays_bytes(data))
         for file in tmp.iterdir():
             _fsync(file)
         _fsync(tmp)  # the files' entries in it, before it is renamed into view
@@ -317,6 +321,35 @@ def _rename_over(new: Path, final: Path) -> None:
     os.rename(new, final)
     _fsync(final.parent)  # make the renames durable
     shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextmanager
+def run_dir_held(run_dir: Path) -> Iterator[Callable[[], None]]:
+    """`run_dir` for this process alone while the block runs: another training process there is refused before
+    it cleans what it would take for a killed run's leftovers, or writes anything. An flock on the folder itself,
+    which the system drops when the process ends, however it ends. Taken now if the folder exists, else by the
+    function the block gets, which a new run calls before its first write (a refused run makes no folder)."""
+    fd = None
+
+    def hold() -> None:
+        nonlocal fd
+        if fd is None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(run_dir, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                fd = None
+                raise RecipeError(f"out_dir: {run_dir} is in use by another training process; let it end, or choose another out_dir") from None
+
+    try:
+        if run_dir.is_dir():
+            hold()
+        yield hold
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def clean_interrupted_writes(run_dir: Path) -> list[str]:

@@ -7,6 +7,7 @@ and a scalar in `out_dir/tensorboard` when tensorboard is installed.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ class RunLog:
         """Open metrics.jsonl for appending, dropping what a killed run logged after its last checkpoint (`up_to_step`)."""
         if self.enabled:
             self.metrics = _reopen(self.out / METRICS, up_to_step)
-            self.board = _tensorboard(self.out)
+            self.board = _tensorboard(self.out, up_to_step)
 
     def say(self, message: str) -> None:
         if self.enabled:
@@ -68,10 +69,14 @@ def _step(line: str) -> float:
     return entry.get("step", float("inf")) if isinstance(entry, dict) else float("inf")
 
 
-def _tensorboard(out: Path):
-    """TensorBoard events in out_dir/tensorboard when tensorboard is installed (it is optional)."""
+def _tensorboard(out: Path, up_to_step: int):
+    """TensorBoard events in out_dir/tensorboard when tensorboard is installed (it is optional). Like metrics.jsonl,
+    they end at the checkpoint a run resumes from (TensorBoard hides the later events of the killed run); a run
+    started afresh drops the events of the one that died before its first checkpoint."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(out / "tensorboard"))
+    if not up_to_step:
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    return SummaryWriter(str(out / "tensorboard"), purge_step=up_to_step + 1 if up_to_step else None)

@@ -15,7 +15,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -26,10 +26,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .api import Translator
+from .api import Translator, check_beam_size
 from .checkpoint import (
     CHECKPOINTS, SPM, WEIGHTS, CheckpointError, average_weights, clean_interrupted_writes, load_data_arrays, load_model_dir,
-    load_recipe_json, load_training_checkpoint, save_model_config, save_training_checkpoint, save_weights, training_checkpoints,
+    load_recipe_json, load_training_checkpoint, run_dir_held, save_model_config, save_training_checkpoint, save_weights, training_checkpoints,
 )
 from .config import Recipe, RecipeError, TrainConfig
 from .data import load_split, texts
@@ -114,9 +114,11 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     """
     device = pick_device(recipe.train.device)
     keep_freed_memory()
-    run, state = setup(resolved(recipe), join(device), device, resume)
-    loop(run, state, progress)
-    return finish(run, state)
+    world = join(device)
+    with run_dir_held(Path(recipe.out_dir)) if world.is_main else nullcontext(lambda: None) as hold:  # one training process a run folder
+        run, state = setup(resolved(recipe), world, device, resume, hold)
+        loop(run, state, progress)
+        return finish(run, state)
 
 
 class Stopped(KeyboardInterrupt):
@@ -129,7 +131,8 @@ class Stopped(KeyboardInterrupt):
 
 # --- setup ---------------------------------------------------------------------------------------
 
-def setup(recipe: Recipe, world: World, device: torch.device, resume: bool) -> tuple[Run, TrainingState]:
+def setup(recipe: Recipe, world: World, device: torch.device, resume: bool, hold: Callable[[], None] = lambda: None) -> tuple[Run, TrainingState]:
+    """`hold()` takes the run folder for this process (`run_dir_held`) before its first write."""
     out, cfg = Path(recipe.out_dir), recipe.train
     bleu_metric(recipe.data.tgt_lang, recipe.evaluate.tokenize)  # a BLEU tokenizer that is not installed fails now, not at validation
     resolve_precision(recipe.decode.precision, device)  # validation decodes at it: int8 on a GPU fails now, too
@@ -141,7 +144,7 @@ def setup(recipe: Recipe, world: World, device: torch.device, resume: bool) -> t
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(recipe.seed)  # the initial weights
     tokenizer, train_batches, valid_batches, valid_pairs = load_data(recipe, world, from_checkpoint=checkpoint is not None, say=say,
-                                                                     start_tokenizer=start_tokenizer)
+                                                                     start_tokenizer=start_tokenizer, hold=hold)
     model = Transformer(recipe.model, tokenizer.vocab_size).to(device)
     if weights is not None:
         model.load_state_dict(weights)
@@ -170,7 +173,8 @@ def setup(recipe: Recipe, world: World, device: torch.device, resume: bool) -> t
     return run, state
 
 
-def load_data(recipe: Recipe, world: World, from_checkpoint: bool, say, start_tokenizer: Tokenizer | None = None
+def load_data(recipe: Recipe, world: World, from_checkpoint: bool, say, start_tokenizer: Tokenizer | None = None,
+              hold: Callable[[], None] = lambda: None,
               ) -> tuple[Tokenizer, TrainBatches | StreamBatches, TrainBatches, datasets.Dataset]:
     """The tokenizer (trained, the run's own when resuming, or `start_tokenizer`: the fine-tuned model's),
     training batches, validation batches and pairs."""
@@ -205,7 +209,9 @@ def load_data(recipe: Recipe, world: World, from_checkpoint: bool, say, start_to
         valid_tokens, report = filter_pairs(tokenize(valid_pairs, tokenizer), recipe.model.max_positions - 1, 0)
         if report.kept < len(valid_pairs):
             say(f"validation loss: {report.kept} of {len(valid_pairs)} pairs ({report.too_long} longer than model.max_positions, {report.empty} empty left out)")
+        check_beam_size(recipe.decode.beam_size, tokenizer.vocab_size)  # now, not at the test split after training
         if world.is_main and not from_checkpoint:  # once the data is known to be usable: a refused run leaves nothing behind
+            hold()
             save_model_config(out, recipe, tokenizer)  # weights only once trained: until then the folder can be started again
     return tokenizer, train_batches, TrainBatches(valid_tokens, cfg.max_tokens, recipe.seed), valid_pairs
 
@@ -345,7 +351,7 @@ def loop(run: Run, state: TrainingState, progress: bool) -> None:
             if scheduled or stop:
                 save_checkpoint(run, state, scheduled)
             window.start += time.perf_counter() - paused  # tokens/s counts training steps, not validations and saves
-            if converged:
+            if converged and not stop:  # a signal during that validation stops the command (130/143), test split untouched
                 run.log.say(f"early stop at step {state.step}: no better validation BLEU in {cfg.patience} validations")
                 break
             if stop:
