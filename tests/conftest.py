@@ -97,7 +97,11 @@ def tiny_translator(tiny_model_dir) -> Translator:
 
 
 @pytest.fixture(scope="session")
-def reverse(tmp_path_factory, toy_corpus) -> Translator:
+def reverse_model_dir(tmp_path_factory, toy_corpus) -> Path:
     """A tiny model of the reverse pair (en to de) on the same corpus: reranking tiny_translator's beam."""
-    out = train_tiny(tmp_path_factory.mktemp("tiny_en_de"), toy_corpus, 100, "data.src_lang=en", "data.tgt_lang=de")
-    return Translator.from_pretrained(out)
+    return train_tiny(tmp_path_factory.mktemp("tiny_en_de"), toy_corpus, 100, "data.src_lang=en", "data.tgt_lang=de")
+
+
+@pytest.fixture(scope="session")
+def reverse(reverse_model_dir) -> Translator:
+    return Translator.from_pretrained(reverse_model_dir)

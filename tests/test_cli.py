@@ -147,6 +147,8 @@ def test_translate_samples_with_a_seed_like_the_api(tiny_model_dir, tiny_transla
     (["--precision", "int4"], "--precision"),
     (["--workers", "0"], "--workers"),
     (["--set", "data.src_lang=en", "--set", "data.tgt_lang=de"], "this model translates de to en, not en to de"),
+    (["--alpha", "1000"], "decode.alpha: got 1000"),
+    (["-o", "."], "--output .: is a folder"),
 ])
 def test_translate_bad_flags_are_usage_errors(tiny_model_dir, flags, named):
     result = cli("translate", tiny_model_dir, *flags, "--quiet", stdin=STDIN)

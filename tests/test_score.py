@@ -10,6 +10,7 @@ from test_errors import assert_usage_error, cli
 from test_search import SENTENCES, encode
 from translator import PairTooLong, Sampling, Translator
 from translator.batching import target_tensors
+from translator.config import RecipeError
 from translator.search import beam_search, forced_log_probs, greedy_search
 
 
@@ -137,10 +138,29 @@ def test_reranking_refuses_a_model_of_another_pair_sampling_and_a_weight_alone(t
         tiny_translator.translate(SENTENCES, rerank=reverse, sampling=Sampling(seed=1))
     with pytest.raises(TypeError, match="expected a Translator of the reverse pair"):
         tiny_translator.translate(SENTENCES, rerank="runs/en_de")
-    with pytest.raises(ValueError, match=r"does not apply to greedy search \(beam_size=1\)"):  # one hypothesis: nothing to re-sort
+    with pytest.raises(RecipeError, match=r"does not apply to greedy search \(beam_size=1\)"):  # one hypothesis: nothing to re-sort
         tiny_translator.translate(SENTENCES, beam_size=1, rerank=reverse)
     with pytest.raises(ValueError, match="rerank_weight: given without rerank="):  # not ignored in silence
         tiny_translator.translate(SENTENCES, rerank_weight=1.0)
+
+
+def test_the_command_line_refuses_reranking_greedy_search_and_gives_the_reverse_model_the_forward_precision(
+        tiny_model_dir, reverse_model_dir):
+    from translator.cli import build_parser, load_translator, reverse_translator
+
+    result = cli("translate", tiny_model_dir, "--beam-size", "1", "--rerank-with", reverse_model_dir, "--quiet", stdin="Ein hund.\n")
+    assert_usage_error(result, "translate", "does not apply to greedy search")
+    for flags in (["--precision", "bf16"], ["--set", "decode.precision=bf16"]):  # a flag, or the recipe's key
+        args = build_parser().parse_args(["translate", str(tiny_model_dir), "--rerank-with", str(reverse_model_dir), *flags])
+        forward = load_translator(args.model_dir, args.set, args.device, args.precision)
+        assert forward.recipe.decode.precision == reverse_translator(args, forward).recipe.decode.precision == "bf16"
+
+
+def test_text_that_is_not_unicode_is_refused_naming_it(tiny_translator):
+    with pytest.raises(ValueError, match=r"translate\(\): item 1 holds '\\ud800' at character 3, a lone surrogate"):
+        tiny_translator.translate(["Ein hund.", "Ein\ud800"])
+    with pytest.raises(ValueError, match=r"score\(\): targets: item 0 holds '\\udcff'"):
+        tiny_translator.score(["Ein hund."], ["A dog.\udcff"])
 
 
 def test_reranking_keeps_the_beams_order_where_the_reverse_model_cannot_read_a_text_whole(tiny_translator, reverse):

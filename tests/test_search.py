@@ -13,6 +13,7 @@ from translator.config import ModelConfig
 from translator.model import Transformer
 from translator.quantize import bf16_model
 from translator.search import (Hypothesis, argmax_rows, beam_search, encode_in_groups, forced_log_probs, greedy_search, length_penalty,
+                               max_output_lengths,
                                max_output_lengths, sample)
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -274,6 +275,17 @@ def test_unseeded_sampling_draws_a_repeated_sentence_apart(tiny_translator):
 def test_top_k_one_sampling_is_greedy(tiny_translator):
     assert tiny_translator.translate(SENTENCES, sampling=Sampling(top_k=1, seed=0)) == tiny_translator.translate(SENTENCES, beam_size=1)
     assert tiny_translator.translate(SENTENCES, sampling=Sampling(top_p=1e-6, seed=0)) == tiny_translator.translate(SENTENCES, beam_size=1)
+
+
+@pytest.mark.parametrize("sampling", [Sampling(temperature=1e-46, seed=0), Sampling(top_p=1e-46, seed=0)], ids=["temperature", "top_p"])
+def test_a_temperature_or_top_p_too_small_for_float32_samples_the_likeliest_token(tiny_translator, sampling):
+    # 1e-46 is 0 in float32: every logit over it was -inf, and top_p kept no token; the draw was the vocabulary's last piece
+    assert tiny_translator.translate(SENTENCES, sampling=sampling) == tiny_translator.translate(SENTENCES, beam_size=1)
+
+
+def test_an_output_length_limit_is_capped_by_the_positions_however_large_max_len_a():
+    src = torch.tensor([[5, 6, 7, PAD_ID], [5, PAD_ID, PAD_ID, PAD_ID]])
+    assert max_output_lengths(src, PAD_ID, 1e308, 10, 64) == [64, 64]  # int(inf) would raise
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])

@@ -71,6 +71,16 @@ def check_reverse_pair(translator: Translator, reverse) -> None:
                           f"{mine.tgt_lang} to {mine.src_lang}, and it translates {theirs.src_lang} to {theirs.tgt_lang}")
 
 
+def check_encodable(texts: list[str], name: str) -> None:
+    """Text that UTF-8 cannot encode (a lone surrogate: JSON's "\\ud800", or bytes decoded with surrogateescape) is refused
+    here, naming it, rather than deep in the tokenizer."""
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{name}: item {i} holds {text[e.start]!r} at character {e.start}, a lone surrogate, not Unicode text") from None
+
+
 def check_beam_size(beam_size: int, vocab_size: int) -> None:
     if 2 * beam_size > vocab_size:  # each step ranks the 2K likeliest tokens of every beam
         raise RecipeError(f"decode.beam_size: got {beam_size}, expected at most {vocab_size // 2} (half of this model's {vocab_size} pieces)")
@@ -180,6 +190,7 @@ class Translator:
         for i, s in enumerate(batch):
             if not isinstance(s, str):
                 raise TypeError(f"translate() takes a str or a list of str; item {i} is {type(s).__name__}: {s!r}")
+        check_encodable(batch, "translate()")
         if n_best is not None and (isinstance(n_best, bool) or not isinstance(n_best, numbers.Integral)):
             raise TypeError(f"n_best: got {n_best!r} ({type(n_best).__name__}), expected an integer or None")
         if return_attention and isinstance(self.model, Ensemble):
@@ -195,8 +206,8 @@ class Translator:
             raise ValueError("rerank_weight: given without rerank=, the reverse model it weighs")
         if rerank is not None:
             check_reverse_pair(self, rerank)
-            if sampling is not None or decode.beam_size == 1:
-                raise ValueError(f"rerank: reranks beam search's hypotheses; it does not apply to "
+            if sampling is not None or decode.beam_size == 1:  # a RecipeError: on the command line, a usage error
+                raise RecipeError(f"rerank: reranks beam search's hypotheses; it does not apply to "
                                  f"{'sampling' if sampling is not None else 'greedy search (beam_size=1)'}")
         searched = decode.beam_size if rerank is not None else k  # reranking sees the whole beam
         scores = n_best is not None or return_attention  # only these return Translations, which carry a score
@@ -225,6 +236,7 @@ class Translator:
         for name, texts in (("sources", sources), ("targets", targets)):
             if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
                 raise TypeError(f"score(): {name} must be a list of str, got {type(texts).__name__}: {texts!r:.80}")
+            check_encodable(texts, f"score(): {name}")
         if len(sources) != len(targets):
             raise ValueError(f"score(): {len(sources)} sources but {len(targets)} targets, expected one target a source")
         decode = self._decode_config(max_tokens=max_tokens, precision=precision)
@@ -239,6 +251,8 @@ class Translator:
     def _score_ids(self, src_ids: list[list[int]], tgt_ids: list[list[int]], decode: DecodeConfig, normalize: bool = False,
                    progress: bool = False) -> list[float]:
         """score() of token ids that fit the model's positions."""
+        if not src_ids:  # nothing to score: no decoding copy built (the service checks options with no sentences)
+            return []
         sizes = np.array([max(len(s), len(t)) + 1 for s, t in zip(src_ids, tgt_ids)], dtype=np.int64)
         model, autocast = self._decoding(self.precision(decode.precision))
         scores = [0.0] * len(src_ids)

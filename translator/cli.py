@@ -111,8 +111,10 @@ def input_file(flag: str, path: str) -> str:
 
 
 def output_path(path: str) -> Path:
-    """--output's path, refused now (before any work) if its folder does not exist."""
+    """--output's path, refused now (before any work) if its folder does not exist, or it is a folder."""
     target = Path(path)
+    if target.is_dir():
+        raise RecipeError(f"--output {path}: is a folder, expected a file to write")
     if not target.parent.is_dir():
         raise RecipeError(f"--output {path}: no such folder {target.parent}")
     return target
@@ -160,7 +162,7 @@ def reverse_translator(args: argparse.Namespace, translator):
         return None
     from .api import check_reverse_pair
 
-    reverse = load_translator(args.rerank_with, [], args.device, args.precision)
+    reverse = load_translator(args.rerank_with, [], args.device, translator.recipe.decode.precision)
     check_reverse_pair(translator, reverse)
     return reverse
 
@@ -191,6 +193,8 @@ def cmd_translate(args: argparse.Namespace) -> int:
     options = translate_options(args)
     if args.input:
         input_file("--input", args.input)
+    if args.output:
+        output_path(args.output)
     translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=not args.quiet, workers=args.workers)
     options["rerank"] = reverse_translator(args, translator)
     beam_size = args.beam_size or translator.recipe.decode.beam_size
@@ -235,6 +239,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .data import DataError
 
     files = {"source": input_file("--source", args.source), "target": input_file("--target", args.target)}
+    if args.output:
+        output_path(args.output)
     translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=not args.quiet)
     with open(args.source, "rb") as sources, open(args.target, "rb") as targets, output_file(args.output) as out, \
             tqdm(desc="scoring", unit=" lines", disable=args.quiet, file=sys.stderr) as bar:
@@ -256,8 +262,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
-    translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=not args.quiet, workers=args.workers)
     output = output_path(args.output) if args.output else None
+    translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=not args.quiet, workers=args.workers)
     scores = evaluate(translator, args.split, translator.recipe.data, args.beam_size, output, progress=not args.quiet,
                       rerank=reverse_translator(args, translator), rerank_weight=args.rerank_weight)
     print(json.dumps(scores.to_dict()) if args.json else str(scores))

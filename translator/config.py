@@ -143,7 +143,7 @@ class DecodeConfig:
     def validate(self) -> None:
         _check(self.beam_size >= 1, "decode.beam_size", self.beam_size, "at least 1")
         _check(self.rerank_weight >= 0, "decode.rerank_weight", self.rerank_weight, "zero or more")
-        _check(self.alpha >= 0, "decode.alpha", self.alpha, "zero or more")
+        _check(0 <= self.alpha <= 10, "decode.alpha", self.alpha, "0 to 10 (past that, the length alone ranks the hypotheses)")
         _check(self.max_len_a >= 0, "decode.max_len_a", self.max_len_a, "zero or more")
         _check(self.max_len_b >= 1, "decode.max_len_b", self.max_len_b, "at least 1")
         _check(self.max_tokens > 0, "decode.max_tokens", self.max_tokens, "a positive integer")

@@ -34,7 +34,7 @@ def max_output_lengths(src: Tensor, pad_id: int, a: float, b: int, limit: int) -
     """Per sentence: a * source_length + b tokens (eos included), capped by the position table; at least 2,
     since the searches end a hypothesis after its first token at the earliest (room for one token and eos)."""
     src_len = (src != pad_id).sum(dim=1).tolist()
-    return [max(2, min(int(a * n + b), limit)) for n in src_len]
+    return [max(2, int(min(a * n + b, limit))) for n in src_len]  # min first: a huge a would overflow int()
 
 
 def length_penalty(length: int, alpha: float) -> float:
@@ -71,7 +71,9 @@ class Sampling:
 
         Inverse transform sampling: each row's token is where its uniform falls in the cumulative
         distribution, so a row's draw depends on its own uniform alone."""
-        logits = logp / self.temperature
+        shifted = logp - logp.amax(dim=-1, keepdim=True)
+        # The likeliest stay at 0 exactly: a temperature that rounds to 0 in float32 gives the others -inf, not every logit NaN.
+        logits = torch.where(shifted == 0, 0.0, shifted / self.temperature)
         if self.top_k:  # by the top k's indices, not "at least the k-th value": tied logits (common in bf16) would let more in
             top = logits.topk(min(self.top_k, logits.size(-1)), dim=-1)
             logits = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
@@ -79,6 +81,7 @@ class Sampling:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             probs = sorted_logits.softmax(dim=-1)
             outside = probs.cumsum(dim=-1) - probs >= self.top_p  # the mass before this token already reached p
+            outside[:, 0] = False  # the likeliest always stays: a top_p that rounds to 0 in float32 would leave none
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
         cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)
         # right=True: a uniform on a step of the cdf goes past tokens of probability 0

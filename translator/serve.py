@@ -36,7 +36,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from .api import Translator
+from .api import Translator, check_encodable
 from .config import RecipeError
 from .search import Sampling
 
@@ -48,6 +48,7 @@ class Limits:
     max_sentences: int = 100  # per request
     max_chars: int = 10_000  # per request, all sentences together
     max_hypotheses: int = 16  # per sentence: the beam, or the samples (alternatives + 1), so no request asks for unbounded work
+    max_attention_pieces: int = 128  # per sentence with `attention: true`: its maps grow with the square of its pieces
 
     @property
     def max_body_bytes(self) -> int:
@@ -207,7 +208,8 @@ def create_app(translator: Translator, limits: Limits = Limits(), batch_wait_ms:
         if not future.done():  # the client left: drop its sentences if they are still waiting
             future.cancel()
             return Response(status_code=499)
-        return JSONResponse(_response(body, future.result(), data.src_lang))
+        # Built off the event loop: attention maps make large responses, and /health must not wait for them.
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: JSONResponse(_response(body, future.result(), data.src_lang)))
 
     return app
 
@@ -224,6 +226,12 @@ def _checked(body: TranslateRequest, translator: Translator, limits: Limits, rer
     chars = sum(map(len, sentences))
     if chars > limits.max_chars:
         raise HTTPException(400, f"q: {chars} characters, over the limit of {limits.max_chars} (--max-chars)")
+    if body.attention:
+        pieces = [len(ids) for ids in translator.tokenizer.encode(sentences)]
+        if max(pieces, default=0) > limits.max_attention_pieces:
+            i = max(range(len(pieces)), key=pieces.__getitem__)
+            raise HTTPException(400, f"attention: sentence {i} has {pieces[i]} pieces, over the {limits.max_attention_pieces} "
+                                     "whose maps a response carries")
     n_best = body.alternatives + 1
     beam_size = body.beam_size
     if beam_size is None and body.sampling is None and n_best > 1:  # alternatives need that many beams
@@ -237,6 +245,7 @@ def _checked(body: TranslateRequest, translator: Translator, limits: Limits, rer
         raise HTTPException(400, f"{field}: {getattr(body, field)} asks for {hypotheses} hypotheses a sentence, "
                                  f"over the limit of {limits.max_hypotheses} (--max-hypotheses)")
     try:
+        check_encodable(sentences, "q")
         sampling = Sampling(**body.sampling.model_dump()) if body.sampling else None
         options = dict(beam_size=beam_size, alpha=body.alpha, n_best=n_best, sampling=sampling, return_attention=body.attention)
         if reranking and sampling is None and (beam_size or translator.recipe.decode.beam_size) > 1:  # a beam search
