@@ -12,6 +12,7 @@ and two of plain text in a local folder, read into the first:
 from __future__ import annotations
 
 import codecs
+import functools
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -238,6 +239,8 @@ def load_split(cfg: DataConfig, split: str, streaming: bool = False) -> datasets
         pairs = to_pairs(dataset, cfg.src_lang, cfg.tgt_lang)
     except DataError as e:
         raise DataError(f"{source}: {e}") from None
+    if isinstance(pairs, datasets.IterableDataset):  # a stream cannot be checked up front: each row as it is read
+        pairs = pairs.map(functools.partial(_check_row, source=source, languages=(cfg.src_lang, cfg.tgt_lang)), with_indices=True)
     if whole_through_stream:
         pairs = datasets.Dataset.from_list(list(pairs))
     if isinstance(pairs, datasets.Dataset):
@@ -257,8 +260,19 @@ def _check_text(pairs: datasets.Dataset, source: str, languages: tuple[str, str]
             continue  # all text: nothing to read
         for row, value in enumerate(pairs[column]):
             if problem := datafiles.not_text(value, language):
-                where = f"line {datafiles.line_of_row(source, row)}" if source.endswith(".jsonl") else f"row {row + 1}"
-                raise DataError(f"{source}, {where}: {problem}")
+                raise DataError(f"{source}, {_where(source, row)}: {problem}")
+
+
+def _check_row(pair: dict, row: int, source: str, languages: tuple[str, str]) -> dict:
+    for column, language in zip(("src", "tgt"), languages):
+        if problem := datafiles.not_text(pair[column], language):
+            raise DataError(f"{source}, {_where(source, row)}: {problem}")
+    return pair
+
+
+def _where(source: str, row: int) -> str:
+    """Row `row` (0-based) of a split, as its user would find it: a JSON Lines file's line, else its row from 1."""
+    return f"line {datafiles.line_of_row(source, row)}" if source.endswith(".jsonl") else f"row {row + 1}"
 
 
 def to_pairs(dataset: datasets.Dataset | datasets.IterableDataset, src_lang: str, tgt_lang: str):

@@ -198,6 +198,7 @@ def load_data(recipe: Recipe, world: World, from_checkpoint: bool, say, start_to
         say(f"tokenizer: SentencePiece {tok.model_type}, {tokenizer.vocab_size} pieces")
         if data.streaming:
             train_batches = StreamBatches(train_pairs, tokenizer, cfg.max_tokens, recipe.seed, data.max_len, data.max_ratio)
+            next(train_batches.from_position({}))  # a batch, or the error that none passes the filters: before anything is written
             say("filter: applied to each pool as the stream is read")
         else:
             train_tokens, report = training_pairs(train_pairs, tokenizer, data)
