@@ -349,6 +349,14 @@ def test_translation_dicts_of_other_languages_a_row_are_read_by_each_rows_keys(t
         load_split(DataConfig(path=str(tmp_path), tgt_lang="cs"), "train")
 
 
+def test_a_large_json_lines_file_whose_later_lines_have_other_keys_names_the_first(tmp_path):
+    row = json.dumps({"de": "Ein Hund läuft über die Wiese.", "en": "A dog runs across the meadow."}) + "\n"
+    n = 11_000_000 // len(row.encode()) + 1  # past the 10 MB block datasets reads first
+    (tmp_path / "train.jsonl").write_text(row * n + json.dumps({"de": "a", "en": "b", "fr": "c"}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"train\.jsonl, line {n + 1}: its keys \(de, en, fr\) differ from the first line's \(de, en\)"):
+        load_split(DataConfig(path=str(tmp_path)), "train")
+
+
 def test_a_json_lines_error_after_a_byte_order_mark_names_its_line(tmp_path):
     (tmp_path / "train.jsonl").write_bytes(b'\xef\xbb\xbf{"de": "a", "en": "b"}\n{"de": "c", "en": "d"}\n{"de": "e" "en": "f"}\n')
     with pytest.raises(DataError, match=r"train\.jsonl, line 3: not valid JSON"):

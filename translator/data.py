@@ -84,6 +84,8 @@ def _load_local(builder: str, file: str, streaming: bool, languages: tuple[str, 
             return datasets.load_dataset(builder, data_files=file, split="train", streaming=streaming, **options)
     except (datasets.exceptions.DatasetGenerationError, ValueError) as e:  # e.g. a number among strings, or a broken line
         problem = datafiles.first_unreadable_json_line(file, languages) if file.endswith(".jsonl") else None
+        if not problem and file.endswith(".jsonl") and "column names don't match" in str(e.__cause__ or e):
+            problem = datafiles.first_line_of_other_keys(file)
         raise DataError(problem or f"{file}: cannot be read as {builder} ({_one_line(e.__cause__ or e)})") from None
 
 

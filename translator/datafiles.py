@@ -68,6 +68,19 @@ def first_unreadable_json_line(file: str, languages: tuple[str, str]) -> str | N
     return None
 
 
+def first_line_of_other_keys(file: str) -> str | None:
+    """The first line of a JSON Lines file (of valid lines) whose keys differ from the first line's: `datasets` reads
+    such a file in blocks of 10 MB, and refuses a block whose columns differ from the first block's."""
+    with open(file, encoding="utf-8-sig") as f:
+        rows = ((number, json.loads(line)) for number, line in enumerate(f, start=1) if line.strip())
+        first = sorted(next(rows, (0, {}))[1])
+        for number, row in rows:
+            if sorted(row) != first:
+                return (f"{file}, line {number}: its keys ({', '.join(sorted(row))}) differ from the first line's ({', '.join(first)}); "
+                        "a file this large is read in blocks that must share their keys: give every line the same keys (a missing text can be null)")
+    return None
+
+
 def not_text(value, language: str) -> str | None:
     """A cell that is neither text nor missing (missing is an empty side, which the filter drops)."""
     if value is None or isinstance(value, str):
