@@ -25,6 +25,33 @@ def test_plot_cli_and_a_directory_without_metrics(tiny_model_dir, tmp_path):
         plot_run(tmp_path)
 
 
+def test_plot_without_a_suffix_writes_and_names_a_png_and_refuses_a_folder(tiny_model_dir, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "translator", "plot", str(tiny_model_dir), "-o", str(tmp_path / "c")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == str(tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (tmp_path / "c").exists()
+    folder = subprocess.run([sys.executable, "-m", "translator", "plot", str(tiny_model_dir), "-o", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert folder.returncode == 2 and "is a folder" in folder.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png"]
+
+
+def test_a_plot_that_fails_while_writing_leaves_the_previous_figure(tiny_model_dir, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    out = plot_run(tiny_model_dir, tmp_path / "curves.png")
+    before = out.read_bytes()
+
+    def full_disk(self, fname, **kwargs):
+        open(fname, "wb").write(b"\x89PNG")  # a few bytes, then the disk is full
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        plot_run(tiny_model_dir, out)
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+
+
 def test_tensorboard_events_are_written_when_tensorboard_is_installed(tiny_model_dir):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

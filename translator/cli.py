@@ -304,10 +304,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if not args.attention:
         if args.sentence is not None:
             raise RecipeError(f"translator plot RUN takes no sentence (got {args.sentence!r}); for attention maps: translator plot --attention MODEL_DIR SENTENCE")
-        print(plot_run(args.run_dir, args.output))
+        print(plot_run(args.run_dir, args.output and output_path(args.output)))
         return 0
     if args.sentence is None or not args.sentence.strip():
         raise RecipeError("translator plot --attention MODEL_DIR SENTENCE: the sentence is missing or blank")
+    output = output_path(args.output or "attention.png")
     translator = load_translator(args.run_dir, args.set)
     heads = translator.recipe.model.n_heads
     if args.head != "mean" and not (args.head.isdigit() and 1 <= int(args.head) <= heads):
@@ -315,7 +316,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     translation = translator.translate(args.sentence, beam_size=args.beam_size, return_attention=True)
     head = None if args.head == "mean" else int(args.head) - 1
     title = f"{args.sentence} -> {translation.text}"
-    print(plot_attention(translation.attention, args.output or "attention.png", head, title))
+    print(plot_attention(translation.attention, output, head, title))
     return 0
 
 

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from .attention_maps import AttentionMaps
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, atomic_write
+from .config import RecipeError
 
 
 def _pyplot():
@@ -40,10 +41,7 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     lr_ax.set_xlabel("step")
     figure.suptitle(run_dir.name)
     figure.tight_layout()
-    output = Path(output) if output else run_dir / "curves.png"
-    figure.savefig(output, dpi=100)
-    plt.close(figure)
-    return output
+    return _save(plt, figure, output or run_dir / "curves.png")
 
 
 def plot_attention(maps: AttentionMaps, output: str | Path, head: int | None = None, title: str = "") -> Path:
@@ -66,9 +64,22 @@ def plot_attention(maps: AttentionMaps, output: str | Path, head: int | None = N
             ax.set_title(f"{panel}, layer {layer + 1}", fontsize=10)
     figure.suptitle(f"{title}  ({'mean over heads' if head is None else f'head {head + 1}'})", fontsize=10)
     figure.tight_layout()
-    figure.savefig(output, dpi=100)
-    plt.close(figure)
-    return Path(output)
+    return _save(plt, figure, output)
+
+
+def _save(plt, figure, output: str | Path) -> Path:
+    """The figure at `output` in the format its suffix names (none: .png, added), written whole or not at all
+    (a full disk or Ctrl-C leaves the previous figure as it was). Returns the path written."""
+    path = Path(output)
+    path = path if path.suffix else path.with_name(path.name + ".png")
+    kind = path.suffix[1:].lower()
+    try:
+        if kind not in figure.canvas.get_supported_filetypes():
+            raise RecipeError(f"{path}: matplotlib writes no {kind!r} files; name a .png, .pdf or .svg")
+        atomic_write(path, lambda tmp: figure.savefig(tmp, format=kind, dpi=100))
+    finally:
+        plt.close(figure)
+    return path
 
 
 def _read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
