@@ -591,6 +591,8 @@ BATTERY = [
     ("average-into-a-model", lambda tmp, m: ["average", m, m, "-o", model_copy_with(m, tmp, lambda d: None)], ["{tmp}/model already holds a model"]),
     ("average-across-vocabularies", lambda tmp, m: ["average", m, model_copy_with(m, tmp, with_another_sentencepiece), "-o", tmp / "out"],
      ["{tmp}/model: its run's SentencePiece model differs from", "only one run's checkpoints"]),
+    ("average-across-runs", lambda tmp, m: ["average", m, model_copy_with(m, tmp, lambda d: edit_config(d, lambda c: c["recipe"].update(seed=99))),
+                                            "-o", tmp / "out"], ["{tmp}/model: its run started from seed 99's initial weights", "only one run's"]),
     ("average-not-a-checkpoint", lambda tmp, m: ["average", write_bytes(tmp / "step_1" / "x", b"").parent, "-o", tmp / "out"],
      ["{tmp}/step_1: neither a model directory nor a training checkpoint"]),
     ("plot-no-metrics", lambda tmp, m: ["plot", tmp / "run"], ["{tmp}/run/metrics.jsonl: no metrics to plot"]),

@@ -424,6 +424,12 @@ def _model_dir_of(directory: Path) -> Path:
     return source
 
 
+def _start(recipe: Recipe) -> str:
+    """Where a run's weights started: the model it fine-tuned, or the initial weights its seed drew. Runs from different
+    starts hold their features in different units: their mean is no model (the SentencePiece model of two seeds is the same)."""
+    return f"the model {recipe.train.init_from}" if recipe.train.init_from else f"seed {recipe.seed}'s initial weights"
+
+
 def save_averaged(directories: list[Path], out: Path) -> None:
     """A model directory whose weights average `directories`; config and tokenizer from the first one's run.
     `out` must not hold a model already: averaging never overwrites one."""
@@ -432,10 +438,13 @@ def save_averaged(directories: list[Path], out: Path) -> None:
     first, source = Path(directories[0]), _model_dir_of(directories[0])
     recipe = load_recipe_json(source)
     tokenizer = _load_tokenizer(source / SPM)
-    for directory in directories[1:]:  # same shapes under another vocabulary would average into nonsense, silently
+    for directory in directories[1:]:  # same shapes under another vocabulary, or from another start, average into nonsense, silently
         if _load_tokenizer(_model_dir_of(directory) / SPM).model_proto != tokenizer.model_proto:
             raise CheckpointError(f"{directory}: its run's SentencePiece model differs from {first}'s; "
                                   "only one run's checkpoints can be averaged")
+        if (start := _start(load_recipe_json(_model_dir_of(directory)))) != _start(recipe):
+            raise CheckpointError(f"{directory}: its run started from {start}, {first}'s from {_start(recipe)}; only one run's "
+                                  "checkpoints can be averaged, or models fine-tuned from the same model")
     model = Transformer(recipe.model, tokenizer.vocab_size)
     _load_weights(model, average_weights(directories), first / WEIGHTS, str(source / CONFIG))
     save_model_dir(out, model, recipe, tokenizer)
