@@ -74,8 +74,10 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         _fsync(Path(tmp))
         plain_mode(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # a full disk's error names no file
+            raise OSError(e.errno, f"{e.strerror or e}: writing {path} (what was there before is as it was)") from e
         raise
     _fsync(path.parent)  # make the rename itself durable
 
@@ -281,8 +283,10 @@ def save_training_checkpoint(
         _fsync(tmp)  # the files' entries in it, before it is renamed into view
         plain_mode(tmp)
         _rename_over(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk's error names no file
+            raise OSError(e.errno, f"{e.strerror or e}: writing {final} (the checkpoints before it are whole)") from e
         raise
     for stop in [p for p in training_checkpoints(run_dir) if p < final and not _scheduled(p)]:
         _discard(stop)
@@ -329,6 +333,8 @@ def run_dir_held(run_dir: Path) -> Iterator[Callable[[], None]]:
     it cleans what it would take for a killed run's leftovers, or writes anything. An flock on the folder itself,
     which the system drops when the process ends, however it ends. Taken now if the folder exists, else by the
     function the block gets, which a new run calls before its first write (a refused run makes no folder)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RecipeError(f"out_dir: {run_dir} is a file, expected the run's folder")
     fd = None
 
     def hold() -> None:
@@ -435,6 +441,8 @@ def save_averaged(directories: list[Path], out: Path) -> None:
     `out` must not hold a model already: averaging never overwrites one."""
     if (Path(out) / CONFIG).exists() or (Path(out) / WEIGHTS).exists():
         raise CheckpointError(f"{out} already holds a model; choose another output directory")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise CheckpointError(f"{out} is a file; averaging writes a model directory")
     first, source = Path(directories[0]), _model_dir_of(directories[0])
     recipe = load_recipe_json(source)
     tokenizer = _load_tokenizer(source / SPM)
