@@ -219,9 +219,10 @@ def test_cli_evaluate_unknown_split_names_it_and_the_splits_there(tiny_model_dir
     assert "splits there: test, train, validation" in line
 
 
-def test_cli_evaluate_missing_language_column_names_the_columns_found(tiny_model_dir):
-    line = assert_usage_error(cli("evaluate", tiny_model_dir, "--set", "data.src_lang=fr", "--quiet"), "evaluate", "'fr'")
-    assert "columns: de, en" in line
+def test_cli_evaluate_missing_language_column_names_the_columns_found(tiny_model_dir, tmp_path):
+    data = toy_data(tmp_path, test_jsonl=b'{"de": "Ein hund.", "fr": "Un chien."}\n')
+    line = assert_usage_error(cli("evaluate", tiny_model_dir, "--set", f"data.path={data}", "--quiet"), "evaluate", "'en'")
+    assert "columns: de, fr" in line
 
 
 def test_cli_evaluate_bad_override_exits_2_naming_the_key(tiny_model_dir):
