@@ -252,6 +252,14 @@ def test_ints_are_accepted_for_floats():
         (["decode.rerank_weight=-0.5"], "decode.rerank_weight"),
         (["data.subword_sampling=1.5"], "data.subword_sampling"),
         (["data.subword_sampling=0.3", "data.streaming=true"], "data.subword_sampling"),
+        # values that validated and then failed deep inside, after the data had loaded (or a model directory would not load)
+        (["model.d_model=33", "model.n_heads=3"], "model.d_model"),  # odd: the position table pairs sines and cosines
+        (["model.max_positions=1000000000000"], "model.max_positions"),
+        (["tokenizer.character_coverage=0.97"], "tokenizer.character_coverage"),  # SentencePiece takes [0.98, 1]
+        (["tokenizer.vocab_size=1099511627776"], "tokenizer.vocab_size"),
+        (["tokenizer.input_sentence_size=18446744073709551616"], "tokenizer.input_sentence_size"),
+        (["train.threads=2147483648"], "train.threads"),
+        ([f"decode.rerank_weight=1{'0' * 400}"], "decode.rerank_weight"),  # float() of it would overflow
     ],
 )
 def test_out_of_range_names_the_key(overrides, key):

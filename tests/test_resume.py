@@ -128,6 +128,13 @@ def test_a_run_folder_in_use_by_another_training_process_is_refused_untouched(tm
         pass
 
 
+def test_a_tilde_in_out_dir_is_the_home_folder(tmp_path, toy_corpus, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # a YAML recipe's "~/runs/x" reaches no shell
+    monkeypatch.chdir(tmp_path)
+    train(load_recipe(TINY_RECIPE, [f"data.path={toy_corpus}", "out_dir=~/run", "train.max_steps=2", "train.valid_every=2"]), progress=False)
+    assert (tmp_path / "home" / "run" / WEIGHTS).is_file() and not (tmp_path / "~").exists()
+
+
 def test_a_signal_during_the_validation_that_stops_early_still_stops_the_command(tmp_path, toy_corpus, monkeypatch):
     training = sys.modules["translator.train"]  # the module (the package's `train` is the function)
 

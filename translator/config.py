@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
+import sys
 import types
 import typing
 from collections.abc import Hashable
@@ -56,10 +56,11 @@ class TokenizerConfig:
     input_sentence_size: int = 2_000_000  # sentences sampled to train SentencePiece (bounds its memory)
 
     def validate(self) -> None:
-        _check(self.vocab_size >= 8, "tokenizer.vocab_size", self.vocab_size, "at least 8")
-        _check(0 < self.character_coverage <= 1, "tokenizer.character_coverage", self.character_coverage, "in (0, 1]")
-        _check(self.input_sentence_size > 100, "tokenizer.input_sentence_size", self.input_sentence_size,
-               "over 100 sentences (SentencePiece's least)")
+        _check(8 <= self.vocab_size < 2**31, "tokenizer.vocab_size", self.vocab_size, "at least 8 (and under 2**31)")
+        _check(0.98 <= self.character_coverage <= 1, "tokenizer.character_coverage", self.character_coverage,
+               "in [0.98, 1] (SentencePiece's range)")
+        _check(100 < self.input_sentence_size < 2**31, "tokenizer.input_sentence_size", self.input_sentence_size,
+               "over 100 sentences (SentencePiece's least) and under 2**31")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ class ModelConfig:
         for key in ("d_model", "n_heads", "d_ff", "encoder_layers", "decoder_layers", "max_positions"):
             _check(getattr(self, key) > 0, f"model.{key}", getattr(self, key), "a positive integer")
         _check(self.d_model % self.n_heads == 0, "model.d_model", self.d_model, f"a multiple of model.n_heads={self.n_heads}")
+        _check(self.d_model % 2 == 0, "model.d_model", self.d_model, "an even number (the position table pairs a sine and a cosine)")
+        _check(self.max_positions <= 65_536, "model.max_positions", self.max_positions, "at most 65,536 (a table row a position)")
         for key in ("dropout", "attention_dropout", "activation_dropout"):
             _check(0 <= getattr(self, key) < 1, f"model.{key}", getattr(self, key), "in [0, 1)")
 
@@ -121,7 +124,7 @@ class TrainConfig:
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "in [0, 1)")
         _check(self.clip_norm >= 0, "train.clip_norm", self.clip_norm, "zero (off) or more")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "zero (off) or more")
-        _check(self.threads is None or self.threads > 0, "train.threads", self.threads, "a positive integer or null")
+        _check(self.threads is None or 0 < self.threads <= 4096, "train.threads", self.threads, "1 to 4096, or null")
         _check(self.rdrop_alpha >= 0, "train.rdrop_alpha", self.rdrop_alpha, "zero (off) or more")
         _check(self.patience is None or self.patience > 0, "train.patience", self.patience, "a positive integer or null")
         _check(self.average_last == 0 or 2 <= self.average_last <= self.keep_checkpoints, "train.average_last",
@@ -225,9 +228,9 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             except ValueError:
                 pass
         # No key means anything by infinity or NaN (off is 0 or null), and `nan > 0` is False: every range check would pass it.
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max:  # an int past it would overflow float()
             return float(value)
-        raise RecipeError(f"{key}: got {value!r}, expected a finite number")
+        raise RecipeError(f"{key}: got {value!r:.40}, expected a finite number")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -114,9 +114,9 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     """
     device = pick_device(recipe.train.device)
     keep_freed_memory()
-    world = join(device)
+    world, recipe = join(device), resolved(recipe)
     with run_dir_held(Path(recipe.out_dir)) if world.is_main else nullcontext(lambda: None) as hold:  # one training process a run folder
-        run, state = setup(resolved(recipe), world, device, resume, hold)
+        run, state = setup(recipe, world, device, resume, hold)
         loop(run, state, progress)
         return finish(run, state)
 
@@ -241,7 +241,9 @@ def sentences(pairs: datasets.Dataset) -> Iterator[str]:
 
 
 def resolved(recipe: Recipe) -> Recipe:
-    """The recipe as the model directory stores it: a local data folder and the model fine-tuned become absolute paths."""
+    """The recipe as the model directory stores it: a local data folder and the model fine-tuned become absolute paths,
+    and a ~ in out_dir the home folder (a YAML recipe has no shell to expand it)."""
+    recipe = replace(recipe, out_dir=str(Path(recipe.out_dir).expanduser()))
     path = Path(recipe.data.path).expanduser()
     if path.is_dir():
         recipe = replace(recipe, data=replace(recipe.data, path=str(path.resolve())))
