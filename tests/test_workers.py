@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -120,6 +121,24 @@ def test_sigterm_and_ctrl_c_to_the_process_group_leave_the_workers_to_their_pare
     assert set(translator.translate(SENTENCES * 2, beam_size=1)) == pids  # the same processes, not replacements
     translator.close()
     assert not any(alive(pid) for pid in pids)
+
+
+def test_a_call_interrupted_by_ctrl_c_kills_its_workers(tiny_translator, monkeypatch):
+    """Ctrl-C in the caller while the workers decode: answers may be left in their pipes, so they go."""
+    translator = with_two_workers(tiny_translator)
+
+    def pid_or_stall(sources, **options):  # a share of one sentence answers at once; a longer one stalls
+        if len(sources) > 1:
+            time.sleep(60)
+        return [[Translation(str(os.getpid()), 0.0)] for _ in sources]
+
+    monkeypatch.setattr(translator, "_translate", pid_or_stall)
+    pids = set(translator.translate(SENTENCES[:2], beam_size=1))
+    ctrl_c = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    ctrl_c.start()
+    with pytest.raises(KeyboardInterrupt):
+        translator.translate(SENTENCES * 2, beam_size=1)
+    assert len(pids) == 2 and not any(alive(pid) for pid in pids)
 
 
 def test_workers_hold_no_copy_of_the_parents_sockets(tiny_translator, monkeypatch):
