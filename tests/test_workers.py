@@ -168,14 +168,21 @@ def test_a_worker_that_died_is_replaced_at_the_next_call(tiny_translator, monkey
     translator.close()
 
 
-def test_an_error_that_does_not_pickle_still_reaches_the_caller_in_words(tiny_translator, monkeypatch):
-    class Unpicklable(Exception):
-        def __reduce__(self):
-            raise TypeError("no pickling")
+class NeedsTwoArguments(Exception):  # pickles, then fails to unpickle: __init__ gets the message alone
+    def __init__(self, what: str, where: int):
+        super().__init__(f"{what} at {where}")
 
+
+class Unpicklable(Exception):
+    def __reduce__(self):
+        raise TypeError("no pickling")
+
+
+@pytest.mark.parametrize("error", [Unpicklable("the model broke"), NeedsTwoArguments("the model broke", 3)], ids=["pickle", "unpickle"])
+def test_an_error_that_does_not_cross_the_pipe_still_reaches_the_caller_in_words(tiny_translator, monkeypatch, error):
     translator = with_two_workers(tiny_translator)
     def fail(sentences, **options):
-        raise Unpicklable("the model broke")
+        raise error
 
     monkeypatch.setattr(translator, "_translate", fail)
     with pytest.raises(RuntimeError, match="in a decoding worker: .*the model broke"):

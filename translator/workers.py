@@ -7,7 +7,7 @@ threads in one process leave each other idle; two processes of one thread each d
 holds the `Translator`: they start at once with its model in memory, and only sentences and
 translations travel through their pipes. They stay for the next call, with their kernels and
 memory warm, until the weights change, a call is interrupted or loses a worker, or `close()`
-(an error raised inside a worker comes back as itself and leaves them running); every way out kills them, so
+(an error raised inside a worker comes back as itself, or in words if it cannot cross a pipe, and leaves them running); every way out kills them, so
 nothing outlives the parent. Forking is Linux's (and macOS's) start method, and CPU-only: CUDA
 does not survive a fork.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import signal
 import stat
 import weakref
@@ -44,12 +45,19 @@ def _serve(translator, threads: int, pipe) -> None:
             return
         try:
             answer = True, translator._translate(sources, **options)
-        except Exception as e:  # the caller raises it, as one process would have
-            answer = False, e
-        try:
-            pipe.send(answer)
-        except Exception:  # an exception that does not pickle (send writes nothing then): its words still do
-            pipe.send((False, RuntimeError(f"in a decoding worker: {answer[1]!r}")))
+        except Exception as e:  # the caller raises it, as one process would have, if it crosses the pipe whole
+            answer = False, e if _crosses_a_pipe(e) else RuntimeError(f"in a decoding worker: {e!r}")
+        pipe.send(answer)
+
+
+def _crosses_a_pipe(error: Exception) -> bool:
+    """Whether `error` pickles and unpickles: an exception whose __init__ takes other arguments than its
+    message pickles, then fails to unpickle in the caller, where it would take the workers down."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return True
+    except Exception:
+        return False
 
 
 def _close_inherited_sockets(keep: int) -> None:
