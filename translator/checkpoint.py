@@ -13,7 +13,6 @@ training checkpoint as a whole directory, so a crash mid-write leaves the previo
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -76,10 +75,15 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):  # a full disk's error names no file
-            raise OSError(e.errno, f"{e.strerror or e}: writing {path} (what was there before is as it was)") from e
-        raise
+        _raise_naming(e, path, "what was there before is as it was")
     _fsync(path.parent)  # make the rename itself durable
+
+
+def _raise_naming(error: BaseException, path: Path, kept: str):
+    """Raise `error` again; an OSError (a full disk's names no file) as one that names `path` and what stayed whole."""
+    if isinstance(error, OSError):
+        raise OSError(error.errno, f"{error.strerror or error}: writing {path} ({kept})") from error
+    raise error
 
 
 @contextmanager
@@ -285,9 +289,7 @@ def save_training_checkpoint(
         _rename_over(tmp, final)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):  # a full disk's error names no file
-            raise OSError(e.errno, f"{e.strerror or e}: writing {final} (the checkpoints before it are whole)") from e
-        raise
+        _raise_naming(e, final, "the checkpoints before it are whole")
     for stop in [p for p in training_checkpoints(run_dir) if p < final and not _scheduled(p)]:
         _discard(stop)
     best = root / f"step_{best_step:08d}" if best_step is not None else None
@@ -339,6 +341,10 @@ def run_dir_held(run_dir: Path) -> Iterator[Callable[[], None]]:
 
     def hold() -> None:
         nonlocal fd
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): the folder is not held
+            return
         if fd is None:
             run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(run_dir, os.O_RDONLY)

@@ -61,7 +61,7 @@ def first_unreadable_json_line(file: str, languages: tuple[str, str]) -> str | N
                 return f"{file}, line {number}: not valid JSON ({e.msg} at column {e.colno})"
             if not isinstance(row, dict):
                 return f"{file}, line {number}: expected a JSON object of {{language: text}}, got {type(row).__name__}"
-            texts = row.get("translation") or {} if "translation" in row else row
+            texts = row["translation"] if isinstance(row.get("translation"), dict) else row
             for language in languages:
                 if (problem := not_text(texts.get(language), language)):
                     return f"{file}, line {number}: {problem}"
