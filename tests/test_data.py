@@ -315,8 +315,8 @@ def test_a_csv_with_unnamed_columns_loads(tmp_path):
 
 
 def test_a_csv_with_an_unclosed_quote_names_the_file(tmp_path):
-    (tmp_path / "train.csv").write_text('de,en\n"Ein Hund.,A dog.\n', encoding="utf-8")
-    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}/train\.csv: cannot be read as csv"):
+    (tmp_path / "train.csv").write_text('de,en\nEin Mann.,A man.\n"Ein Hund.,A dog.\nEine Katze.,A cat.\n', encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}/train\.csv: cannot be read as csv \(a quote opened on line 3 is never closed"):
         load_split(DataConfig(path=str(tmp_path)), "train")
 
 
@@ -360,6 +360,16 @@ def test_a_large_json_lines_file_whose_later_lines_have_other_keys_names_the_fir
 def test_a_json_lines_error_after_a_byte_order_mark_names_its_line(tmp_path):
     (tmp_path / "train.jsonl").write_bytes(b'\xef\xbb\xbf{"de": "a", "en": "b"}\n{"de": "c", "en": "d"}\n{"de": "e" "en": "f"}\n')
     with pytest.raises(DataError, match=r"train\.jsonl, line 3: not valid JSON"):
+        load_split(DataConfig(path=str(tmp_path)), "train")
+
+
+@pytest.mark.parametrize("content, line, cells", [
+    ('de,en\nEin Hund.,A dog.\nEin Mann\nläuft.,A man runs.\n', 3, 1),  # a line break inside an unquoted cell
+    ('de,en,fr\n"Ein\nHund.",A dog.,Un chien.\n\nEine Katze.,A cat.\n', 5, 2),  # a quoted line break is one cell; blank lines are skipped
+])
+def test_a_csv_row_of_fewer_cells_than_the_header_names_its_line(tmp_path, content, line, cells):
+    (tmp_path / "train.csv").write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}/train\.csv, line {line}: {cells} cell\(s\) where the header has"):
         load_split(DataConfig(path=str(tmp_path)), "train")
 
 
@@ -676,6 +686,22 @@ def streamed(tmp_path_factory):
     assert isinstance(pairs, datasets.IterableDataset)
     tokenizer = Tokenizer.train([r[k] for r in data for k in ("de", "en")], vocab_size=80)
     return StreamBatches(pairs, tokenizer, max_tokens=96, seed=3, max_len=64, max_ratio=0, pool_size=70, shuffle_buffer=32), data, tokenizer
+
+
+def test_a_broken_line_met_late_in_a_stream_names_the_file_and_line(tmp_path):
+    # datasets reads the first 10 MB block to start the stream; a broken line past it fails only as it is read
+    row = json.dumps({"de": "Ein Hund läuft über die Wiese.", "en": "A dog runs across the meadow."}) + "\n"
+    n = 11_000_000 // len(row.encode()) + 1
+    (tmp_path / "train.jsonl").write_text(row * n + '{"de": "Ein Hund.", "en": \n' + row * 10, encoding="utf-8")
+    cfg = DataConfig(path=str(tmp_path), streaming=True)
+    message = rf"^{re.escape(str(tmp_path))}/train\.jsonl, line {n + 1}: not valid JSON"
+    with pytest.raises(DataError, match=message):  # a split read whole through a stream (validation, test)
+        load_split(cfg, "train")
+    tokenizer = Tokenizer.train(["Ein Hund läuft über die Wiese.", "A dog runs across the meadow."] * 50, vocab_size=40)
+    batches = StreamBatches(load_split(cfg, "train", streaming=True), tokenizer, max_tokens=4096, seed=1, max_len=64, max_ratio=0,
+                            pool_size=1_000_000, source=str(tmp_path / "train.jsonl"))
+    with pytest.raises(DataError, match=message):  # the training stream
+        next(batches.from_position({}))
 
 
 def epoch_of(stream: StreamBatches, epoch: int) -> list[tuple[dict, Batch]]:

@@ -76,6 +76,8 @@ def test_export_command_writes_once_and_a_failure_changes_nothing(tiny_model_dir
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert_usage_error(cli("export", tiny_model_dir, "--to", "ctranslate2", tmp_path / "other", "--quantization", "int3"), "export", "int3")
     assert_usage_error(cli("export", tmp_path / "no_model", "--to", "ctranslate2", tmp_path / "other"), "export", "no_model")
+    assert_usage_error(cli("export", tiny_model_dir, tiny_model_dir, "--to", "ctranslate2", tmp_path / "other"),
+                       "export", "takes one model directory", "got 3 paths", "not an ensemble")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct2"]  # no staging directory left behind
 
 

@@ -130,7 +130,7 @@ def test_languages_and_health_name_the_models_pair(client):
         (b'{"q": "x", "source": "de", "target": "en", "alpha": "big"}', 400, ["alpha"]),
         (b'{"q": "x", "source": "de", "target": "en", "alpha": 1000}', 400, ["alpha: got 1000", "0 to 10"]),  # not an overflow's 500
         (b'{"q": ["x", "\\ud800"], "source": "de", "target": "en"}', 400, ["q: item 1", "lone surrogate"]),
-        (json.dumps({"q": "x " * 180, "attention": True, **PAIR}).encode(), 400, ["attention: sentence 0 has", "over the 128"]),
+        (json.dumps({"q": "x " * 100, "attention": True, **PAIR}).encode(), 400, ["attention: sentence 0 has", "over the 128"]),
         (b'{"q": "x", "source": "de", "target": "en", "sampling": {"top_p": 1.5}}', 400, ["sampling.top_p: got 1.5"]),
         (b'{"q": ["x", "x", "x", "x", "x", "x", "x", "x", "x"], "source": "de", "target": "en"}', 400, ["9 sentences", "limit of 8", "--max-sentences"]),
         (json.dumps({"q": "x" * 401, **PAIR}).encode(), 400, ["401 characters", "limit of 400", "--max-chars"]),
@@ -148,6 +148,22 @@ def test_bad_requests_get_one_line_json_errors_and_the_server_goes_on(client, bo
     error = answer.json()["error"]
     assert "\n" not in error and all(w in error for w in words), error
     assert client.post("/translate", json={"q": "Ein hund.", **PAIR}).status_code == 200
+
+
+def test_a_sentence_longer_than_the_models_positions_is_refused_not_cut(tiny_translator):
+    limit = tiny_translator.recipe.model.max_positions
+    pieces = lambda text: len(tiny_translator.tokenizer.encode([text])[0])  # noqa: E731
+    words = ["hund"] * limit
+    while pieces(" ".join(words)) > limit - 1:  # the longest sentence that fits, with its end-of-sentence token
+        words.pop()
+    fits = " ".join(words)
+    with TestClient(create_app(tiny_translator, Limits(max_chars=100_000))) as c:
+        answer = c.post("/translate", json={"q": [SENTENCES[0], fits], **PAIR})
+        assert answer.status_code == 200 and answer.json() == {"translatedText": tiny_translator.translate([SENTENCES[0], fits])}
+        answer = c.post("/translate", json={"q": [SENTENCES[0], fits + " hund hund"], **PAIR})
+        assert answer.status_code == 400, answer.json()  # translate() would have cut it, and the client never known
+        error = answer.json()["error"]
+        assert "q: sentence 1 has" in error and f"over this model's {limit} positions" in error, error
 
 
 def test_oversized_bodies_are_refused_before_they_are_read(client):
@@ -176,13 +192,17 @@ class CountingTranslator(Translator):
         return super().translate(sentences, **options)
 
 
+def longest(translator, sentences):
+    return max((len(ids) + 1 for ids in translator.tokenizer.encode(sentences)), default=0)
+
+
 def run_jobs(translator, jobs, wait_s=0.02, cancel=()):
     """Submit (sentences, options) jobs at once to a running Batcher; cancel some before decoding starts."""
 
     async def main():
         batcher = Batcher(translator, wait_s)
         worker = asyncio.create_task(batcher.run())
-        futures = [batcher.submit(sentences, options) for sentences, options in jobs]
+        futures = [batcher.submit(sentences, options, longest(translator, sentences)) for sentences, options in jobs]
         for i in cancel:
             futures[i].cancel()
         results = await asyncio.gather(*futures, return_exceptions=True)

@@ -285,6 +285,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_ctranslate2
 
+    if args.more:
+        raise RecipeError(f"export takes one model directory and the folder to write, got {2 + len(args.more)} paths "
+                          f"({args.model_dir}, {args.out}, {', '.join(args.more)}): CTranslate2 runs one model, not an ensemble")
     out = export_ctranslate2(args.model_dir, args.out, args.quantization)
     print(f"exported {args.model_dir} to CTranslate2 ({args.quantization or 'float32'} weights): {out}")
     return 0
@@ -428,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("model_dir")
     export.add_argument("--to", required=True, choices=("ctranslate2",), help="the runtime (pip install 'translator[ctranslate2]')")
     export.add_argument("out", help="the directory to write (must not exist)")
+    export.add_argument("more", nargs="*", help=argparse.SUPPRESS)  # said in words: an ensemble is not one model to export
     export.add_argument("--quantization", default=None, help="CTranslate2's weight type: int8, int8_float32, int16, float16, ... (default: float32)")
     export.set_defaults(run=cmd_export)
 
@@ -517,7 +521,12 @@ def _add_plot_and_serve(verbs, reranking: argparse.ArgumentParser, overrides: di
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and (not hasattr(args, "more") or any(u.startswith("-") for u in unknown)):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:  # export's further paths, given after an option (`export A B --to ctranslate2 OUT`): said in words
+        args.more += unknown
     from .checkpoint import CheckpointError  # after parsing: `--help` should not wait for torch and `datasets` to import
     from .data import DataError
 

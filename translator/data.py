@@ -244,7 +244,7 @@ def load_split(cfg: DataConfig, split: str, streaming: bool = False) -> datasets
     if isinstance(pairs, datasets.IterableDataset):  # a stream cannot be checked up front: each row as it is read
         pairs = pairs.map(functools.partial(_check_row, source=source, languages=(cfg.src_lang, cfg.tgt_lang)), with_indices=True)
     if whole_through_stream:
-        pairs = datasets.Dataset.from_list(list(pairs))
+        pairs = datasets.Dataset.from_list(list(read_named(pairs, source)))
     if isinstance(pairs, datasets.Dataset):
         _check_text(pairs, source, (cfg.src_lang, cfg.tgt_lang))
     return pairs
@@ -270,6 +270,18 @@ def _check_row(pair: dict, row: int, source: str, languages: tuple[str, str]) ->
         if problem := datafiles.not_text(pair[column], language):
             raise DataError(f"{source}, {_where(source, row)}: {problem}")
     return pair
+
+
+def read_named(rows: Iterable[dict], source: str) -> Iterator[dict]:
+    """The rows of a stream, a failed read named: a broken line far into a large file is met only as it is read,
+    and the reader's own error ("Expected object or value at position 17") names neither the file nor the line."""
+    try:
+        yield from rows
+    except DataError:
+        raise
+    except ValueError as e:  # pyarrow's ArrowInvalid is one
+        problem = datafiles.first_unreadable_json_line(source, languages=()) if source.endswith(".jsonl") else None
+        raise DataError(problem or f"{source}: cannot be read further ({_one_line(e)})") from None
 
 
 def _where(source: str, row: int) -> str:

@@ -23,19 +23,29 @@ def nothing_to_read(file: str, builder: str) -> str | None:
         return f"{file}: the file is empty (no pairs)"
     if builder == "csv":
         try:
-            if _csv_rows(file)[1] is None:
-                return f"{file}: a header and no pairs"
+            return _csv_rows_problem(file)
         except csv.Error as e:  # a cell over the csv module's limit: in a corpus, a quote left open far above
             return f"{file}: cannot be read as csv ({e}; an unclosed quote?)"
     return None
 
 
-def _csv_rows(file: str) -> tuple[list[str], list[str] | None]:
-    """The header and the first row (None if there is none). utf-8-sig: the byte-order mark that Excel's
-    "CSV UTF-8" writes is not part of the first column's name (pandas drops it too)."""
+def _csv_rows_problem(file: str) -> str | None:
+    """A header and no rows, or a row of fewer cells than the header: pandas reads the missing cells as empty text,
+    and a line break inside an unquoted cell would lose both halves of its pair without a word (a row of more
+    cells pandas refuses itself, naming its line). utf-8-sig: the byte-order mark that Excel's "CSV UTF-8"
+    writes is not part of the first column's name (pandas drops it too)."""
     with open(file, encoding="utf-8-sig", newline="") as f:
         rows = csv.reader(f)
-        return next(rows, []), next(rows, None)
+        header, any_row = next(rows, []), False
+        for row in filter(None, rows):  # pandas skips blank lines
+            any_row = True
+            if len(row) < len(header) and "\n" in row[-1]:  # the cell ran on from a quote to the end of the file
+                opened = rows.line_num - row[-1].removesuffix("\n").count("\n")
+                return f"{file}: cannot be read as csv (a quote opened on line {opened} is never closed)"
+            if len(row) < len(header):
+                return (f"{file}, line {rows.line_num}: {len(row)} cell(s) where the header has {len(header)} "
+                        "(a line break inside an unquoted cell?)")
+    return None if any_row else f"{file}: a header and no pairs"
 
 
 def csv_as_text(file: str) -> dict:

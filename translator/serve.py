@@ -105,10 +105,10 @@ class Batcher:
         self.arrived = asyncio.Event()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
 
-    def submit(self, sentences: list[str], options: dict) -> asyncio.Future:
+    def submit(self, sentences: list[str], options: dict, longest: int) -> asyncio.Future:
+        """`longest`: the longest sentence's tokens, its end-of-sentence token included."""
         key = tuple(options.items())  # samples batch too: seeded ones depend on the seed and the sentence alone, unseeded ones draw apart
-        lengths = [len(ids) + 1 for ids in self.translator.tokenizer.encode(sentences)] or [0]
-        job = Job(sentences, options, key, (len(sentences), max(lengths)), asyncio.get_running_loop().create_future())
+        job = Job(sentences, options, key, (len(sentences), longest), asyncio.get_running_loop().create_future())
         self.queue.append(job)
         self.arrived.set()
         return job.future
@@ -198,8 +198,8 @@ def create_app(translator: Translator, limits: Limits = Limits(), batch_wait_ms:
 
     @app.post("/translate")
     async def translate(body: TranslateRequest, request: Request) -> Response:
-        sentences, options = _checked(body, translator, limits, reranking)
-        future = state["batcher"].submit(sentences, options)
+        sentences, options, longest = _checked(body, translator, limits, reranking)
+        future = state["batcher"].submit(sentences, options, longest)
         watch = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait([future, watch], return_when=asyncio.FIRST_COMPLETED)
@@ -214,8 +214,10 @@ def create_app(translator: Translator, limits: Limits = Limits(), batch_wait_ms:
     return app
 
 
-def _checked(body: TranslateRequest, translator: Translator, limits: Limits, reranking: Reranking | None = None) -> tuple[list[str], dict]:
-    """The request's sentences and Translator.translate options, validated as translate validates them."""
+def _checked(body: TranslateRequest, translator: Translator, limits: Limits,
+             reranking: Reranking | None = None) -> tuple[list[str], dict, int]:
+    """The request's sentences, Translator.translate options validated as translate validates them, and the longest
+    sentence's tokens (with its end-of-sentence token)."""
     data = translator.recipe.data
     source = data.src_lang if body.source == "auto" else body.source  # LibreTranslate's "detect it": the model reads one language
     if (source, body.target) != (data.src_lang, data.tgt_lang):
@@ -226,12 +228,19 @@ def _checked(body: TranslateRequest, translator: Translator, limits: Limits, rer
     chars = sum(map(len, sentences))
     if chars > limits.max_chars:
         raise HTTPException(400, f"q: {chars} characters, over the limit of {limits.max_chars} (--max-chars)")
-    if body.attention:
-        pieces = [len(ids) for ids in translator.tokenizer.encode(sentences)]
-        if max(pieces, default=0) > limits.max_attention_pieces:
-            i = max(range(len(pieces)), key=pieces.__getitem__)
-            raise HTTPException(400, f"attention: sentence {i} has {pieces[i]} pieces, over the {limits.max_attention_pieces} "
-                                     "whose maps a response carries")
+    try:
+        check_encodable(sentences, "q")
+    except ValueError as e:
+        raise HTTPException(400, str(e)) from None
+    pieces = [len(ids) for ids in translator.tokenizer.encode(sentences)]
+    i = max(range(len(pieces)), key=pieces.__getitem__, default=0)
+    longest = pieces[i] + 1 if pieces else 0
+    if longest > translator.recipe.model.max_positions:  # translate() would cut it: the client would lose its end unknowingly
+        raise HTTPException(400, f"q: sentence {i} has {longest} tokens with its end-of-sentence token, over this model's "
+                                 f"{translator.recipe.model.max_positions} positions (split it into shorter sentences)")
+    if body.attention and longest - 1 > limits.max_attention_pieces:
+        raise HTTPException(400, f"attention: sentence {i} has {pieces[i]} pieces, over the {limits.max_attention_pieces} "
+                                 "whose maps a response carries")
     n_best = body.alternatives + 1
     beam_size = body.beam_size
     if beam_size is None and body.sampling is None and n_best > 1:  # alternatives need that many beams
@@ -245,7 +254,6 @@ def _checked(body: TranslateRequest, translator: Translator, limits: Limits, rer
         raise HTTPException(400, f"{field}: {getattr(body, field)} asks for {hypotheses} hypotheses a sentence, "
                                  f"over the limit of {limits.max_hypotheses} (--max-hypotheses)")
     try:
-        check_encodable(sentences, "q")
         sampling = Sampling(**body.sampling.model_dump()) if body.sampling else None
         options = dict(beam_size=beam_size, alpha=body.alpha, n_best=n_best, sampling=sampling, return_attention=body.attention)
         if reranking and sampling is None and (beam_size or translator.recipe.decode.beam_size) > 1:  # a beam search
@@ -253,7 +261,7 @@ def _checked(body: TranslateRequest, translator: Translator, limits: Limits, rer
         translator.translate([], **options)  # validates the options; decodes nothing
     except (ValueError, RecipeError) as e:
         raise HTTPException(400, str(e).removeprefix("decode.").replace("Sampling.", "sampling.")) from None  # the field, as the request names it
-    return sentences, options
+    return sentences, options, longest
 
 
 def _response(body: TranslateRequest, results: list[list], src_lang: str) -> dict:

@@ -32,7 +32,7 @@ from .checkpoint import (
     load_recipe_json, load_training_checkpoint, run_dir_held, save_model_config, save_training_checkpoint, save_weights, training_checkpoints,
 )
 from .config import Recipe, RecipeError, TrainConfig
-from .data import load_split, texts
+from .data import load_split, split_source, texts
 from .trainset import Batch, SampledTrainBatches, StreamBatches, TrainBatches, filter_pairs, tokenize, training_pairs
 from .devices import Precision, keep_freed_memory, pick_device, resolve_precision
 from .distributed import World, join, leave
@@ -197,7 +197,8 @@ def load_data(recipe: Recipe, world: World, from_checkpoint: bool, say, start_to
                 raise RecipeError(f"tokenizer: SentencePiece cannot train with these settings on this data: {e}") from None
         say(f"tokenizer: SentencePiece {tok.model_type}, {tokenizer.vocab_size} pieces")
         if data.streaming:
-            train_batches = StreamBatches(train_pairs, tokenizer, cfg.max_tokens, recipe.seed, data.max_len, data.max_ratio)
+            train_batches = StreamBatches(train_pairs, tokenizer, cfg.max_tokens, recipe.seed, data.max_len, data.max_ratio,
+                                          source=split_source(data, data.train_split))
             next(train_batches.from_position({}))  # a batch, or the error that none passes the filters: before anything is written
             say("filter: applied to each pool as the stream is read")
         else:

@@ -15,7 +15,7 @@ import torch
 
 from .batching import bucketed_batches, sorted_batches, source_tensor, target_tensors
 from .config import DataConfig
-from .data import DataError, split_source, texts
+from .data import DataError, read_named, split_source, texts
 from .tokenizer import PAD_ID, Tokenizer
 
 
@@ -203,8 +203,9 @@ class StreamBatches:
     """
 
     def __init__(self, pairs: datasets.IterableDataset, tokenizer: Tokenizer, max_tokens: int, seed: int, max_len: int,
-                 max_ratio: float, pool_size: int = 100_000, shuffle_buffer: int = 10_000):
-        self.pairs, self.tokenizer, self.max_tokens, self.seed = pairs, tokenizer, max_tokens, seed
+                 max_ratio: float, pool_size: int = 100_000, shuffle_buffer: int = 10_000, source: str = "the training stream"):
+        """`source`: the stream's file or dataset, named by an error in reading it."""
+        self.pairs, self.tokenizer, self.max_tokens, self.seed, self.source = pairs, tokenizer, max_tokens, seed, source
         self.max_len, self.max_ratio, self.pool_size, self.shuffle_buffer = max_len, max_ratio, pool_size, shuffle_buffer
 
     def _pool_batches(self, pool: list[dict], epoch: int, read_before: int) -> tuple[list[list[int]], list[list[int]], list[np.ndarray]]:
@@ -225,7 +226,7 @@ class StreamBatches:
             stream.set_epoch(epoch)
             # islice, not stream.skip: skip() builds a new stream without the epoch set above, so every
             # epoch would read epoch 0's order, the same pools and so the same batches.
-            pairs, any_batch = islice(stream, read, None), read > 0
+            pairs, any_batch = read_named(islice(stream, read, None), self.source), read > 0
             while pool := list(islice(pairs, self.pool_size)):
                 src_ids, tgt_ids, batches = self._pool_batches(pool, epoch, read)
                 for index in range(start, len(batches)):  # collated as taken: a resume builds none it skips
