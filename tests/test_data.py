@@ -316,7 +316,7 @@ def test_a_csv_with_unnamed_columns_loads(tmp_path):
 
 def test_a_csv_with_an_unclosed_quote_names_the_file(tmp_path):
     (tmp_path / "train.csv").write_text('de,en\nEin Mann.,A man.\n"Ein Hund.,A dog.\nEine Katze.,A cat.\n', encoding="utf-8")
-    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}/train\.csv: cannot be read as csv \(a quote opened on line 3 is never closed"):
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}/train\.csv, line 3: no 'en' cell .*a quote never closed\?"):
         load_split(DataConfig(path=str(tmp_path)), "train")
 
 
@@ -363,21 +363,33 @@ def test_a_json_lines_error_after_a_byte_order_mark_names_its_line(tmp_path):
         load_split(DataConfig(path=str(tmp_path)), "train")
 
 
-@pytest.mark.parametrize("content, line, cells", [
-    ('de,en\nEin Hund.,A dog.\nEin Mann\nläuft.,A man runs.\n', 3, 1),  # a line break inside an unquoted cell
-    ('de,en,fr\n"Ein\nHund.",A dog.,Un chien.\n\nEine Katze.,A cat.\n', 5, 2),  # a quoted line break is one cell; blank lines are skipped
+@pytest.mark.parametrize("content, line, language", [
+    ('de,en\nEin Hund.,A dog.\nEin Mann\nläuft.,A man runs.\n', 3, "en"),  # a line break inside an unquoted cell
+    ('de,en\r\n"Ein\r\nHund.",A dog.\r\n \r\n"Eine\r\nKatze."\r\n', 5, "en"),  # the line where the row begins; blank lines skipped
+    ('en,note,de\nA dog.,x,Ein Hund.\nA cat.,y\n', 3, "de"),
 ])
-def test_a_csv_row_of_fewer_cells_than_the_header_names_its_line(tmp_path, content, line, cells):
-    (tmp_path / "train.csv").write_text(content, encoding="utf-8")
-    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}/train\.csv, line {line}: {cells} cell\(s\) where the header has"):
+def test_a_csv_row_short_of_a_languages_cell_names_its_line(tmp_path, content, line, language):
+    (tmp_path / "train.csv").write_text(content, encoding="utf-8", newline="")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}/train\.csv, line {line}: no '{language}' cell"):
         load_split(DataConfig(path=str(tmp_path)), "train")
+
+
+@pytest.mark.parametrize("content", [
+    'de,en,note\nEin Hund.,A dog.,x\nEine Katze.,A cat.\n',  # short of a column that is no language
+    'de,en,\nEin Hund.,A dog.\n   \nEine Katze.,A cat.\n',  # a trailing comma in the header; a line of spaces
+    'de,en\nEin Hund.,"A\ndog."\nEine Katze.,A cat.\n',  # a quoted line break in the last cell
+])
+def test_csv_rows_that_hold_both_languages_load(tmp_path, content):
+    (tmp_path / "train.csv").write_text(content, encoding="utf-8")
+    pairs = load_split(DataConfig(path=str(tmp_path)), "train")
+    assert pairs["src"] == ["Ein Hund.", "Eine Katze."] and [t.replace("\n", " ") for t in pairs["tgt"]] == ["A dog.", "A cat."]
 
 
 def test_a_csv_cell_over_the_csv_modules_limit_names_the_file(tmp_path):
     # an unclosed quote in the first row swallows the rest of the file into one cell
     rows = "".join(f"Ein Hund {i}.,A dog {i}.\n" for i in range(20_000))
     (tmp_path / "train.csv").write_text(f'de,en\n"Ein Mann.,A man.\n{rows}', encoding="utf-8")
-    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}/train\.csv: cannot be read as csv \(field larger than"):
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}/train\.csv: cannot be read as csv from line 2 \(field larger than"):
         load_split(DataConfig(path=str(tmp_path)), "train")
 
 

@@ -75,7 +75,7 @@ def _load_local(builder: str, file: str, streaming: bool, languages: tuple[str, 
     # pyarrow's JSON reader accepts invalid UTF-8 and fails later, far from the cause: check first.
     if builder in ("json", "csv") and (problem := _first_invalid_utf8_line(file)):
         raise DataError(problem)
-    if problem := datafiles.nothing_to_read(file, builder):
+    if problem := datafiles.nothing_to_read(file) or (builder == "csv" and datafiles.csv_rows_problem(file, languages)):
         raise DataError(problem)
     try:
         options = datafiles.csv_as_text(file) if builder == "csv" else {}  # pandas reads the header: a broken quote fails here
@@ -197,7 +197,7 @@ def load_plain_text(text_splits: dict[str, tuple[Path, ...]], split: str, folder
     for file in files:
         if not file.is_file():
             raise DataError(f"split {split!r}: {file} is missing (line-aligned splits need {split}.{src_lang} and {split}.{tgt_lang})")
-        if problem := _first_invalid_utf8_line(str(file)) or datafiles.nothing_to_read(str(file), "text"):
+        if problem := _first_invalid_utf8_line(str(file)) or datafiles.nothing_to_read(str(file)):
             raise DataError(problem)
     if len(files) == 2 and (counts := [_count_lines(f) for f in files])[0] != counts[1]:
         raise DataError(f"split {split!r}: {files[0]} has {counts[0]} lines but {files[1]} has {counts[1]}; line-aligned files must match")
@@ -281,7 +281,7 @@ def read_named(rows: Iterable[dict], source: str) -> Iterator[dict]:
         raise
     except ValueError as e:  # pyarrow's ArrowInvalid is one
         problem = datafiles.first_unreadable_json_line(source, languages=()) if source.endswith(".jsonl") else None
-        raise DataError(problem or f"{source}: cannot be read further ({_one_line(e)})") from None
+        raise DataError(problem or f"{source}: cannot be read further ({_one_line(e)})") from e  # --debug shows the reader's own
 
 
 def _where(source: str, row: int) -> str:

@@ -15,36 +15,34 @@ import datasets
 import pandas
 
 
-def nothing_to_read(file: str, builder: str) -> str | None:
-    """An empty (or blank) file, or a CSV file with a header and no rows."""
+def nothing_to_read(file: str) -> str | None:
+    """An empty (or blank) file."""
     with open(file, "rb") as f:
         blank = not any(block.strip() for block in iter(lambda: f.read(1 << 16), b""))
-    if blank:
-        return f"{file}: the file is empty (no pairs)"
-    if builder == "csv":
-        try:
-            return _csv_rows_problem(file)
-        except csv.Error as e:  # a cell over the csv module's limit: in a corpus, a quote left open far above
-            return f"{file}: cannot be read as csv ({e}; an unclosed quote?)"
-    return None
+    return f"{file}: the file is empty (no pairs)" if blank else None
 
 
-def _csv_rows_problem(file: str) -> str | None:
-    """A header and no rows, or a row of fewer cells than the header: pandas reads the missing cells as empty text,
-    and a line break inside an unquoted cell would lose both halves of its pair without a word (a row of more
-    cells pandas refuses itself, naming its line). utf-8-sig: the byte-order mark that Excel's "CSV UTF-8"
-    writes is not part of the first column's name (pandas drops it too)."""
+def csv_rows_problem(file: str, languages: tuple[str, str]) -> str | None:
+    """A CSV file with a header and no rows, a row short of a language's cell, or a quote that swallows the rest
+    of the file. pandas reads the cells missing from a short row as empty text, and a line break inside an
+    unquoted cell cuts a pair in two: both halves would be lost without a word (a row of more cells pandas
+    refuses itself, naming its line). utf-8-sig: the byte-order mark that Excel's "CSV UTF-8" writes is not
+    part of the first column's name (pandas drops it too)."""
     with open(file, encoding="utf-8-sig", newline="") as f:
         rows = csv.reader(f)
-        header, any_row = next(rows, []), False
-        for row in filter(None, rows):  # pandas skips blank lines
-            any_row = True
-            if len(row) < len(header) and "\n" in row[-1]:  # the cell ran on from a quote to the end of the file
-                opened = rows.line_num - row[-1].removesuffix("\n").count("\n")
-                return f"{file}: cannot be read as csv (a quote opened on line {opened} is never closed)"
-            if len(row) < len(header):
-                return (f"{file}, line {rows.line_num}: {len(row)} cell(s) where the header has {len(header)} "
-                        "(a line break inside an unquoted cell?)")
+        header = next(rows, [])
+        needed = [(header.index(language), language) for language in languages if language in header]
+        any_row, first_line = False, rows.line_num + 1  # the line where the next row begins
+        try:
+            for row in rows:
+                if any(cell.strip() for cell in row):  # pandas skips blank lines
+                    any_row = True
+                    if missing := next((language for index, language in needed if index >= len(row)), None):
+                        return (f"{file}, line {first_line}: no {missing!r} cell ({len(row)} cell(s) where the header has "
+                                f"{len(header)}: a line break inside an unquoted cell, or a quote never closed?)")
+                first_line = rows.line_num + 1
+        except csv.Error as e:  # a cell over the csv module's limit: in a corpus, a quote left open far above
+            return f"{file}: cannot be read as csv from line {first_line} ({e}: a quote opened there and never closed?)"
     return None if any_row else f"{file}: a header and no pairs"
 
 
