@@ -144,7 +144,7 @@ def test_reranking_refuses_a_model_of_another_pair_sampling_and_a_weight_alone(t
         tiny_translator.translate(SENTENCES, rerank_weight=1.0)
 
 
-def test_the_command_line_refuses_reranking_greedy_search_and_gives_the_reverse_model_the_forward_precision(
+def test_the_command_line_refuses_reranking_greedy_search_and_gives_the_reverse_model_the_forward_precision_and_budget(
         tiny_model_dir, reverse_model_dir):
     from translator.cli import build_parser, load_translator, reverse_translator
 
@@ -154,6 +154,9 @@ def test_the_command_line_refuses_reranking_greedy_search_and_gives_the_reverse_
         args = build_parser().parse_args(["translate", str(tiny_model_dir), "--rerank-with", str(reverse_model_dir), *flags])
         forward = load_translator(args.model_dir, args.set, args.device, args.precision)
         assert forward.recipe.decode.precision == reverse_translator(args, forward).recipe.decode.precision == "bf16"
+    args = build_parser().parse_args(["evaluate", str(tiny_model_dir), "--rerank-with", str(reverse_model_dir), "--set", "decode.max_tokens=999"])
+    forward = load_translator(args.model_dir, args.set, args.device)
+    assert reverse_translator(args, forward).recipe.decode.max_tokens == 999  # the memory the user sized the command to
 
 
 def test_text_that_is_not_unicode_is_refused_naming_it(tiny_translator):

@@ -155,14 +155,16 @@ def translate_options(args: argparse.Namespace) -> dict:
 
 
 def reverse_translator(args: argparse.Namespace, translator):
-    """--rerank-with's model directory (or None), on the same device and precision as `translator`, whose pair it must reverse."""
+    """--rerank-with's model directory (or None), whose pair it must reverse, on the same device and at the same precision
+    and batch budget (decode.max_tokens) as `translator`: a --set of either, or a flag, holds for the whole command."""
     if not args.rerank_with:
         if args.rerank_weight is not None:
             raise RecipeError(f"--rerank-weight {args.rerank_weight}: given without --rerank-with MODEL_DIR, the reverse model it weighs")
         return None
     from .api import check_reverse_pair
 
-    reverse = load_translator(args.rerank_with, [], args.device, translator.recipe.decode.precision)
+    budget = [f"decode.max_tokens={translator.recipe.decode.max_tokens}"]
+    reverse = load_translator(args.rerank_with, budget, args.device, translator.recipe.decode.precision)
     check_reverse_pair(translator, reverse)
     return reverse
 
