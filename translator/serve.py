@@ -233,14 +233,14 @@ def _checked(body: TranslateRequest, translator: Translator, limits: Limits,
     except ValueError as e:
         raise HTTPException(400, str(e)) from None
     pieces = [len(ids) for ids in translator.tokenizer.encode(sentences)]
-    i = max(range(len(pieces)), key=pieces.__getitem__, default=0)
-    longest = pieces[i] + 1 if pieces else 0
-    if longest > translator.recipe.model.max_positions:  # translate() would cut it: the client would lose its end unknowingly
-        raise HTTPException(400, f"q: sentence {i} has {longest} tokens with its end-of-sentence token, over this model's "
-                                 f"{translator.recipe.model.max_positions} positions (split it into shorter sentences)")
+    longest = max(pieces, default=-1) + 1  # tokens with the end-of-sentence one (0: no sentence)
+    limit = translator.recipe.model.max_positions
+    if longest > limit:  # translate() would cut it: the client would lose its end unknowingly
+        raise HTTPException(400, f"q: sentence {pieces.index(longest - 1)} has {longest} tokens with its end-of-sentence token, "
+                                 f"over this model's {limit} positions (split it into shorter sentences)")
     if body.attention and longest - 1 > limits.max_attention_pieces:
-        raise HTTPException(400, f"attention: sentence {i} has {pieces[i]} pieces, over the {limits.max_attention_pieces} "
-                                 "whose maps a response carries")
+        raise HTTPException(400, f"attention: sentence {pieces.index(longest - 1)} has {longest - 1} pieces, over the "
+                                 f"{limits.max_attention_pieces} whose maps a response carries")
     n_best = body.alternatives + 1
     beam_size = body.beam_size
     if beam_size is None and body.sampling is None and n_best > 1:  # alternatives need that many beams
