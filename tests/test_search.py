@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from translator import Sampling
 from translator.batching import source_tensor, target_tensors
 from translator.config import ModelConfig
+from translator import search
 from translator.model import Transformer
 from translator.quantize import bf16_model
 from translator.search import (Hypothesis, argmax_rows, beam_search, encode_in_groups, forced_log_probs, greedy_search, length_penalty,
@@ -180,6 +181,26 @@ def test_a_sentence_translates_the_same_alone_and_in_a_mixed_batch(tiny_translat
         alone, alone_lens = encode(tiny_translator, [sentence])
         assert greedy_search(model, alone, alone_lens)[0].tokens == batched_greedy[i].tokens
         assert beam_search(model, alone, alone_lens, beam_size=5, alpha=0.6)[0][0].tokens == batched_beam[i][0].tokens
+
+
+@pytest.mark.parametrize("kept", [0.0, 0.5, 1.0])
+def test_greedy_and_sampling_are_the_same_however_long_finished_rows_stay_in_the_batch(monkeypatch, kept):
+    """Finished rows are computed on until a share of the batch is done (search.FINISHED_ROWS_KEPT): they must
+    change no other row's tokens, score or random draws. 0: each leaves at once; 1: none leaves until all are done."""
+    model = tiny_vocabulary_model(1)  # greedy search runs to each row's length limit, samples end at eos too
+    rng = torch.Generator().manual_seed(0)
+    src = source_tensor([torch.randint(4, 6, (int(n),), generator=rng).tolist() for n in torch.randint(2, 8, (24,), generator=rng)])
+    max_lens = [int(n) for n in torch.randint(2, 12, (24,), generator=rng)]
+    sampling = Sampling(temperature=1.5, seed=7)
+    alone = [greedy_search(model, src[i:i + 1], max_lens[i:i + 1])[0] for i in range(len(src))]
+    samples = [sample(model, src[i:i + 1], max_lens[i:i + 1], sampling, n_samples=2)[0] for i in range(len(src))]
+    for hypotheses in (alone, [hyps[0] for hyps in samples]):  # the premise: rows finish at many different steps
+        assert len({len(h.tokens) for h in hypotheses}) > 3
+    monkeypatch.setattr(search, "FINISHED_ROWS_KEPT", kept)
+    for hyp, reference in zip(greedy_search(model, src, max_lens), alone):
+        assert hyp.tokens == reference.tokens and hyp.score == pytest.approx(reference.score, abs=1e-5)
+    for hyps, reference in zip(sample(model, src, max_lens, sampling, n_samples=2), samples):
+        assert [h.tokens for h in hyps] == [h.tokens for h in reference]
 
 
 def random_sources(rows: int, longest: int, vocab_size: int, seed: int = 0):

@@ -2,8 +2,8 @@
 and the score of given targets (teacher forcing).
 
 The searches decode incrementally: each step feeds only the newest token and the `DecoderState`
-carries the K/V of everything before it. A sentence that is done leaves the batch at
-once (`state.select`), so no compute is spent on it.
+carries the K/V of everything before it. Sentences that are done leave the batch (`state.select`):
+in beam search at once, in greedy search and sampling once a quarter of the batch is done.
 Shapes: B sentences still decoding, K beam size, V vocabulary.
 """
 
@@ -214,32 +214,43 @@ def sample(model: Transformer, src: Tensor, max_lens: list[int], sampling: Sampl
     return [sorted(drawn[i * n_samples:(i + 1) * n_samples], key=lambda h: -h.score) for i in range(src.size(0))]
 
 
+# Finished rows stay in the batch (computed, ignored) until more than this share of it has finished: each removal
+# copies every layer's cache and memory, and rows finish nearly every step of a large batch. A quarter measured fastest
+# of 0 to 1 (a greedy worker's share, one thread, Intel Xeon with AMX: int8 8%, fp32 4% faster than removing them at once).
+FINISHED_ROWS_KEPT = 0.25
+
+
 @torch.inference_mode()
 def _token_by_token(model: Transformer, src: Tensor, max_lens: list[int], choose) -> list[Hypothesis]:
     """One hypothesis per sentence, extended by `choose(decoder outputs (B, D), the rows' indices in src) -> tokens (B,),
-    their log-probabilities (B,)` until eos or the length limit."""
+    their log-probabilities (B,)` until eos or the length limit. `choose` sees the unfinished rows only."""
     memory, src_mask = encode_in_groups(model, src)
     state = model.start(memory, src_mask)
-    alive = list(range(src.size(0)))  # original index of each row still decoding
-    tokens: list[list[int]] = [[] for _ in alive]
-    scores = [0.0 for _ in alive]
-    last = torch.full((len(alive), 1), BOS_ID, dtype=torch.long, device=src.device)
-    while alive:
+    sentence = list(range(src.size(0)))  # the sentence of each row of the state, finished ones included until compacted
+    live = list(range(src.size(0)))  # the rows still decoding
+    tokens: list[list[int]] = [[] for _ in sentence]
+    scores = [0.0 for _ in sentence]
+    last = torch.full((len(sentence), 1), BOS_ID, dtype=torch.long, device=src.device)
+    while live:
         outputs, state = model.decode(last, state)
-        chosen, chosen_logp = choose(outputs[:, -1], alive)
-        keep = []
-        for row, (i, token, token_logp) in enumerate(zip(alive, chosen.tolist(), chosen_logp.tolist())):
+        live_rows = torch.tensor(live, dtype=torch.long, device=src.device) if len(live) < len(sentence) else None
+        outputs = outputs[:, -1] if live_rows is None else outputs[:, -1].index_select(0, live_rows)
+        chosen, chosen_logp = choose(outputs, [sentence[row] for row in live])
+        still = []
+        for row, token, token_logp in zip(live, chosen.tolist(), chosen_logp.tolist()):
+            i = sentence[row]
             scores[i] += token_logp
             if token == EOS_ID:
                 continue
             tokens[i].append(token)
             if len(tokens[i]) + 1 < max_lens[i]:  # room for this token and an eos
-                keep.append(row)
-        if len(keep) < len(alive):
-            index = torch.tensor(keep, dtype=torch.long, device=src.device)
-            state, chosen = state.select(index, index), chosen.index_select(0, index)
-            alive = [alive[row] for row in keep]
-        last = chosen[:, None]
+                still.append(row)
+        last = chosen[:, None] if live_rows is None else last.index_put((live_rows,), chosen[:, None])
+        if still and len(sentence) - len(still) > FINISHED_ROWS_KEPT * len(sentence):
+            index = torch.tensor(still, dtype=torch.long, device=src.device)
+            state, last = state.select(index, index), last.index_select(0, index)
+            sentence, still = [sentence[row] for row in still], list(range(len(still)))
+        live = still
     return [Hypothesis(t, s) for t, s in zip(tokens, scores)]
 
 
