@@ -156,3 +156,33 @@ def test_freed_memory_is_reused_without_page_faults_unless_the_user_set_glibcs_m
     (kept, faults_kept), (left, faults_left) = run(), run(GLIBC_TUNABLES="")
     assert kept and not left
     assert faults_left > 10 * faults_kept, (faults_left, faults_kept)
+
+
+KERNELS_COMPILED = """
+import torch
+from translator.devices import keep_compiled_kernels
+acted = keep_compiled_kernels()
+linear, rows = torch.nn.Linear(8, 8).bfloat16(), torch.ones(1100, 8, dtype=torch.bfloat16)
+with torch.inference_mode():
+    for _ in range(2):  # 1,100 shapes, more than oneDNN's own 1,024, twice
+        for n in range(1, 1101):
+            linear(rows[:n])
+print("acted", acted)
+"""
+
+
+def test_onednn_compiles_each_bf16_matmul_shape_once_unless_the_user_set_its_cache():
+    """Where oneDNN runs bf16 matmuls (CPUs with bf16 instructions), each new shape compiles a kernel (a few
+    small ones share one). Kept, the second pass over 1,100 shapes compiles none; at a user's own capacity of
+    1,024, every one again."""
+    def compiled(**env):
+        result = subprocess.run([sys.executable, "-c", KERNELS_COMPILED], capture_output=True, text=True, check=True,
+                                env={k: v for k, v in os.environ.items() if k not in devices.ONEDNN_CACHE_ENV} | {"ONEDNN_VERBOSE": "2"} | env)
+        matmuls = [line for line in result.stdout.splitlines() if line.startswith("onednn_verbose") and ",create:" in line]
+        return "acted True" in result.stdout, sum("cache_miss" in line for line in matmuls), len(matmuls)
+
+    (acted, kept_misses, calls), (user_acted, user_misses, _) = compiled(), compiled(ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024")
+    if not calls:
+        pytest.skip("torch does not run bf16 matmuls through oneDNN on this CPU")
+    assert acted and not user_acted
+    assert kept_misses > 1024 and user_misses == 2 * kept_misses, (kept_misses, user_misses)  # first pass alike: as many kernels as shapes

@@ -26,7 +26,7 @@ from .attention_maps import AttentionMaps, attention_maps
 from .batching import sorted_batches, source_tensor, target_tensors
 from .checkpoint import load_ensemble, load_model_dir, save_model_dir
 from .config import DecodeConfig, Recipe, RecipeError, recipe_from_dict
-from .devices import Precision, keep_freed_memory, pick_device, resolve_precision
+from .devices import Precision, keep_compiled_kernels, keep_freed_memory, pick_device, resolve_precision
 from .ensemble import Ensemble
 from .model import Transformer
 from .quantize import bf16_model, int8_model, weights_version
@@ -113,6 +113,7 @@ class Translator:
                               f"use workers=1 on {self.device}")
         self.workers = workers
         keep_freed_memory()
+        keep_compiled_kernels()
         self._copies: dict[str, tuple[tuple[int, ...], Transformer]] = {}  # precision -> (weights version, copy), built on first use
         self._workers: tuple[tuple, DecodingWorkers] | None = None  # (what they were forked with, the workers), on first use
 

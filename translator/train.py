@@ -34,7 +34,7 @@ from .checkpoint import (
 from .config import Recipe, RecipeError, TrainConfig
 from .data import load_split, split_source, texts
 from .trainset import Batch, SampledTrainBatches, StreamBatches, TrainBatches, filter_pairs, tokenize, training_pairs
-from .devices import Precision, keep_freed_memory, pick_device, resolve_precision
+from .devices import Precision, keep_compiled_kernels, keep_freed_memory, pick_device, resolve_precision
 from .distributed import World, join, leave
 from .evaluate import Scores, bleu_metric, evaluate, score
 from .loss import cross_entropy, symmetric_kl
@@ -114,6 +114,7 @@ def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[s
     """
     device = pick_device(recipe.train.device)
     keep_freed_memory()
+    keep_compiled_kernels()
     world, recipe = join(device), resolved(recipe)
     with run_dir_held(Path(recipe.out_dir)) if world.is_main else nullcontext(lambda: None) as hold:  # one training process a run folder
         run, state = setup(recipe, world, device, resume, hold)
