@@ -139,6 +139,7 @@ ONEDNN_CACHE_ENV = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAP
 ONEDNN_KERNELS_KEPT = 4096
 
 
+@functools.cache
 def keep_compiled_kernels() -> bool:
     """Have oneDNN keep up to ONEDNN_KERNELS_KEPT compiled kernels, instead of the last 1,024.
 
