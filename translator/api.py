@@ -93,7 +93,7 @@ def reranked(sources: list[str], hypotheses: list[list[Translation]], reverse: T
     so do those the reverse model cannot read whole: a source, or a hypothesis cut at the length limit, over its positions."""
     ids = iter(reverse.tokenizer.encode([text for source, hyps in zip(sources, hypotheses) for text in (source, *(h.text for h in hyps))]))
     encoded = [[next(ids) for _ in range(1 + len(hyps))] for hyps in hypotheses]  # the source's ids, then each hypothesis'
-    todo = [i for i, texts in enumerate(encoded) if texts[0] and all(map(reverse._fits, texts))]  # a blank source has no pieces
+    todo = [i for i, texts in enumerate(encoded) if texts[0] and all(map(reverse.fits, texts))]  # a blank source has no pieces
     back = iter(reverse._score_ids([hyp for i in todo for hyp in encoded[i][1:]], [encoded[i][0] for i in todo for _ in hypotheses[i]],
                                    reverse._decode_config(), normalize=True))
     out = [list(hyps) for hyps in hypotheses]
@@ -244,7 +244,7 @@ class Translator:
         src_ids, tgt_ids = self.tokenizer.encode(list(sources)), self.tokenizer.encode(list(targets))
         limit = self.recipe.model.max_positions
         for side, ids in (("source", src_ids), ("target", tgt_ids)):
-            too_long = next((i for i, row in enumerate(ids) if not self._fits(row)), None)
+            too_long = next((i for i, row in enumerate(ids) if not self.fits(row)), None)
             if too_long is not None:
                 raise PairTooLong(side, too_long, len(ids[too_long]) + 1, limit)
         return self._score_ids(src_ids, tgt_ids, decode, normalize, progress)
@@ -308,7 +308,7 @@ class Translator:
         check_beam_size(decode.beam_size, self.tokenizer.vocab_size)
         return decode
 
-    def _fits(self, ids: list[int]) -> bool:
+    def fits(self, ids: list[int]) -> bool:
         """Whether a text of these token ids, with its end-of-sentence token, fits the model's positions."""
         return len(ids) + 1 <= self.recipe.model.max_positions
 
@@ -318,7 +318,7 @@ class Translator:
         to "" rather than to whatever the model invents from an empty source."""
         limit = self.recipe.model.max_positions
         src_ids = self.tokenizer.encode(sentences)
-        too_long = [i for i, ids in enumerate(src_ids) if not self._fits(ids)]
+        too_long = [i for i, ids in enumerate(src_ids) if not self.fits(ids)]
         if too_long:
             error = SourceTooLong(too_long, [len(src_ids[i]) + 1 for i in too_long], limit)
             if not truncate:

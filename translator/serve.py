@@ -232,12 +232,13 @@ def _checked(body: TranslateRequest, translator: Translator, limits: Limits,
         check_encodable(sentences, "q")
     except ValueError as e:
         raise HTTPException(400, str(e)) from None
-    pieces = [len(ids) for ids in translator.tokenizer.encode(sentences)]
+    encoded = translator.tokenizer.encode(sentences)
+    if (i := next((i for i, ids in enumerate(encoded) if not translator.fits(ids)), None)) is not None:
+        # translate() would cut it: the client would lose its end unknowingly
+        raise HTTPException(400, f"q: sentence {i} has {len(encoded[i]) + 1} tokens with its end-of-sentence token, "
+                                 f"over this model's {translator.recipe.model.max_positions} positions (split it into shorter sentences)")
+    pieces = [len(ids) for ids in encoded]
     longest = max(pieces, default=-1) + 1  # tokens with the end-of-sentence one (0: no sentence)
-    limit = translator.recipe.model.max_positions
-    if longest > limit:  # translate() would cut it: the client would lose its end unknowingly
-        raise HTTPException(400, f"q: sentence {pieces.index(longest - 1)} has {longest} tokens with its end-of-sentence token, "
-                                 f"over this model's {limit} positions (split it into shorter sentences)")
     if body.attention and longest - 1 > limits.max_attention_pieces:
         raise HTTPException(400, f"attention: sentence {pieces.index(longest - 1)} has {longest - 1} pieces, over the "
                                  f"{limits.max_attention_pieces} whose maps a response carries")
