@@ -16,7 +16,11 @@ install.sh, prepare.sh and train.sh to have run, see its README), and the ratios
 are measured in the same run. With --ctranslate2 the model is exported (`translator export`) to
 CTranslate2 in float32 and int8 and timed on the same sentences and threads: 8,192-token batches,
 2 threads in one worker, and 2 workers of 1 thread. Ours runs both ways too (`workers=2`: forked
-processes; on the CPU only). With a trained model, every row has its BLEU.
+processes; on the CPU only). The rows "one sentence a call" translate the first 100 test sentences
+each in a call of its own (greedy, and beam 5 `first_k`), in one process of one thread: the latency
+a service answering one request at a time sees ("ms a sentence"; CTranslate2 took 14x as long a
+sentence on 2 threads as on one). With a trained model, every row has its BLEU (the one-sentence
+rows' over their 100 sentences).
 """
 
 from __future__ import annotations
@@ -87,27 +91,44 @@ def best_of(repeat: int, runs: dict, threads: int) -> dict:
     return best
 
 
+ALONE = " one sentence a call, 1 thread"  # the label of the rows that translate ALONE_SENTENCES, each in its own call
+ALONE_SENTENCES = 100
+
+
+def one_at_a_time(translator: Translator, sentences: list[str], **options) -> list[str]:
+    """Each sentence in a call of its own, on one thread (best_of sets the threads again before the next run)."""
+    torch.set_num_threads(1)
+    return [translator.translate(sentence, **options) for sentence in sentences]
+
+
 def ctranslate2_runs(model_dir: str, translator: Translator, sentences: list[str], threads: int, folder: Path) -> dict:
-    """(name, beam) -> run() for CTranslate2 exports of the model, decoding as ours does where it can:
+    """(name, beam, label) -> run() for CTranslate2 exports of the model, decoding as ours does where it can:
     </s> may win at the first step; the same length penalty exponent (its formula differs, see docs/deployment.md)."""
     import ctranslate2
 
-    pieces = [translator.tokenizer.pieces(s) for s in sentences]
     decode = translator.recipe.decode
-    longest = max(len(p) for p in pieces) + 1  # with </s>, as ours counts; one limit for the batch, ours is per sentence
+
+    def translate(ct2, pieces: list[list[str]], beam: int) -> list[str]:
+        longest = max(len(p) for p in pieces) + 1  # with </s>, as ours counts; one limit for the batch, ours is per sentence
+        results = ct2.translate_batch(pieces, max_batch_size=decode.max_tokens, batch_type="tokens", beam_size=beam,
+                                      length_penalty=decode.alpha, min_decoding_length=0,  # our limit counts </s>:
+                                      max_decoding_length=int(decode.max_len_a * longest + decode.max_len_b) - 1)  # tests/test_export.py
+        return [translator.tokenizer.sp.decode_pieces(r.hypotheses[0]) for r in results]
+
+    pieces = [translator.tokenizer.pieces(s) for s in sentences]
     runs = {}
     for quantization in ("float32", "int8"):
         out = export_ctranslate2(model_dir, folder / quantization, quantization)
         for workers in (1, threads):
             ct2 = ctranslate2.Translator(str(out), device="cpu", inter_threads=workers, intra_threads=threads // workers)
+            label = f"CTranslate2 {quantization}" + (f", {workers} workers x {threads // workers} thread" if workers > 1 else "")
             for name, beam in (("greedy", 1), ("beam 5, first_k", 5)):  # its beam search stops at the first K finished
-                def run(ct2=ct2, beam=beam):  # our limit counts </s>: at most limit - 1 tokens (tests/test_export.py)
-                    results = ct2.translate_batch(pieces, max_batch_size=decode.max_tokens, batch_type="tokens", beam_size=beam,
-                                                  length_penalty=decode.alpha, min_decoding_length=0,
-                                                  max_decoding_length=int(decode.max_len_a * longest + decode.max_len_b) - 1)
-                    return [translator.tokenizer.sp.decode_pieces(r.hypotheses[0]) for r in results]
-                label = f"CTranslate2 {quantization}" + (f", {workers} workers x {threads // workers} thread" if workers > 1 else "")
-                runs[(name, beam, label)] = run
+                runs[(name, beam, label)] = lambda ct2=ct2, beam=beam: translate(ct2, pieces, beam)
+        # One sentence a call on one thread: at 2 it took 14x as long here (49.7 against 3.6 ms greedy, int8, Intel Xeon with AMX).
+        ct2 = ctranslate2.Translator(str(out), device="cpu", inter_threads=1, intra_threads=1)
+        for name, beam in (("greedy", 1), ("beam 5, first_k", 5)):
+            runs[(name, beam, f"CTranslate2 {quantization},{ALONE}")] = lambda ct2=ct2, beam=beam: [
+                translate(ct2, [p], beam)[0] for p in pieces[:ALONE_SENTENCES]]
     return runs
 
 
@@ -232,6 +253,9 @@ def main() -> None:
         for label, ours in ((f"ours {precision}{way}", ours) for way, ours in ways):
             runs[(name, beam, label)] = lambda ours=ours, beam=beam, stop=stop, precision=precision: ours.translate(
                 sentences, beam_size=beam, beam_stop=stop, precision=precision)
+        if stop == "first_k" or beam == 1:  # latency: a sentence a call, as a service at one client decodes
+            runs[(name, beam, f"ours {precision},{ALONE}")] = lambda beam=beam, stop=stop, precision=precision: one_at_a_time(
+                translator, sentences[:ALONE_SENTENCES], beam_size=beam, beam_stop=stop, precision=precision)
     machine = (f"{describe(translator.device)}; decode.precision auto picks {translator.precision('auto')}; "  # before CTranslate2 sets OpenMP's threads
                f"malloc keeps freed memory: {'yes' if keep_freed_memory() else 'no'} (set GLIBC_TUNABLES= to leave it to glibc); "
                f"oneDNN kernels kept: {os.environ.get(ONEDNN_CACHE_ENV[0], 'its default')}")
@@ -240,12 +264,14 @@ def main() -> None:
         runs |= ctranslate2_runs(args.model, translator, sentences, args.threads, Path(tempfile.mkdtemp(prefix="bench_ct2_")))
     rows = []
     timed = best_of(args.repeat, runs, args.threads)
-    for (name, beam, label), (seconds, out) in sorted(timed.items(), key=lambda item: (item[0][1], item[0][0])):
+    for (name, beam, label), (seconds, out) in sorted(timed.items(), key=lambda item: (item[0][2].endswith(ALONE), item[0][1], item[0][0])):
         tokens = count_tokens(tokenizer, out)
-        row = {"what": f"{name}, {label}, {len(sentences)} test sentences", "seconds": seconds,
-               "sent/s": len(sentences) / seconds, "tok/s": tokens / seconds}
+        row = {"what": f"{name}, {label}, {len(out)} test sentences", "seconds": seconds,
+               "sent/s": len(out) / seconds, "tok/s": tokens / seconds}
+        if label.endswith(ALONE):
+            row["ms a sentence"] = 1000 * seconds / len(out)
         if args.model:
-            row["BLEU"] = score(out, references, data.tgt_lang).bleu
+            row["BLEU"] = score(out, references[:len(out)], data.tgt_lang).bleu
         if beam in peer:
             joey_s = peer[beam]["generation_s"]
             row["Joey NMT s"] = joey_s
@@ -259,7 +285,7 @@ def main() -> None:
     print(f"# translator decode benchmark: {'trained ' + args.model if args.model else 'random weights'}, "
           f"{args.threads} threads, torch {torch.__version__}, {model.num_parameters() / 1e6:.2f} M parameters")
     print(f"# {machine}")
-    columns = ["what", "seconds", "sent/s", "tok/s", "BLEU", "Joey NMT s", "x Joey", "x cache", "ms", "x length 16"]
+    columns = ["what", "seconds", "sent/s", "tok/s", "ms a sentence", "BLEU", "Joey NMT s", "x Joey", "x cache", "ms", "x length 16"]
     print_table(rows, [c for c in columns if any(c in r for r in rows)])
 
 
