@@ -20,9 +20,6 @@ MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
 # int8 copies built in different processes (the CLI's, this one's) must decode alike: one engine for the
 # output projection instead of the one each process times faster (translator/quantize.py).
 os.environ.setdefault("TRANSLATOR_INT8_ENGINE", torch.backends.quantized.engine)
-# Likewise bf16 copies: one row count below which their Linear layers multiply in fp32, instead of the one each
-# process times; at 8 the tests' searches run both kernels (a sentence alone in fp32, a batch in bf16).
-os.environ.setdefault("TRANSLATOR_BF16_FP32_ROWS", "8")
 
 # On AMD CPUs CTranslate2 multiplies int8 through oneDNN, whose kernels on a CPU without VNNI (AVX2
 # only: AMD before Zen 4) add products in 16 bits, which saturate: on a Zen 3, 2 of test_export's 67

@@ -1,7 +1,6 @@
 """int8 and bf16 decoding on the CPU: the copy stays close to the model, leaves it untouched, and searches like it."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from translator import Translator
 from translator.config import RecipeError
 from translator.devices import resolve_precision
 from translator import quantize
-from translator.quantize import Bf16Linear, bf16_model, fastest_int8_linear, int8_engines, int8_model
+from translator.quantize import bf16_model, fastest_int8_linear, int8_engines, int8_model
 from translator.search import beam_search, greedy_search
 
 
@@ -78,12 +77,7 @@ def test_an_unknown_engine_in_the_variable_is_an_error_naming_it(tiny_translator
 
 def test_bf16_copy_is_bf16_throughout_and_its_logits_stay_close_to_fp32(tiny_translator):
     bf16 = bf16_model(tiny_translator.model)
-    wide = {name for name, _ in bf16.named_buffers() if name.rsplit(".", 1)[-1] in ("wide_weight", "wide_bias")}
-    assert {p.dtype for p in bf16.parameters()} == {b.dtype for name, b in bf16.named_buffers() if name not in wide} == {torch.bfloat16}
-    linears = [m for m in bf16.modules() if isinstance(m, Bf16Linear)]
-    assert len(wide) == 2 * len(linears) and not any(isinstance(m, torch.nn.Linear) for m in bf16.modules())
-    for linear in linears:  # the fp32 kernel's weights are the bf16 ones, widened
-        assert torch.equal(linear.wide_weight, linear.weight.float()) and torch.equal(linear.wide_bias, linear.bias.float())
+    assert {p.dtype for p in bf16.parameters()} == {p.dtype for p in bf16.buffers()} == {torch.bfloat16}
     fp32, low = teacher_forced(tiny_translator.model, tiny_translator), teacher_forced(bf16, tiny_translator).float()
     assert (low - fp32).abs().mean() < 0.02 * fp32.std()  # bf16 keeps 8 bits of mantissa: about 0.4% per rounding
     assert (low.argmax(-1) == fp32.argmax(-1)).float().mean() > 0.95
@@ -156,64 +150,3 @@ def test_nothing_to_decode_builds_no_copy(tiny_translator, monkeypatch):
     with pytest.raises(RecipeError, match="precision"):
         translator.translate([], precision="int4")  # still checked with nothing to decode
     assert translator.translate(SENTENCES[:1], precision="int8") and len(built) == 1
-
-
-def bf16_linear(in_features=48, out_features=80) -> Bf16Linear:
-    generator = torch.Generator().manual_seed(0)
-    linear = torch.nn.Linear(in_features, out_features)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(out_features, in_features, generator=generator))
-        linear.bias.copy_(torch.randn(out_features, generator=generator))
-    return Bf16Linear(linear.to(torch.bfloat16))
-
-
-def kernel_run(linear: Bf16Linear, x: torch.Tensor) -> str:
-    """Which of the two kernels `linear(x)` runs."""
-    ran = []
-    for name in ("in_bf16", "in_fp32"):
-        setattr(linear, name, lambda x, name=name: ran.append(name))
-    try:
-        linear(x)
-    finally:
-        del linear.in_bf16, linear.in_fp32
-    return ran[0]
-
-
-def test_both_kernels_of_a_bf16_linear_give_the_bf16_product_and_few_rows_run_in_fp32(monkeypatch):
-    monkeypatch.setenv(quantize.FP32_ROWS_VARIABLE, "4")
-    linear = bf16_linear()
-    x = torch.randn(2, 3, 48, generator=torch.Generator().manual_seed(1)).bfloat16()
-    with torch.inference_mode():
-        reference = x.double() @ linear.weight.double().T + linear.bias.double()  # the exact product of the bf16 values
-        for kernel in (linear.in_bf16, linear.in_fp32):
-            y = kernel(x)
-            assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 80)
-            assert ((y.double() - reference).abs() <= 2**-8 * reference.abs() + 1e-4).all()  # one bf16 rounding of the sum
-    assert kernel_run(linear, x) == "in_bf16"  # 6 rows (2 x 3): 4 or more
-    assert kernel_run(linear, x[:1]) == "in_fp32"  # 3 rows
-
-
-@pytest.mark.parametrize("bf16_faster_from, expected", [(16, 16), (1, 1), (None, math.inf)])
-def test_the_fp32_kernel_runs_below_the_rows_where_the_bf16_one_is_as_fast(monkeypatch, bf16_faster_from, expected):
-    """None: bf16 never as fast (emulated in software), so every product runs in fp32."""
-    monkeypatch.delenv(quantize.FP32_ROWS_VARIABLE)  # conftest names a row count for the other tests
-
-    def seconds(kernel, x):
-        bf16_wins = bf16_faster_from is not None and len(x) >= bf16_faster_from
-        return 1.0 if (kernel.__name__ == "in_bf16") != bf16_wins else 0.5
-
-    monkeypatch.setattr(quantize, "_seconds", seconds)
-    quantize._crossover_rows.cache_clear()
-    try:
-        linear = bf16_linear()
-        assert quantize._crossover_rows(48, 80, torch.get_num_threads()) == expected
-        for rows in (1, 15, 16, 300):
-            assert kernel_run(linear, torch.randn(rows, 48).bfloat16()) == ("in_fp32" if rows < expected else "in_bf16")
-    finally:
-        quantize._crossover_rows.cache_clear()
-
-
-def test_a_row_count_in_the_variable_that_is_not_a_number_is_an_error_naming_it(tiny_translator, monkeypatch):
-    monkeypatch.setenv(quantize.FP32_ROWS_VARIABLE, "few")
-    with pytest.raises(ValueError, match=r"TRANSLATOR_BF16_FP32_ROWS='few': expected a whole number of rows"):
-        bf16_model(tiny_translator.model)

@@ -3,7 +3,7 @@
 bf16: every weight cast to bf16 once. Under autocast each step would cast every weight again,
 the tied output projection's D x V table included: the copy decodes 4-8% faster in single-thread
 workers (the same speed in one process of 2 threads; Multi30k model, AMD EPYC with avx512_bf16,
-docs/deployment.md). Its Linear layers multiply few rows in fp32 on the same values (`Bf16Linear`).
+docs/deployment.md).
 
 int8: every matmul with a weight (the Linear layers and the tied output
 projection) runs on int8 weights, one scale per output row, with the activations quantized
@@ -25,14 +25,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import math
 import os
 import time
 import warnings
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from .ensemble import Ensemble
 from .model import Transformer
@@ -40,77 +38,7 @@ from .model import Transformer
 
 def bf16_model(model: Transformer | Ensemble) -> Transformer | Ensemble:
     """A copy of `model` whose weights and activations are bf16 (the original is untouched)."""
-    low = copy.deepcopy(model).to(torch.bfloat16).eval()
-    for module in list(low.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, name, Bf16Linear(child))
-    return low
-
-
-FP32_ROWS_VARIABLE = "TRANSLATOR_BF16_FP32_ROWS"  # set: the rows below which every bf16 Linear runs in fp32, untimed
-
-
-class Bf16Linear(nn.Module):
-    """A Linear of bf16 weights whose product with few rows runs in fp32 on the same values: widened (exactly),
-    multiplied, rounded back to bf16. The bf16 kernel sums in fp32 too, so the two differ only in the order of the sum.
-
-    oneDNN's bf16 kernel costs about 25 us a call however few its rows (Intel Xeon with AMX; 192 x 768 at one row:
-    37 us, fp32 11 us), and a decoding step of one sentence multiplies one row (five with beam 5) per Linear. So
-    below the rows at which the bf16 kernel runs this shape as fast as fp32 (timed once per process and thread
-    count, `_crossover_rows`; or $TRANSLATOR_BF16_FP32_ROWS), the fp32 kernel runs: one sentence at a time
-    decodes 1.3x faster there (docs/deployment.md, "Session 40")."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
-        self.register_buffer("wide_weight", linear.weight.detach().float(), persistent=False)
-        self.register_buffer("wide_bias", None if linear.bias is None else linear.bias.detach().float(), persistent=False)
-        self.fixed_rows = _rows_variable()
-
-    def forward(self, x: Tensor) -> Tensor:
-        rows = self.fixed_rows if self.fixed_rows is not None else _crossover_rows(self.in_features, self.out_features, torch.get_num_threads())
-        return self.in_fp32(x) if x.numel() < rows * x.size(-1) else self.in_bf16(x)
-
-    def in_bf16(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-    def in_fp32(self, x: Tensor) -> Tensor:
-        return F.linear(x.float(), self.wide_weight, self.wide_bias).to(x.dtype)
-
-
-def _rows_variable() -> int | None:
-    value = os.environ.get(FP32_ROWS_VARIABLE)
-    if value is None:
-        return None
-    if not value.isdigit():
-        raise ValueError(f"{FP32_ROWS_VARIABLE}={value!r}: expected a whole number of rows (0: the bf16 kernel always)")
-    return int(value)
-
-
-CROSSOVER_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # tried in turn until the bf16 kernel wins
-
-
-@functools.cache
-@torch.no_grad()
-def _crossover_rows(in_features: int, out_features: int, threads: int) -> float:
-    """The fewest of CROSSOVER_ROWS that a bf16 Linear of this shape multiplies at least as fast in its bf16 kernel
-    as in fp32 (best of 3 each, after a call that compiles the kernel; a few ms), or infinity: bf16 emulated."""
-    generator = torch.Generator().manual_seed(0)
-    linear = torch.nn.utils.skip_init(nn.Linear, in_features, out_features, dtype=torch.bfloat16)  # no draw from the global generator
-    linear.weight.copy_(torch.randn(out_features, in_features, generator=generator))
-    linear.bias.zero_()
-    linear = Bf16Linear(linear)
-    for rows in CROSSOVER_ROWS:
-        x = torch.randn(rows, in_features, generator=generator).bfloat16()
-        seconds = {}
-        for kernel in (linear.in_bf16, linear.in_fp32):
-            kernel(x)
-            seconds[kernel.__name__] = min(_seconds(kernel, x) for _ in range(3))
-        if seconds["in_bf16"] <= seconds["in_fp32"]:
-            return rows
-    return math.inf
+    return copy.deepcopy(model).to(torch.bfloat16).eval()
 
 
 def int8_model(model: Transformer | Ensemble) -> Transformer | Ensemble:
