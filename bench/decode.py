@@ -124,7 +124,7 @@ def ctranslate2_runs(model_dir: str, translator: Translator, sentences: list[str
             label = f"CTranslate2 {quantization}" + (f", {workers} workers x {threads // workers} thread" if workers > 1 else "")
             for name, beam in (("greedy", 1), ("beam 5, first_k", 5)):  # its beam search stops at the first K finished
                 runs[(name, beam, label)] = lambda ct2=ct2, beam=beam: translate(ct2, pieces, beam)
-        # One sentence a call on one thread, ours too: on 2 its greedy int8 took 49.7 against 3.6 ms (docs/deployment.md, session 40).
+        # One sentence a call on one thread, as ours: on 2, CTranslate2 int8 took 49.7 ms a greedy sentence, on one 3.6 (docs/deployment.md, session 40).
         ct2 = ctranslate2.Translator(str(out), device="cpu", inter_threads=1, intra_threads=1)
         for name, beam in (("greedy", 1), ("beam 5, first_k", 5)):
             runs[(name, beam, f"CTranslate2 {quantization},{ALONE}")] = lambda ct2=ct2, beam=beam: [

@@ -2,7 +2,9 @@
 
 import copy
 import gc
+import multiprocessing
 import os
+import pickle
 import re
 import signal
 import socket
@@ -80,6 +82,43 @@ def test_workers_go_when_their_translator_is_collected(tiny_translator, monkeypa
     del translator
     gc.collect()
     assert len(pids) == 2 and not any(alive(pid) for pid in pids)
+
+
+def test_attention_maps_come_back_from_workers_under_a_low_limit_of_open_files(tiny_model_dir):
+    """Workers hand their answers back by value: 60 sentences' maps are 180 tensors, and shared through file
+    descriptors (pipe.send's pickler) they would pass a limit of 64 open files. The maps equal one process's."""
+    sentences = SENTENCES * 12
+    program = ("import resource, pickle, sys, translator; resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)); "
+               f"t = translator.Translator.from_pretrained({str(tiny_model_dir)!r}, workers=2); "
+               f"maps = [tr.attention for tr in t.translate({sentences!r}, beam_size=1, return_attention=True)]; "
+               "sys.stdout.buffer.write(pickle.dumps([(m.encoder, m.decoder, m.cross) for m in maps]))")
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    in_workers = pickle.loads(result.stdout)
+    alone = Translator.from_pretrained(tiny_model_dir).translate(sentences, beam_size=1, return_attention=True)
+    assert len(in_workers) == len(alone) == 60
+    for got, expected in zip(in_workers, alone):
+        for tensor, reference in zip(got, (expected.attention.encoder, expected.attention.decoder, expected.attention.cross)):
+            torch.testing.assert_close(tensor, reference)
+
+
+def test_a_fork_that_fails_takes_the_workers_forked_before_it(tiny_translator, monkeypatch):
+    """Out of memory or processes at the third fork: the error reaches the caller, and the two workers
+    already forked do not stay behind (no Translator holds them, so nothing else would end them)."""
+    started = []
+    start = multiprocessing.context.ForkProcess.start
+
+    def third_fails(process):
+        if len(started) == 2:
+            raise OSError(12, "Cannot allocate memory")
+        start(process)
+        started.append(process)
+
+    monkeypatch.setattr(multiprocessing.context.ForkProcess, "start", third_fails)
+    translator = Translator(tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe, workers=3)
+    with pytest.raises(OSError, match="Cannot allocate memory"):
+        translator.translate(SENTENCES, beam_size=1)
+    assert len(started) == 2 and not any(process.is_alive() for process in started)
 
 
 @pytest.mark.parametrize("end", ["exits", "is killed"])

@@ -47,7 +47,10 @@ def _serve(translator, threads: int, pipe) -> None:
             answer = True, translator._translate(sources, **options)
         except Exception as e:  # the caller raises it, as one process would have, if it crosses the pipe whole
             answer = False, e if _crosses_a_pipe(e) else RuntimeError(f"in a decoding worker: {e!r}")
-        pipe.send(answer)
+        # By value: pipe.send's pickler (torch's, once torch is imported) would move every tensor of the answer
+        # (attention maps: 3 a translation) into shared memory, a file descriptor each, and a few hundred
+        # sentences would pass a limit of 1,024 open files.
+        pipe.send_bytes(pickle.dumps(answer))
 
 
 def _crosses_a_pipe(error: Exception) -> bool:
@@ -91,14 +94,19 @@ class DecodingWorkers:
         context = multiprocessing.get_context("fork")
         threads = max(1, torch.get_num_threads() // workers)
         self.pipes, self.processes = [], []
+        self._finalizer = weakref.finalize(self, _kill, self.processes, self.pipes)  # kills those started, if a fork fails
         for _ in range(workers):
             pipe, child_end = context.Pipe()
-            process = context.Process(target=_serve, args=(translator, threads, child_end), daemon=True)
-            process.start()
-            child_end.close()  # the worker's end: recv() here then sees EOF if the worker dies
             self.pipes.append(pipe)
+            process = context.Process(target=_serve, args=(translator, threads, child_end), daemon=True)
+            try:
+                process.start()
+            except BaseException:  # out of memory or processes: the workers forked so far go too
+                self.close()
+                raise
+            finally:
+                child_end.close()  # the worker's end: recv() here then sees EOF if the worker dies
             self.processes.append(process)
-        self._finalizer = weakref.finalize(self, _kill, self.processes, self.pipes)
 
     @property
     def alive(self) -> bool:
@@ -134,7 +142,7 @@ class DecodingWorkers:
         try:
             for pipe, job in zip(self.pipes, jobs):
                 pipe.send(job)
-            return [pipe.recv() for pipe in self.pipes]
+            return [pickle.loads(pipe.recv_bytes()) for pipe in self.pipes]
         except (EOFError, BrokenPipeError, ConnectionResetError):
             self.close()  # joins them: their exit codes are known then
             codes = [process.exitcode for process in self.processes]
