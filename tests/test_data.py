@@ -291,6 +291,16 @@ def test_tsv_line_without_exactly_one_tab_names_the_file_and_line(tmp_path, line
         load_split(DataConfig(path=str(tmp_path)), "train")
 
 
+def test_a_blank_tsv_line_is_an_empty_pair_as_a_blank_line_of_line_aligned_files(tmp_path):
+    data = rows(3)
+    lines = [f"{r['de']}\t{r['en']}" for r in data[:1]] + ["", f"{data[1]['de']}\t{data[1]['en']}", "  ", f"{data[2]['de']}\t{data[2]['en']}", ""]
+    (tmp_path / "train.tsv").write_bytes("".join(line + "\r\n" for line in lines).encode())  # ends in a blank line
+    expected = [(data[0]["de"], data[0]["en"]), ("", ""), (data[1]["de"], data[1]["en"]), ("", ""), (data[2]["de"], data[2]["en"]), ("", "")]
+    pairs = load_split(DataConfig(path=str(tmp_path)), "train")
+    assert list(zip(pairs["src"], pairs["tgt"])) == expected
+    assert [(p["src"], p["tgt"]) for p in load_split(DataConfig(path=str(tmp_path)), "train", streaming=True)] == expected
+
+
 def test_plain_text_next_to_another_layout_is_an_error(tmp_path):
     write_line_aligned(tmp_path, "train", rows(3))
     write_split(tmp_path, "test", "jsonl", rows(3))

@@ -178,8 +178,8 @@ def _read_plain_text(files: tuple[str, ...], src_lang: str, tgt_lang: str, stats
     try:
         for number, lines in enumerate(zip(*streams), start=1):
             cells = [line.rstrip("\r\n") for line in lines]
-            if len(files) == 1:
-                cells = cells[0].split("\t")
+            if len(files) == 1:  # a blank line is an empty pair, as in line-aligned files (the filter drops it)
+                cells = cells[0].split("\t") if cells[0].strip() else ["", ""]
                 if len(cells) != 2:
                     raise DataError(f"{files[0]}, line {number}: expected source<TAB>target, found {len(cells)} field(s)")
             yield {src_lang: cells[0], tgt_lang: cells[1]}
