@@ -241,6 +241,15 @@ def test_line_aligned_files_read_in_either_direction_and_windows_line_ends(tmp_p
     assert (pairs["src"][:], pairs["tgt"][:]) == (FR, DE)
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_languages_named_src_and_tgt_load_either_way_round(tmp_path, streaming):
+    """fairseq's train.src + train.tgt: the languages' names are the names of the pair's own columns."""
+    write_line_aligned(tmp_path, "train", [{"src": d, "tgt": e} for d, e in zip(DE, EN)])
+    for (src_lang, tgt_lang), expected in ((("src", "tgt"), (DE, EN)), (("tgt", "src"), (EN, DE))):
+        pairs = load_split(DataConfig(path=str(tmp_path), src_lang=src_lang, tgt_lang=tgt_lang), "train", streaming=streaming)
+        assert [(pair["src"], pair["tgt"]) for pair in pairs] == list(zip(*expected))
+
+
 def test_plain_text_filters_like_every_layout(tmp_path):
     data = [{"de": "Ein Hund.", "en": "A dog."}, {"de": "Eine Katze.", "en": "   "}, {"de": "Hund " * 30, "en": "Dog."}]
     write_line_aligned(tmp_path, "train", data)

@@ -294,6 +294,8 @@ def to_pairs(dataset: datasets.Dataset | datasets.IterableDataset, src_lang: str
     columns = dataset.column_names or list(next(iter(dataset), {}))  # a stream may not know its columns before reading
     if src_lang in columns and tgt_lang in columns:
         dataset = dataset.select_columns([src_lang, tgt_lang])
+        if isinstance(dataset, datasets.IterableDataset):  # a stream refuses to rename onto a name it holds (languages "src", "tgt")
+            return dataset.map(lambda row: {"src": row[src_lang], "tgt": row[tgt_lang]}, remove_columns=[src_lang, tgt_lang])
         return dataset.rename_columns({src_lang: "src", tgt_lang: "tgt"})
     if "translation" in columns:
         # datasets.Translation (wmt14), a dict of Values, or in a stream of unknown features the first example's keys.
