@@ -111,8 +111,14 @@ def test_a_run_directory_is_never_overwritten_and_resume_needs_a_checkpoint(tmp_
     (out / WEIGHTS).write_bytes(b"a finished run's weights")
     again = subprocess.run([sys.executable, "-m", "translator", "train", str(TINY_RECIPE), "--set", f"out_dir={out}",
                             "--set", f"data.path={toy_corpus}"], capture_output=True, text=True)
-    assert again.returncode == 2 and "already holds a run" in again.stderr and "--resume" in again.stderr
-    assert (out / WEIGHTS).read_bytes() == b"a finished run's weights"
+    # Weights alone (a run stopped before its first checkpoint, an averaged or saved model): nothing to resume, so no
+    # --resume is offered, which would only answer "no checkpoint".
+    assert again.returncode == 2 and f"holds a model ({WEIGHTS}) and no checkpoint to resume from" in again.stderr
+    assert "--resume" not in again.stderr and (out / WEIGHTS).read_bytes() == b"a finished run's weights"
+    (out / "checkpoints" / "step_00000004").mkdir(parents=True)
+    with_checkpoint = subprocess.run([sys.executable, "-m", "translator", "train", str(TINY_RECIPE), "--set", f"out_dir={out}",
+                                      "--set", f"data.path={toy_corpus}"], capture_output=True, text=True)
+    assert with_checkpoint.returncode == 2 and "already holds a run; pass --resume" in with_checkpoint.stderr
 
 
 def test_a_run_folder_in_use_by_another_training_process_is_refused_untouched(tmp_path, toy_corpus):

@@ -283,8 +283,11 @@ def _checkpoint_to_resume(recipe: Recipe, resume: bool, say) -> Path | None:
         say(f"{out}: {done} (left by an interrupted write)")
     checkpoints = training_checkpoints(out)
     if not resume:
-        if checkpoints or (out / WEIGHTS).exists():
+        if checkpoints:
             raise RecipeError(f"out_dir: {out} already holds a run; pass --resume to continue it, or choose another out_dir")
+        if (out / WEIGHTS).exists():  # a model (averaged, exported, or a run's first weights) with nothing to resume from
+            raise RecipeError(f"out_dir: {out} holds a model ({WEIGHTS}) and no checkpoint to resume from; choose another "
+                              "out_dir, or move the model away to train afresh")
         return None
     if not checkpoints:
         raise RecipeError(f"out_dir: {out} holds no checkpoint to resume from (train without --resume to start it afresh)")
