@@ -2,6 +2,7 @@
 
     python bench/serve.py --model runs/multi30k_de_en
     python bench/serve.py --model runs/multi30k_de_en --clients 1 8 32 --requests 320 --time-limit 60
+    python bench/serve.py --model runs/multi30k_de_en --precision fp32   # both servers at this precision (default: auto)
 
 Each client sends one sentence per request (Multi30k test sentences, in order) and waits for the
 answer before sending the next. Two servers run one after the other on a free local port: the
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=320, help="answers per row at most (default 320)")
     parser.add_argument("--time-limit", type=float, default=60, help="seconds per row at most (default 60)")
     parser.add_argument("--beam-size", type=int, default=None, help="sent with every request (default: the recipe's)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"], help="both servers' --precision")
     parser.add_argument("--json", action="store_true", help="also print the rows as JSON lines")
     args = parser.parse_args()
 
@@ -108,7 +110,7 @@ def main() -> None:
 
     rows = []
     for name, flags in (("batching", ()), ("one at a time", ("--set", "decode.max_tokens=1"))):
-        process, url = start_server(args.model, *flags)
+        process, url = start_server(args.model, "--precision", args.precision, *flags)
         try:
             for clients in args.clients:
                 row = asyncio.run(load(url, pair, sentences, clients, args.requests, args.time_limit, fields))
