@@ -67,6 +67,12 @@ def test_average_last_checkpoints_at_the_end_and_through_the_cli(tmp_path, toy_c
                             capture_output=True, text=True, cwd=out / "checkpoints")  # names without their folders
     assert inside.returncode == 0, inside.stderr
     assert all(torch.equal(load_file(tmp_path / "inside" / WEIGHTS)[k], written[k]) for k in written)
+    first, second, last = training_checkpoints(out)
+    (tmp_path / "latest").symlink_to(last, target_is_directory=True)
+    relative = subprocess.run([sys.executable, "-m", "translator", "average", ".", f"../{second.name}", str(tmp_path / "latest"),
+                               "-o", str(tmp_path / "relative")], capture_output=True, text=True, cwd=first)  # "..", and a link
+    assert relative.returncode == 0, relative.stderr
+    assert all(torch.equal(load_file(tmp_path / "relative" / WEIGHTS)[k], written[k]) for k in written)
 
 
 def test_average_last_must_fit_the_kept_checkpoints():

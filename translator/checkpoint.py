@@ -429,7 +429,7 @@ def average_weights(directories: list[Path]) -> dict[str, torch.Tensor]:
 
 def _model_dir_of(directory: Path) -> Path:
     """A model directory itself, or the run (model directory) a training checkpoint belongs to."""
-    checkpoint = Path(directory).absolute()  # absolute: "step_00000010" given from inside checkpoints/ has parents too
+    checkpoint = Path(directory).resolve()  # "step_00000010" given from inside checkpoints/, "../step_N" or a link: its real parents
     source = checkpoint if (checkpoint / CONFIG).is_file() else checkpoint.parent.parent  # run_dir/checkpoints/step_N -> run_dir
     if not (source / CONFIG).is_file():
         raise CheckpointError(f"{checkpoint}: neither a model directory nor a training checkpoint of one (no {CONFIG} in it or in {source})")
