@@ -117,3 +117,28 @@ def test_two_processes_fine_tune_like_one_accumulating_their_batches(tmp_path, t
     trained, tuned = ([e["valid_bleu"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "valid_bleu" in e]
                       for run in (tiny_model_dir, tmp_path / "two"))
     assert tuned[0] > 0.7 * trained[-1]  # from fresh weights, updates at this learning rate translate next to nothing (test_fine_tuning.py)
+
+
+WAITS_FOR_RANK_0 = """
+import datetime, time
+import torch.distributed as dist
+from translator.distributed import join
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=3))  # the training collectives' limit, made short
+world = join()
+with world.main_first():
+    if world.is_main:
+        time.sleep(8)  # rank 0 alone preparing the corpus, past that limit
+value = world.from_main("ready" if world.is_main else None)
+print(world.rank, value, flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_wait_for_rank_0_past_the_collectives_timeout(tmp_path):
+    """Rank 0 prepares the data alone (a large corpus: hours) while the others wait. They wait through World's own gloo
+    group: under the default group NCCL's watchdog would end a wait of 10 minutes (here: 3 seconds) and the job with it."""
+    script = tmp_path / "waits.py"
+    script.write_text(WAITS_FOR_RANK_0)
+    result = subprocess.run([*torchrun(2), str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(result.stdout.split()) == ["0", "1", "ready", "ready"]

@@ -121,6 +121,20 @@ def test_symmetric_kl_value_and_gradients_equal_the_written_out_form(monkeypatch
     assert results[0][0] > 0  # the premise: the two distributions differ
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_symmetric_kl_on_every_device_equals_the_written_out_form(device):
+    (a, target), (b, _) = logits_and_targets(seed=0), logits_and_targets(seed=1)
+    a, b = (x.detach().to(device).requires_grad_() for x in (a, b))
+    counted = (target != PAD).to(device)
+    exact_a, exact_b = (x.detach().clone().requires_grad_() for x in (a, b))
+    (3.0 * symmetric_kl(a, b, counted)).backward()
+    (3.0 * written_out_symmetric_kl(exact_a, exact_b, counted)).backward()
+    for ours, reference in ((a, exact_a), (b, exact_b)):
+        torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-5, atol=1e-6)
+        assert ours.grad[~counted].abs().sum() == 0
+    torch.testing.assert_close(symmetric_kl(a, b, counted), written_out_symmetric_kl(a, b, counted), rtol=1e-5, atol=1e-6)
+
+
 def test_symmetric_kl_of_bf16_logits_gets_bf16_gradients_close_to_the_fp32_ones():
     (a, target), (b, _) = logits_and_targets(dtype=torch.bfloat16, seed=0), logits_and_targets(dtype=torch.bfloat16, seed=1)
     counted = target != PAD

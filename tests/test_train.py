@@ -109,3 +109,11 @@ def test_rdrop_adds_alpha_times_the_symmetric_kl_of_two_dropout_passes():
     kl = torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum") + torch.nn.functional.kl_div(p, q, log_target=True, reduction="sum")
     torch.testing.assert_close(loss, ce + 5.0 * kl / 2 / counted.sum())
     assert kl > 0
+
+
+def test_a_batch_is_counted_where_it_was_built_and_carries_its_count_to_the_device():
+    """train_step scales each batch's loss by its target tokens: counted on a GPU batch, the count would wait for
+    the GPU at every micro-batch (a host sync). The meta device holds no values, so a count made there fails."""
+    batch = Batch.of([[5, 6, 7], [5]], [[8, 9], [8, 9, 10, 11]])
+    moved = batch.to(torch.device("meta"))
+    assert moved.tgt_out.is_meta and moved.n_tgt_tokens == batch.n_tgt_tokens == 8  # 2 + 4 pieces, and an eos each

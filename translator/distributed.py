@@ -8,6 +8,7 @@ validates, logs and writes.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+OBJECTS_TIMEOUT = datetime.timedelta(days=1)  # how long ranks wait for rank 0 (World.objects)
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class World:
     rank: int = 0
     size: int = 1
     device: torch.device = torch.device("cpu")  # where collectives' tensors live: NCCL reduces GPU tensors only
+    objects: dist.ProcessGroup | None = None  # gloo, for Python objects and waits on rank 0 (join); None: the default group
 
     @property
     def is_main(self) -> bool:
@@ -48,7 +51,7 @@ class World:
         if self.size == 1:
             return [value]
         values = [None] * self.size
-        dist.all_gather_object(values, value)
+        dist.all_gather_object(values, value, group=self.objects)
         return values
 
     def from_main(self, value):
@@ -56,7 +59,7 @@ class World:
         if self.size == 1:
             return value
         box = [value]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.objects)
         return box[0]
 
     def computed_by_main(self, compute: Callable[[], T]) -> T:
@@ -67,10 +70,10 @@ class World:
     def main_first(self):
         """Rank 0 runs the block first (downloads, tokenisation caches), the others after it, from its results."""
         if not self.is_main:
-            dist.barrier()
+            dist.barrier(group=self.objects)
         yield
         if self.is_main and self.size > 1:
-            dist.barrier()
+            dist.barrier(group=self.objects)
 
     def weights_agree(self, model: torch.nn.Module) -> bool:
         """Whether every rank holds bitwise the same weights (they must, after data-parallel updates)."""
@@ -91,7 +94,11 @@ def join(device: torch.device = torch.device("cpu")) -> World:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return World(dist.get_rank(), size, device)
+    # Python objects (an epoch's batches, validation verdicts) and the waits for rank 0 go through a gloo group: NCCL
+    # would carry them through GPU memory, and its watchdog ends any wait over 10 minutes (gloo's default: 30), where
+    # rank 0 alone may prepare a large corpus for hours. A rank that fails ends the job through torchrun, not a timeout.
+    objects = dist.new_group(backend="gloo", timeout=OBJECTS_TIMEOUT)
+    return World(dist.get_rank(), size, device, objects)
 
 
 def leave(world: World) -> None:

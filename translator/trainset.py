@@ -4,6 +4,7 @@ and batched in memory, segmented anew each epoch (subword sampling), or streamed
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -91,7 +92,7 @@ class Batch:
         """Padded tensors from token lists without specials."""
         return cls(source_tensor(src_ids), *target_tensors(tgt_ids))
 
-    @property
+    @functools.cached_property
     def n_tgt_tokens(self) -> int:
         return int((self.tgt_out != 0).sum())
 
@@ -102,7 +103,9 @@ class Batch:
         return pads, self.src.numel() + self.tgt_out.numel()
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device))
+        moved = Batch(self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device))
+        moved.n_tgt_tokens = self.n_tgt_tokens  # counted here: on a GPU batch, counting waits for the GPU (a host sync)
+        return moved
 
 
 class TrainBatches:
