@@ -44,7 +44,7 @@ from translator import Translator
 from translator.batching import source_tensor
 from translator.config import DataConfig, DecodeConfig, load_recipe
 from translator.data import load_split
-from translator.devices import ONEDNN_CACHE_ENV, describe, keep_freed_memory, pick_device, synchronize
+from translator.devices import describe, keep_freed_memory, kept_kernels, pick_device, synchronize
 from translator.evaluate import score
 from translator.export import export_ctranslate2
 from translator.model import Transformer
@@ -258,7 +258,7 @@ def main() -> None:
                 translator, sentences[:ALONE_SENTENCES], beam_size=beam, beam_stop=stop, precision=precision)
     machine = (f"{describe(translator.device)}; decode.precision auto picks {translator.precision('auto')}; "  # before CTranslate2 sets OpenMP's threads
                f"malloc keeps freed memory: {'yes' if keep_freed_memory() else 'no'} (set GLIBC_TUNABLES= to leave it to glibc); "
-               f"oneDNN kernels kept: {os.environ.get(ONEDNN_CACHE_ENV[0], 'its default')}")
+               f"oneDNN kernels kept: {kept_kernels()}")
     if args.ctranslate2:  # on AMD CPUs it multiplies int8 through oneDNN unless CT2_USE_MKL=1 (docs/deployment.md)
         machine += f"; CTranslate2 {version('ctranslate2')}, CT2_USE_MKL={os.environ.get('CT2_USE_MKL', 'unset')}"
         runs |= ctranslate2_runs(args.model, translator, sentences, args.threads, Path(tempfile.mkdtemp(prefix="bench_ct2_")))

@@ -46,7 +46,7 @@ from benchtable import print_table  # bench/, on the path as the script's folder
 from translator.config import ModelConfig, TrainConfig, load_recipe
 from translator.data import load_split
 from translator.trainset import TrainBatches, filter_pairs, tokenize
-from translator.devices import ONEDNN_CACHE_ENV, describe, keep_compiled_kernels, keep_freed_memory, pick_device, resolve_precision, synchronize
+from translator.devices import describe, keep_compiled_kernels, keep_freed_memory, kept_kernels, pick_device, resolve_precision, synchronize
 from translator.model import Transformer
 from translator.tokenizer import Tokenizer, interleave
 from translator.train import optimizer_and_schedule, train_step
@@ -216,7 +216,7 @@ def main() -> None:
     print(f"# Multi30k de-en batches, d_model {model_cfg.d_model}, {model_cfg.encoder_layers}+{model_cfg.decoder_layers} layers, "
           f"{model_cfg.n_heads} heads, ff {model_cfg.d_ff}, {cfg.max_tokens}-token batches, R-Drop alpha {cfg.rdrop_alpha}, {args.steps} timed steps, "
           f"torch {torch.__version__}, peak RSS {rss:.0f} MiB, malloc keeps freed memory: {'yes' if kept else 'no'}, "
-          f"oneDNN kernels kept: {os.environ.get(ONEDNN_CACHE_ENV[0], 'its default')}")
+          f"oneDNN kernels kept: {kept_kernels()}")
     print_table(rows, list(dict.fromkeys(c for r in rows for c in r)))
 
 

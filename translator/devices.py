@@ -155,3 +155,8 @@ def keep_compiled_kernels() -> bool:
         return False
     os.environ[ONEDNN_CACHE_ENV[0]] = str(ONEDNN_KERNELS_KEPT)
     return True
+
+
+def kept_kernels() -> str:
+    """How many compiled kernels oneDNN keeps, as the environment says (for benchmarks' headers)."""
+    return next((os.environ[name] for name in ONEDNN_CACHE_ENV if name in os.environ), "its default")
