@@ -341,6 +341,19 @@ def test_a_model_directory_and_its_checkpoints_are_readable_as_plain_files_and_d
     assert {stat.S_IMODE(d.stat().st_mode) for d in directories} == {0o777 & ~umask}
 
 
+def test_a_staged_output_keeps_the_mode_of_the_file_it_replaces(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    private, fresh = tmp_path / "private.txt", tmp_path / "fresh.txt"
+    private.write_text("old\n")
+    private.chmod(0o600)  # translations of confidential text, kept from other users
+    for path in (private, fresh):
+        with staged_text_file(path) as f:
+            f.write("new\n")
+    assert private.read_text() == "new\n" and stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask  # a new file: what open() would give, not mkstemp's 0600
+
+
 def test_a_staged_output_replaces_a_links_target_and_writes_through_a_pipe(tmp_path):
     target, link = tmp_path / "real.txt", tmp_path / "link.txt"
     target.write_text("old\n")

@@ -91,7 +91,8 @@ def staged_text_file(path: Path) -> Iterator[TextIO]:
     """A text file written beside `path` and renamed onto it when the block ends without an error:
     `path` holds the old file or the whole new one, and a failure leaves nothing behind. Opened up
     front, so that a path that cannot be written fails before the work whose output it is. A path
-    that is not a regular file (a pipe, a device) is written into, as it is."""
+    that is not a regular file (a pipe, a device) is written into, as it is; a file replaced keeps its mode
+    (a 0600 file of translations does not become world-readable), as `sed -i` keeps it."""
     if path.exists() and not path.is_file():  # a pipe, a device, /dev/stdout, bash's >(gzip > out.gz): written through
         with open(path, "w", encoding="utf-8") as f:
             yield f
@@ -103,7 +104,10 @@ def staged_text_file(path: Path) -> Iterator[TextIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave `path` empty
-        plain_mode(staging)
+        if path.exists():
+            shutil.copymode(path, staging)
+        else:
+            plain_mode(staging)
         os.replace(staging, path)
     finally:
         Path(staging).unlink(missing_ok=True)
