@@ -90,6 +90,19 @@ def test_embeddings_are_shared_and_the_default_size_has_about_7_6m_parameters():
     assert 7.4e6 < model.num_parameters() < 7.8e6
 
 
+def test_training_changes_no_buffer():
+    """Data-parallel training does not broadcast buffers (train.py): that holds while every buffer is
+    built alike on each rank and no training step changes it, as batch norm's running means would."""
+    model = make_model(dropout=0.1).train()
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    assert list(before) == ["positions.table"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randint(4, 50, (2, 6)), torch.randint(4, 50, (2, 5))).sum().backward()
+    optimizer.step()
+    assert all(torch.equal(buffer, before[name]) for name, buffer in model.named_buffers())
+    assert torch.equal(make_model().positions.table, before["positions.table"])  # another rank's model builds the same
+
+
 def test_sinusoidal_positions_follow_the_formula():
     table = SinusoidalPositions(d_model=8, max_positions=20)(0, 20)
     pos, i = 7, 2
