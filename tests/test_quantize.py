@@ -115,21 +115,40 @@ def test_int8_translations_agree_with_fp32_and_n_best_is_sorted(tiny_translator)
         assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
 
 
+def negate_in_place(model):
+    with torch.no_grad():
+        model.embedding.weight.mul_(-1)  # as an optimizer step would
+
+
+def negate_by_assigning(model):
+    # New tensors, whose in-place write counts start at 0 again, as the old ones' did
+    model.load_state_dict({name: -p if name == "embedding.weight" else p.clone() for name, p in model.state_dict().items()}, assign=True)
+
+
+@pytest.mark.parametrize("change", [negate_in_place, negate_by_assigning])
 @pytest.mark.parametrize("name", ["int8", "bf16"])
-def test_a_copy_is_built_once_and_again_when_the_weights_change(tiny_translator, name):
+def test_a_copy_is_built_once_and_again_when_the_weights_change(tiny_translator, name, change):
     translator = Translator(copy.deepcopy(tiny_translator.model), tiny_translator.tokenizer, tiny_translator.recipe)
     low = translator.precision(name)
     first = translator.decoding_model(low)
     assert translator.decoding_model(low) is first
     assert translator.decoding_model(translator.precision("fp32")) is translator.model
-    with torch.no_grad():
-        translator.model.embedding.weight.mul_(-1)  # as an optimizer step would, in place
+    change(translator.model)
     second = translator.decoding_model(low)
     assert second is not first
     outputs = torch.ones(1, translator.model.d_model, dtype=second.embedding.weight.dtype)  # bf16 for the bf16 copy
     with torch.inference_mode():
         before, after = first.logits(outputs).float(), second.logits(outputs).float()
     assert torch.allclose(after, -before, atol=0.02 * before.abs().max().item())  # the new weights, quantized
+
+
+def test_a_model_made_under_inference_mode_decodes_at_every_precision(tiny_translator):
+    with torch.inference_mode():  # its weights are inference tensors, which count no writes
+        model = copy.deepcopy(tiny_translator.model)
+    translator, reference = (Translator(m, tiny_translator.tokenizer, tiny_translator.recipe, workers=2) for m in (model, tiny_translator.model))
+    for precision in ("fp32", "bf16", "int8"):  # int8 in two workers as well: a share's activation scales are its own
+        assert translator.translate(SENTENCES, beam_size=1, precision=precision) == reference.translate(SENTENCES, beam_size=1, precision=precision)
+    translator.close(), reference.close()
 
 
 def test_int8_is_refused_on_a_gpu_naming_the_key():

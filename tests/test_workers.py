@@ -269,13 +269,22 @@ def test_an_overlong_sentence_is_warned_of_or_refused_in_the_callers_process_by_
 def test_workers_decode_with_the_weights_of_the_moment(tiny_translator):
     model = copy.deepcopy(tiny_translator.model)
     translator = Translator(model, tiny_translator.tokenizer, tiny_translator.recipe, workers=2)
+
+    def alone():
+        return Translator(model, tiny_translator.tokenizer, tiny_translator.recipe).translate(SENTENCES, beam_size=1)
+
     before = translator.translate(SENTENCES, beam_size=1)
+    torch.manual_seed(0)
+    noisy = {name: p + torch.randn_like(p) * 0.5 for name, p in model.state_dict().items()}
+    model.load_state_dict(noisy, assign=True)  # new tensors (a reload), whose counts of in-place writes are 0 as before
+    after = translator.translate(SENTENCES, beam_size=1)
+    assert after == alone() and after != before  # the noise changed the translations, so the comparison means something
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.5)  # as training would between two validations, in place
-    after = translator.translate(SENTENCES, beam_size=1)
-    assert after == Translator(model, tiny_translator.tokenizer, tiny_translator.recipe).translate(SENTENCES, beam_size=1)
-    assert after != before  # the noise changed the translations, so the comparison above means something
+    moved = translator.translate(SENTENCES, beam_size=1)
+    assert moved == alone() and moved != after
+    translator.close()
 
 
 @pytest.mark.parametrize("workers", [0, -1, True, 1.5, "2"])

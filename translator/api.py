@@ -29,7 +29,7 @@ from .config import DecodeConfig, Recipe, RecipeError, recipe_from_dict
 from .devices import Precision, keep_compiled_kernels, keep_freed_memory, pick_device, resolve_precision
 from .ensemble import Ensemble
 from .model import Transformer
-from .quantize import bf16_model, int8_model, weights_version
+from .quantize import WeightsVersion, bf16_model, int8_model
 from .search import Hypothesis, Sampling, beam_search, forced_log_probs, greedy_search, max_output_lengths, sample
 from .tokenizer import PAD_ID, Tokenizer
 from .workers import DecodingWorkers
@@ -114,7 +114,7 @@ class Translator:
         self.workers = workers
         keep_freed_memory()
         keep_compiled_kernels()
-        self._copies: dict[str, tuple[tuple[int, ...], Transformer]] = {}  # precision -> (weights version, copy), built on first use
+        self._copies: dict[str, tuple[WeightsVersion, Transformer]] = {}  # precision -> (weights version, copy), built on first use
         self._workers: tuple[tuple, DecodingWorkers] | None = None  # (what they were forked with, the workers), on first use
 
     @classmethod
@@ -278,7 +278,7 @@ class Translator:
         build = {"int8": int8_model, "bf16": bf16_model}.get(precision.name) if self.device.type == "cpu" else None
         if build is None:
             return self.model
-        version = weights_version(self.model)
+        version = WeightsVersion(self.model)
         if self._copies.get(precision.name, (None,))[0] != version:
             self._copies[precision.name] = version, build(self.model)
         return self._copies[precision.name][1]
@@ -288,7 +288,7 @@ class Translator:
         precision's copy was built since) or one has died. The copy is built first, so that the
         workers share it rather than each building its own."""
         self.decoding_model(self.precision(decode.precision))
-        holds = weights_version(self.model), sorted((name, version) for name, (version, _) in self._copies.items())
+        holds = WeightsVersion(self.model), sorted((name, version) for name, (version, _) in self._copies.items())
         if self._workers is None or self._workers[0] != holds or not self._workers[1].alive:
             if self._workers is not None:
                 self._workers[1].close()

@@ -28,6 +28,7 @@ import functools
 import os
 import time
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -121,7 +122,17 @@ def _seconds(module: nn.Module, rows: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def weights_version(model: nn.Module) -> tuple[int, ...]:
-    """Changes whenever a weight is written in place (an optimizer step, load_state_dict), which makes
-    a lower-precision copy stale: a Translator over a model still being trained, or loaded anew."""
-    return tuple(p._version for p in model.parameters())
+class WeightsVersion:
+    """Which weights a lower-precision copy (or a decoding worker) was made from: the same parameter
+    objects, at the same count of in-place writes. It changes with an optimizer step or load_state_dict,
+    in place or with assign=True (new tensors, whose counts start again at 0), so the copy is stale:
+    a Translator over a model still being trained, or loaded anew. Torch counts no write through
+    `.data`, nor any to a tensor made under inference_mode (compared by identity alone)."""
+
+    def __init__(self, model: nn.Module):
+        # Held weakly: a replaced weight is freed; a dead reference never matches a live parameter.
+        self._weights = [(weakref.ref(p), 0 if p.is_inference() else p._version) for p in model.parameters()]
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, WeightsVersion) and len(self._weights) == len(other._weights)
+                and all(a() is not None and a() is b() and m == n for (a, m), (b, n) in zip(self._weights, other._weights)))
