@@ -118,7 +118,7 @@ def test_plot_attention_writes_a_png_and_refuses_bad_arguments_without_writing(t
     written = plot(SENTENCE, "-o", "maps.png", "--head", "2")
     assert written.returncode == 0, written.stderr
     assert (tmp_path / "maps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for bad in ([SENTENCE, "--head", "3"], [SENTENCE, "--head", "first"], [], ["  "]):
+    for bad in ([SENTENCE, "--head", "3"], [SENTENCE, "--head", "first"], [], ["  "], ["\u200b"]):  # U+200B: no pieces
         failed = plot(*bad, "-o", "bad.png")
         assert failed.returncode == 2 and failed.stderr.count("\n") == 1, failed.stderr
         assert not (tmp_path / "bad.png").exists()

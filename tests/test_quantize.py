@@ -85,11 +85,12 @@ def test_bf16_copy_is_bf16_throughout_and_its_logits_stay_close_to_fp32(tiny_tra
 
 @pytest.mark.parametrize("make_copy", [int8_model, bf16_model])
 def test_a_copy_leaves_the_model_untouched(tiny_translator, make_copy):
-    before = {k: v.clone() for k, v in tiny_translator.model.state_dict().items()}
-    make_copy(tiny_translator.model)
-    after = tiny_translator.model.state_dict()
+    model = copy.deepcopy(tiny_translator.model).train()  # a model being trained, validated on a copy
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not make_copy(model).training
+    after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert "logits" not in vars(tiny_translator.model)
+    assert "logits" not in vars(model) and model.training  # dropout still on
 
 
 @pytest.mark.parametrize("make_copy", [int8_model, bf16_model])

@@ -319,6 +319,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if args.head != "mean" and not (args.head.isdigit() and 1 <= int(args.head) <= heads):
         raise RecipeError(f"--head {args.head}: expected mean or a head from 1 to {heads}")
     translation = translator.translate(args.sentence, beam_size=args.beam_size, return_attention=True)
+    if translation.attention is None:  # all of it is what SentencePiece drops (U+200B, U+FEFF): nothing was decoded
+        raise RecipeError(f"translator plot --attention: the sentence {args.sentence!r} has no pieces, so no attention to plot")
     head = None if args.head == "mean" else int(args.head) - 1
     title = f"{args.sentence} -> {translation.text}"
     print(plot_attention(translation.attention, output, head, title))

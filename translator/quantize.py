@@ -53,7 +53,7 @@ def int8_model(model: Transformer | Ensemble) -> Transformer | Ensemble:
 
     with warnings.catch_warnings():  # torch marks torch.ao.quantization deprecated for torchao; it is still its fbgemm path
         warnings.simplefilter("ignore")
-        quantized = quantize_dynamic(model.eval(), {nn.Linear: per_channel_dynamic_qconfig}, inplace=False)
+        quantized = quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
         output = nn.Linear(model.d_model, model.embedding.num_embeddings, bias=False)
         output.weight, output.qconfig = model.embedding.weight, per_channel_dynamic_qconfig
         # The copy's own `logits` (outputs (..., D) -> (..., V)), in its __dict__ so that it wins over the
