@@ -43,6 +43,16 @@ def test_a_sentence_with_a_line_break_is_named_and_nothing_is_written(tiny_trans
     assert not (tmp_path / "made").exists()
 
 
+def test_a_folder_that_cannot_be_made_fails_before_the_teacher_translates(tiny_translator, toy_corpus, tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("kept\n")
+    translated = []
+    monkeypatch.setattr(tiny_translator, "translate", lambda sources, **options: translated.append(sources) or list(sources))
+    with pytest.raises(FileExistsError, match="a_file"):  # its parent is a file: hours of translating would be lost at the end
+        distill(tiny_translator, tmp_path / "a_file" / "distilled", replace(tiny_translator.recipe.data, path=str(toy_corpus)))
+    assert translated == [] and (tmp_path / "a_file").read_text() == "kept\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
 def test_the_command_refuses_an_existing_folder_before_translating(tiny_model_dir, toy_corpus, tmp_path):
     out = tmp_path / "distilled"
     out.mkdir()

@@ -23,19 +23,20 @@ from .data import DataError, load_split, texts
 def distill(teacher: Translator, out_dir: str | Path, data: DataConfig | None = None, progress: bool = False,
             rerank: Translator | None = None, rerank_weight: float | None = None) -> int:
     """Write the distilled folder for `data` (default: the teacher's own recipe's) to `out_dir`; return
-    the number of training sentences translated. Every split is read and translated before anything
-    is written: a failure leaves `out_dir` as it was (and the splits are held in memory meanwhile).
+    the number of training sentences translated. The files are written into a folder beside `out_dir`
+    and renamed onto it at the end: a failure leaves `out_dir` as it was, and a path that cannot be
+    written fails at once, not after hours of translating. The splits are held in memory meanwhile.
     `rerank`, `rerank_weight`: the teacher's beam reranked by a model of the reverse pair, as in translate()."""
     data = data or teacher.recipe.data
     splits = dict.fromkeys(s for s in (data.train_split, data.valid_split, data.test_split) if s)
-    for split in splits:
-        pairs = load_split(data, split)
-        splits[split] = texts(pairs["src"]), texts(pairs["tgt"])
-        _refuse_line_breaks(split, *splits[split])
-    sources, references = splits[data.train_split]
-    translations = teacher.translate(sources, progress=progress, rerank=rerank, rerank_weight=rerank_weight)
-    splits[data.train_split] = sources + sources, references + translations
     with staged_directory(Path(out_dir)) as staging:
+        for split in splits:
+            pairs = load_split(data, split)
+            splits[split] = texts(pairs["src"]), texts(pairs["tgt"])
+            _refuse_line_breaks(split, *splits[split])
+        sources, references = splits[data.train_split]
+        translations = teacher.translate(sources, progress=progress, rerank=rerank, rerank_weight=rerank_weight)
+        splits[data.train_split] = sources + sources, references + translations
         for split, (src, tgt) in splits.items():
             for lang, lines in ((data.src_lang, src), (data.tgt_lang, tgt)):
                 (staging / f"{split}.{lang}").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
