@@ -89,6 +89,20 @@ def test_bleu_tokenizer_follows_the_language_of_a_code_with_a_region_or_script(c
     assert "tok:13a" in score(HYPS, REFS, tgt_lang="de-AT").bleu_signature
 
 
+def test_a_bleu_tokenizer_that_cannot_be_downloaded_is_a_recipe_error_naming_it(monkeypatch, tmp_path):
+    import urllib.error
+
+    from sacrebleu.tokenizers import tokenizer_spm
+
+    def offline(url, path):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(tokenizer_spm, "SACREBLEU_DIR", str(tmp_path))  # nothing cached
+    monkeypatch.setattr(tokenizer_spm, "download_file", offline)
+    with pytest.raises(RecipeError, match=r"evaluate.tokenize='flores200' downloads .* Name or service not known"):
+        score(ZH_HYPS, ZH_REFS, tokenize="flores200")
+
+
 def test_bleu_tokenizer_override_wins_over_the_language():
     char = score(ZH_HYPS, ZH_REFS, tgt_lang="zh", tokenize="char")
     assert "tok:char" in char.bleu_signature

@@ -52,6 +52,10 @@ def bleu_metric(tgt_lang: str = "", tokenize: str | None = None, lowercase: bool
         extra = "sacrebleu[ko]" if "Korean" in str(e) else "sacrebleu[ja]"
         raise RecipeError(f"BLEU for data.tgt_lang={tgt_lang!r} (evaluate.tokenize={tokenize!r}) needs `pip install {extra}`, "
                           "or another tokenizer, e.g. --set evaluate.tokenize=char") from None
+    except OSError as e:  # flores101, flores200: a SentencePiece model fetched on first use, into sacreBLEU's cache
+        raise RecipeError(f"BLEU with evaluate.tokenize={tokenize!r} downloads its SentencePiece model into sacreBLEU's cache "
+                          f"(~/.sacrebleu, or $SACREBLEU) the first time, and that failed ({e}): run it once with network "
+                          "access, or choose another tokenizer") from None
 
 
 def score(hypotheses: list[str], references: list[str], tgt_lang: str = "", tokenize: str | None = None, lowercase: bool = False) -> Scores:
