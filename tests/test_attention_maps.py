@@ -1,9 +1,12 @@
 """Attention maps: the weights are the ones forward applies, the replay equals the search's own
 steps, and capturing leaves nothing behind."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from translator import Translator
 from translator.attention import MultiHeadAttention, causal_mask, padding_mask
 from translator.attention_maps import capture_attention
 from translator.search import greedy_search, max_output_lengths
@@ -52,15 +55,19 @@ def test_maps_have_the_pieces_dimensions_and_the_modes_shapes(tiny_translator):
     assert torch.all(maps.decoder.diagonal(dim1=-2, dim2=-1) > 0)
 
 
-def test_replay_equals_the_weights_of_incremental_decoding(tiny_translator):
-    """The maps equal what greedy search computed step by step with its K/V cache."""
-    model, tokenizer = tiny_translator.model, tiny_translator.tokenizer
-    maps = tiny_translator.translate(SENTENCE, beam_size=1, return_attention=True).attention
+@pytest.mark.parametrize("max_len_a, max_len_b", [(1.5, 5), (0, 4)])  # the second cuts the translation at 3 tokens, without eos
+def test_replay_equals_the_weights_of_incremental_decoding(tiny_translator, max_len_a, max_len_b):
+    """The maps equal what greedy search computed step by step with its K/V cache: a row per step it took."""
+    model, tokenizer, recipe = tiny_translator.model, tiny_translator.tokenizer, tiny_translator.recipe
+    limited = Translator(model, tokenizer, replace(recipe, decode=replace(recipe.decode, max_len_a=max_len_a, max_len_b=max_len_b)))
+    maps = limited.translate(SENTENCE, beam_size=1, return_attention=True).attention
     src = source_tensor(tokenizer.encode([SENTENCE]))
     with capture_attention(model) as captured:
-        (hypothesis,) = greedy_search(model, src, max_output_lengths(src, PAD_ID, 1.5, 5, 256))
-    T = len(hypothesis.tokens) + 1
-    assert T == len(maps.target)
+        (hypothesis,) = greedy_search(model, src, max_output_lengths(src, PAD_ID, max_len_a, max_len_b, 256))
+    T = len(captured.decoder[0])  # the steps taken
+    assert maps.target == tokenizer.id_pieces(hypothesis.tokens) + ["</s>"] * (T > len(hypothesis.tokens))
+    assert T == len(maps.target) == len(maps.target_input)
+    assert max_len_b != 4 or (T == 3 and "</s>" not in maps.target)  # the premise: the limit did cut it
     torch.testing.assert_close(torch.stack([calls[0][0] for calls in captured.encoder]), maps.encoder)
     for layer, calls in enumerate(captured.decoder):
         assert len(calls) == T  # one call per step, the newest query over the cache

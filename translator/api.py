@@ -348,8 +348,9 @@ class Translator:
                 hypotheses = self._search(model, src, max_lens, decode, n_best, sampling, scores)
                 # One SentencePiece call a batch: each of its batch calls starts a thread, which costs more than decoding a sentence.
                 texts = iter(self.tokenizer.decode([h.tokens for hyps in hypotheses for h in hyps]))
-                for i, hyps in zip(indices, hypotheses):
-                    maps = [attention_maps(self.model, self.tokenizer, src_ids[i], h.tokens) if return_attention else None for h in hyps]
+                for i, hyps, max_len in zip(indices, hypotheses, max_lens):
+                    maps = [attention_maps(self.model, self.tokenizer, src_ids[i], h.tokens, ended=len(h.tokens) + 1 < max_len)
+                            if return_attention else None for h in hyps]
                     outputs[i] = [Translation(next(texts), h.score, m) for h, m in zip(hyps, maps)]
         return outputs
 

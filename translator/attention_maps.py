@@ -74,7 +74,7 @@ class AttentionMaps:
     """The attention weights behind one translation, every layer and head."""
 
     source: list[str]  # S source pieces, eos included: rows and columns of `encoder`, columns of `cross`
-    target: list[str]  # T pieces the decoder wrote, eos included: rows of `decoder` and `cross`
+    target: list[str]  # T pieces the decoder wrote, eos included unless cut at the length limit: rows of `decoder` and `cross`
     target_input: list[str]  # T pieces the decoder read (bos, then `target` without eos): columns of `decoder`
     encoder: Tensor  # (layers, H, S, S) encoder self-attention
     decoder: Tensor  # (layers, H, T, T) decoder self-attention: causal, zero above the diagonal
@@ -89,11 +89,14 @@ class AttentionMaps:
 
 
 @torch.inference_mode()
-def attention_maps(model: Transformer, tokenizer: Tokenizer, src_ids: list[int], tgt_ids: list[int]) -> AttentionMaps:
-    """The weights the decoder computes for source `src_ids` while writing `tgt_ids` (both without specials)."""
+def attention_maps(model: Transformer, tokenizer: Tokenizer, src_ids: list[int], tgt_ids: list[int], ended: bool = True) -> AttentionMaps:
+    """The weights the decoder computes for source `src_ids` while writing `tgt_ids` (both without specials),
+    then eos unless the search cut the translation at its length limit (`ended` False)."""
     device = next(model.parameters()).device
     src = source_tensor([src_ids]).to(device)  # (1, S): the source and eos
     tgt_in, tgt_out = (t.to(device) for t in target_tensors([tgt_ids]))  # (1, T): bos y1 .. yn, and y1 .. yn eos
+    if not ended:  # no eos was written, and the last token never read
+        tgt_in, tgt_out = tgt_in[:, :-1], tgt_out[:, :-1]
     with capture_attention(model) as captured:
         memory, src_mask = model.encode(src)
         model.decode(tgt_in, model.start(memory, src_mask))
