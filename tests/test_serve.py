@@ -130,7 +130,9 @@ def test_languages_and_health_name_the_models_pair(client):
         (b'{"q": "x", "source": "de", "target": "en", "alpha": "big"}', 400, ["alpha"]),
         (b'{"q": "x", "source": "de", "target": "en", "alpha": 1000}', 400, ["alpha: got 1000", "0 to 10"]),  # not an overflow's 500
         (b'{"q": ["x", "\\ud800"], "source": "de", "target": "en"}', 400, ["q: item 1", "lone surrogate"]),
-        (json.dumps({"q": "x " * 100, "attention": True, **PAIR}).encode(), 400, ["attention: sentence 0 has", "over the 128"]),
+        (json.dumps({"q": "x " * 100, "attention": True, **PAIR}).encode(), 400, ["attention: the sentences have", "pieces together, over the 128"]),
+        # the maps of many sentences of a few pieces each: over 1 GB of JSON when the limit was per sentence
+        (json.dumps({"q": ["x " * 60] * 3, "attention": True, **PAIR}).encode(), 400, ["attention: the sentences have", "together, over the 128"]),
         (b'{"q": "x", "source": "de", "target": "en", "sampling": {"top_p": 1.5}}', 400, ["sampling.top_p: got 1.5"]),
         (b'{"q": ["x", "x", "x", "x", "x", "x", "x", "x", "x"], "source": "de", "target": "en"}', 400, ["9 sentences", "limit of 8", "--max-sentences"]),
         (json.dumps({"q": "x" * 401, **PAIR}).encode(), 400, ["401 characters", "limit of 400", "--max-chars"]),

@@ -48,7 +48,9 @@ class Limits:
     max_sentences: int = 100  # per request
     max_chars: int = 10_000  # per request, all sentences together
     max_hypotheses: int = 16  # per sentence: the beam, or the samples (alternatives + 1), so no request asks for unbounded work
-    max_attention_pieces: int = 128  # per sentence with `attention: true`: its maps grow with the square of its pieces
+    # per request with `attention: true`, its sentences together: a sentence's maps grow with the square of its
+    # pieces (17 MB of JSON at 128, the main recipe's size), so a sum bounds the response where a per-sentence limit would not
+    max_attention_pieces: int = 128
 
     @property
     def max_body_bytes(self) -> int:
@@ -239,9 +241,9 @@ def _checked(body: TranslateRequest, translator: Translator, limits: Limits,
                                  f"over this model's {translator.recipe.model.max_positions} positions (split it into shorter sentences)")
     pieces = [len(ids) for ids in encoded]
     longest = max(pieces, default=-1) + 1  # tokens with the end-of-sentence one (0: no sentence)
-    if body.attention and longest - 1 > limits.max_attention_pieces:
-        raise HTTPException(400, f"attention: sentence {pieces.index(longest - 1)} has {longest - 1} pieces, over the "
-                                 f"{limits.max_attention_pieces} whose maps a response carries")
+    if body.attention and sum(pieces) > limits.max_attention_pieces:
+        raise HTTPException(400, f"attention: the sentences have {sum(pieces)} pieces together, over the "
+                                 f"{limits.max_attention_pieces} whose maps a response carries (ask in smaller requests)")
     n_best = body.alternatives + 1
     beam_size = body.beam_size
     if beam_size is None and body.sampling is None and n_best > 1:  # alternatives need that many beams
