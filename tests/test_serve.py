@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
 from translator import Sampling, Translator  # noqa: E402
-from translator.config import recipe_from_dict  # noqa: E402
+from translator.config import RecipeError, recipe_from_dict  # noqa: E402
 from translator.serve import Batcher, Limits, Reranking, create_app  # noqa: E402
 
 SENTENCES = ["Ein mann sieht der hut.", "Der alte hund trägt ein ball und ein hut.", "Ein kind fährt.", "Die kleine frau sieht ein fahrrad."]
@@ -369,6 +370,16 @@ def test_rerank_with_reranks_beam_searches_only(tiny_translator, reverse):
     assert beam["translatedText"] != tiny_translator.translate(SENTENCES, beam_size=4)  # the reranking changed some
     assert greedy["translatedText"] == tiny_translator.translate(SENTENCES, beam_size=1)
     assert drawn["translatedText"] == tiny_translator.translate(SENTENCES[0], sampling=Sampling(seed=3))
+
+
+def test_the_app_refuses_decoding_settings_that_would_refuse_every_request(tiny_translator, reverse):
+    recipe = tiny_translator.recipe
+    too_wide = Translator(tiny_translator.model, tiny_translator.tokenizer, replace(recipe, decode=replace(recipe.decode, beam_size=40)))
+    with pytest.raises(RecipeError, match="a request of the defaults would be refused: beam_size: got 40"):
+        create_app(too_wide)
+    with pytest.raises(RecipeError, match="rerank_weight: got -5"):
+        create_app(tiny_translator, reranking=Reranking(reverse, weight=-5.0))
+    create_app(tiny_translator, reranking=Reranking(reverse, weight=0.5))  # the premise: a good weight is taken
 
 
 def test_serve_refuses_a_reranking_model_of_another_pair(tiny_model_dir):

@@ -169,6 +169,10 @@ def create_app(translator: Translator, limits: Limits = Limits(), batch_wait_ms:
                reranking: Reranking | None = None) -> FastAPI:
     """The service for one loaded Translator (tests drive it in process with fastapi.testclient)."""
     data = translator.recipe.data
+    try:  # the operator's decoding settings, checked once: a bad one would refuse every request, naming a field it never sent
+        _checked(TranslateRequest(q="", source=data.src_lang, target=data.tgt_lang), translator, limits, reranking)
+    except HTTPException as e:
+        raise RecipeError(f"a request of the defaults would be refused: {e.detail}") from None
     state: dict[str, Batcher] = {}
 
     @asynccontextmanager
