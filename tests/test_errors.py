@@ -594,7 +594,12 @@ BATTERY = [
      ["{tmp}/model: its run's SentencePiece model differs from", "only one run's checkpoints"]),
     ("average-across-runs", lambda tmp, m: ["average", m, model_copy_with(m, tmp, lambda d: edit_config(d, lambda c: c["recipe"].update(seed=99))),
                                             "-o", tmp / "out"], ["{tmp}/model: its run started from seed 99's initial weights", "only one run's"]),
+    ("average-across-language-pairs", lambda tmp, m: [  # the same seed and joint vocabulary: only the direction differs
+        "average", m, model_copy_with(m, tmp, lambda d: edit_config(d, lambda c: c["recipe"]["data"].update(src_lang="en", tgt_lang="de"))),
+        "-o", tmp / "out"], ["{tmp}/model: its run translates en to de,", "'s de to en", "only one run's"]),
     ("average-into-a-file", lambda tmp, m: ["average", m, "-o", write_bytes(tmp / "notes.txt", b"x")], ["{tmp}/notes.txt is a file"]),
+    ("average-under-a-file", lambda tmp, m: ["average", m, "-o", write_bytes(tmp / "notes.txt", b"x") / "out"],
+     ["{tmp}/notes.txt/out: {tmp}/notes.txt is a file"]),
     ("train-out-dir-is-a-file", lambda tmp, m: train_on(tmp, "--set", f"out_dir={write_bytes(tmp / 'notes.txt', b'x')}"),
      ["out_dir: {tmp}/notes.txt is a file"]),
     ("average-not-a-checkpoint", lambda tmp, m: ["average", write_bytes(tmp / "step_1" / "x", b"").parent, "-o", tmp / "out"],

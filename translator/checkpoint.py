@@ -446,6 +446,10 @@ def _start(recipe: Recipe) -> str:
     return f"the model {recipe.train.init_from}" if recipe.train.init_from else f"seed {recipe.seed}'s initial weights"
 
 
+def _pair(recipe: Recipe) -> str:
+    return f"{recipe.data.src_lang} to {recipe.data.tgt_lang}"
+
+
 def save_averaged(directories: list[Path], out: Path) -> None:
     """A model directory whose weights average `directories`; config and tokenizer from the first one's run.
     `out` must not hold a model already: averaging never overwrites one."""
@@ -453,6 +457,9 @@ def save_averaged(directories: list[Path], out: Path) -> None:
         raise CheckpointError(f"{out} already holds a model; choose another output directory")
     if Path(out).exists() and not Path(out).is_dir():
         raise CheckpointError(f"{out} is a file; averaging writes a model directory")
+    above = next(p for p in Path(out).absolute().parents if p.exists())  # where the folders for `out` would start
+    if not above.is_dir():
+        raise CheckpointError(f"{out}: {above} is a file, so no folder can be made in it")
     first, source = Path(directories[0]), _model_dir_of(directories[0])
     recipe = load_recipe_json(source)
     tokenizer = _load_tokenizer(source / SPM)
@@ -460,7 +467,11 @@ def save_averaged(directories: list[Path], out: Path) -> None:
         if _load_tokenizer(_model_dir_of(directory) / SPM).model_proto != tokenizer.model_proto:
             raise CheckpointError(f"{directory}: its run's SentencePiece model differs from {first}'s; "
                                   "only one run's checkpoints can be averaged")
-        if (start := _start(load_recipe_json(_model_dir_of(directory)))) != _start(recipe):
+        other = load_recipe_json(_model_dir_of(directory))
+        if (pair := _pair(other)) != _pair(recipe):  # a joint vocabulary and one seed: the two directions of one corpus
+            raise CheckpointError(f"{directory}: its run translates {pair}, {first}'s {_pair(recipe)}; "
+                                  "only one run's checkpoints can be averaged")
+        if (start := _start(other)) != _start(recipe):
             raise CheckpointError(f"{directory}: its run started from {start}, {first}'s from {_start(recipe)}; only one run's "
                                   "checkpoints can be averaged, or models fine-tuned from the same model")
     model = Transformer(recipe.model, tokenizer.vocab_size)
