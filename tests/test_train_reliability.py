@@ -47,6 +47,37 @@ def test_a_run_that_dies_before_its_first_checkpoint_starts_again_and_serves_not
     Translator.from_pretrained(out)
 
 
+class Killed(BaseException):
+    """What SIGKILL or the OOM killer would do: nothing after it runs (not even `except Exception`)."""
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_writing_its_first_checkpoint_starts_again(tmp_path, toy_corpus, monkeypatch):
+    # The first validation is always the best so far: its weights and its checkpoint are written one after the other
+    out = tmp_path / "run"
+    monkeypatch.setattr(training, "save_training_checkpoint", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        training.train(recipe(toy_corpus, out), progress=False)
+    monkeypatch.undo()
+    assert not training_checkpoints(out) and not (out / WEIGHTS).exists()  # weights alone would make both commands refuse the folder
+    training.train(recipe(toy_corpus, out), progress=False)  # the same folder starts afresh
+    assert training_checkpoints(out)[-1].name == "step_00000020"
+
+
+@pytest.mark.slow
+def test_a_resume_that_turns_averaging_off_ends_on_the_best_checkpoints_weights(tmp_path, toy_corpus, capfd):
+    out = tmp_path / "run"
+    training.train(recipe(toy_corpus, out, "train.average_last=2"), progress=False)
+    averaged = load_file(out / WEIGHTS)
+    best_step = json.loads((training_checkpoints(out)[-1] / "state.json").read_text())["best_step"]
+    capfd.readouterr()
+    training.train(recipe(toy_corpus, out, "train.average_last=0"), progress=False, resume=True)
+    assert f"model weights: the best validation, at step_{best_step:08d}" in capfd.readouterr().err
+    weights, best = load_file(out / WEIGHTS), load_file(out / CHECKPOINTS / f"step_{best_step:08d}" / WEIGHTS)
+    assert all(torch.equal(weights[k], best[k]) for k in best)
+    assert not all(torch.equal(weights[k], averaged[k]) for k in averaged)  # the premise: the mean was other weights
+
+
 @pytest.mark.slow
 def test_a_recipe_without_a_test_split_trains_and_scores_nothing(tmp_path):
     corpus = write_toy_corpus(tmp_path / "data", sizes=(("train", 200), ("validation", 10)))

@@ -492,7 +492,8 @@ def _count_padding(run: Run, state: TrainingState, batches: list[Batch]) -> None
 # --- validation, checkpoints ---------------------------------------------------------------------
 
 def validate_and_keep_best(run: Run, state: TrainingState) -> tuple[bool, bool]:
-    """Validate on rank 0; a better BLEU becomes the model directory's weights. Returns (improved, converged), on every rank."""
+    """Validate on rank 0. Returns (improved, converged), on every rank; the checkpoint an improvement makes
+    writes the model directory's weights (save_checkpoint)."""
     patience = run.recipe.train.patience
     improved = False
     if run.world.is_main:
@@ -502,7 +503,6 @@ def validate_and_keep_best(run: Run, state: TrainingState) -> tuple[bool, bool]:
         state.stale_validations = 0 if improved else state.stale_validations + 1
         if improved:
             state.best_bleu, state.best_step = valid.bleu, state.step
-            save_weights(run.model, run.out / WEIGHTS)
         run.log.record({"step": state.step, "valid_loss": valid_loss, "valid_bleu": valid.bleu, "valid_chrf": valid.chrf, "best": improved})
         run.log.say(f"step {state.step}: valid loss {valid_loss:.3f}, greedy BLEU {valid.bleu:.2f}, chrF {valid.chrf:.2f}{' (best)' if improved else ''}")
     verdict = (state.best_bleu, state.best_step, state.stale_validations, improved)
@@ -535,6 +535,8 @@ def save_checkpoint(run: Run, state: TrainingState, scheduled: bool) -> None:
         drawn = run.train_batches.drawn() if isinstance(run.train_batches, SampledTrainBatches) else None  # pieces no process can draw again
         save_training_checkpoint(run.out, state.step, run.model, run.optimizer, asdict(state), cfg.keep_checkpoints, state.best_step,
                                  scheduled, drawn)
+        if state.best_step == state.step:  # the best so far: the model directory's weights, after the checkpoint, so that
+            save_weights(run.model, run.out / WEIGHTS)  # a crash between the two leaves a run that --resume goes on with
 
 
 # --- the end -------------------------------------------------------------------------------------
@@ -549,14 +551,16 @@ def finish(run: Run, state: TrainingState) -> dict[str, Scores]:
     leave(world)
     if not world.is_main:
         return {}
-    if cfg.average_last:
-        averaged = training_checkpoints(out)[-cfg.average_last:]
-        run.model.load_state_dict(average_weights(averaged))
+    best = out / CHECKPOINTS / f"step_{state.best_step:08d}" if state.best_step is not None else None
+    # The mean of the last checkpoints, or the best's own (rotation keeps it), taken anew: a resume may have changed average_last
+    chosen = training_checkpoints(out)[-cfg.average_last:] if cfg.average_last else [best] if best and best.is_dir() else []
+    if chosen:
+        run.model.load_state_dict(average_weights(chosen))
         save_weights(run.model, out / WEIGHTS)
-        run.log.say(f"model weights: the mean of {', '.join(p.name for p in averaged)}")
-        if warning := averaging_warning(int(averaged[0].name.split("_")[1]), state.step):
+        run.log.say(f"model weights: {'the mean of' if cfg.average_last else 'the best validation, at'} {', '.join(p.name for p in chosen)}")
+        if cfg.average_last and (warning := averaging_warning(int(chosen[0].name.split("_")[1]), state.step)):
             run.log.say(warning)
-    elif not (out / WEIGHTS).exists():  # never validated (e.g. resumed past its last step): the last weights
+    elif not (out / WEIGHTS).exists():  # never validated: the last weights (a best whose checkpoint was removed by hand stays)
         save_weights(run.model, out / WEIGHTS)
     run.log.say(f"trained {state.step} steps; best validation BLEU {state.best_bleu:.2f}")
     test, results = run.recipe.data.test_split, {}
