@@ -311,9 +311,18 @@ def test_an_output_length_limit_is_capped_by_the_positions_however_large_max_len
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_top_k_draws_among_k_tokens_even_when_probabilities_tie(k):
-    logp = torch.tensor([[0.3, 0.3, 0.2, 0.2, 0.0]]).log().expand(50, -1)  # ties at the 1st, 2nd, 3rd and 4th place
+    logp = torch.tensor([[0.0, 0.0, 0.0, 0.3, 0.3, 0.2, 0.2, 0.0]]).log().expand(50, -1)  # ties at the 1st, 2nd, 3rd and 4th place
     drawn = Sampling(top_k=k).draw(logp, torch.linspace(0, 0.999, 50, dtype=torch.float64))
-    assert len(set(drawn.tolist())) == k and set(drawn.tolist()) <= {0, 1, 2, 3}
+    assert len(set(drawn.tolist())) == k and set(drawn.tolist()) <= {3, 4, 5, 6}
+
+
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=3.0), Sampling(top_k=1), Sampling(top_p=0.5)])
+def test_pad_and_bos_are_never_drawn_however_likely(sampling):
+    # Label smoothing gives them mass, an undertrained model more: drawn, they vanish from the text but not from the score
+    logp = torch.tensor([[0.5, 0.05, 0.3, 0.05, 0.1]]).log().expand(200, -1)
+    drawn = sampling.draw(logp, torch.linspace(0, 0.9999, 200, dtype=torch.float64))
+    assert not set(drawn.tolist()) & {PAD_ID, BOS_ID}
+    assert sampling.top_k != 1 or set(drawn.tolist()) == {4}  # the likeliest of the rest
 
 
 def test_a_sentences_samples_depend_only_on_the_seed_and_the_sentence(tiny_translator):
@@ -342,6 +351,7 @@ def test_sampled_tokens_follow_the_model_distribution(tiny_translator):
         counts = torch.bincount(torch.tensor([h.tokens[0] if h.tokens else EOS_ID for h in drawn]), minlength=tiny_translator.tokenizer.vocab_size)
         with torch.inference_mode():
             logits = model(src, torch.tensor([[BOS_ID]]))[0, -1].float() / sampling.temperature
+        logits = logits.index_fill(0, torch.tensor([PAD_ID, BOS_ID]), float("-inf"))  # never drawn
         if sampling.top_k:
             logits = logits.masked_fill(logits < logits.topk(sampling.top_k).values[-1], float("-inf"))
         expected = logits.softmax(-1) * n
@@ -378,6 +388,11 @@ def test_translate_arguments_of_the_wrong_type_say_what_is_expected(tiny_transla
 
 def test_sampling_accepts_numpy_numbers():
     assert Sampling(temperature=np.float32(0.5), top_k=np.int64(3), seed=np.int64(1)).top_k == 3
+
+
+def test_decode_settings_accept_numpy_numbers(tiny_translator):  # a setting read from an array, as Sampling's are
+    numpy = tiny_translator.translate(SENTENCES, beam_size=np.int64(3), alpha=np.float32(0.5), max_tokens=np.int32(100))
+    assert numpy == tiny_translator.translate(SENTENCES, beam_size=3, alpha=0.5, max_tokens=100)
 
 
 def test_overlong_source_is_truncated_with_a_warning_or_refused(tiny_translator):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
 import sys
 import types
 import typing
@@ -228,12 +229,13 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             except ValueError:
                 pass
         # No key means anything by infinity or NaN (off is 0 or null), and `nan > 0` is False: every range check would pass it.
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max:  # an int past it would overflow float()
+        # numbers.Real: numpy's numbers too (a value from an array), as Sampling takes them
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and abs(value) <= sys.float_info.max:  # an int past it would overflow float()
             return float(value)
         raise RecipeError(f"{key}: got {value!r:.40}, expected a finite number")
     if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
         raise RecipeError(f"{key}: got {value!r}, expected an integer")
     if hint is str:
         if isinstance(value, str) and value.strip():  # "" as a path is the current directory; as a name, nothing

@@ -70,7 +70,9 @@ class Sampling:
         """(B, V) next-token log-probabilities and (B,) uniforms in [0, 1) -> (B,) sampled token ids.
 
         Inverse transform sampling: each row's token is where its uniform falls in the cumulative
-        distribution, so a row's draw depends on its own uniform alone."""
+        distribution, so a row's draw depends on its own uniform alone. <pad> and <s> are never drawn:
+        no target holds them, yet label smoothing leaves them mass, and their text would be nothing."""
+        logp = logp.index_fill(-1, torch.tensor([PAD_ID, BOS_ID], device=logp.device), float("-inf"))
         shifted = logp - logp.amax(dim=-1, keepdim=True)
         # The likeliest stay at 0 exactly: a temperature that rounds to 0 in float32 gives the others -inf, not every logit NaN.
         logits = torch.where(shifted == 0, 0.0, shifted / self.temperature)
