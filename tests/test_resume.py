@@ -155,6 +155,23 @@ def test_a_signal_during_the_validation_that_stops_early_still_stops_the_command
     assert [p.name for p in training_checkpoints(tmp_path / "run")] == ["step_00000010", "step_00000020"]  # resumable from there
 
 
+def test_a_signal_while_the_last_checkpoint_is_written_stops_the_command_before_the_test_split(tmp_path, toy_corpus, monkeypatch):
+    training = sys.modules["translator.train"]
+    real_save = training.save_checkpoint
+
+    def signalled_at_the_end(run, state, scheduled):  # SIGTERM (a scheduler's grace period) while the last one is written
+        real_save(run, state, scheduled)
+        if state.step == run.recipe.train.max_steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(training, "save_checkpoint", signalled_at_the_end)
+    with pytest.raises(Stopped) as stopped:  # not exit 0 after scoring the whole test split
+        train_to(toy_corpus, tmp_path / "run", 20)
+    assert stopped.value.signal == signal.SIGTERM
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert training_checkpoints(tmp_path / "run")[-1].name == "step_00000020" and '"test"' not in metrics
+
+
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(d_model=16, n_heads=2, d_ff=32, encoder_layers=1, decoder_layers=1), vocab_size=30)

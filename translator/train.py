@@ -366,13 +366,19 @@ def loop(run: Run, state: TrainingState, progress: bool) -> None:
                 run.log.say(f"early stop at step {state.step}: no better validation BLEU in {cfg.patience} validations")
                 break
             if stop:
-                bar.close()
-                by = signal.Signals(signals[0]).name if signals else "a signal to another process"
-                run.log.say(f"stopped by {by} after step {state.step}; "
-                            "continue with: translator train RECIPE --resume")
-                leave(world)  # every rank agreed to stop here
-                raise Stopped(signals[0] if signals else signal.SIGTERM)
+                _stop(run, state, signals, bar)
+        if world.any(bool(signals)):  # one that came while the last checkpoint was written: stop before the test split
+            _stop(run, state, signals, bar)
     bar.close()
+
+
+def _stop(run: Run, state: TrainingState, signals: list[int], bar: tqdm) -> None:
+    """End the command on a signal, after the checkpoint of this step: every rank agreed to stop here."""
+    bar.close()
+    by = signal.Signals(signals[0]).name if signals else "a signal to another process"
+    run.log.say(f"stopped by {by} after step {state.step}; continue with: translator train RECIPE --resume")
+    leave(run.world)
+    raise Stopped(signals[0] if signals else signal.SIGTERM)
 
 
 def _update(run: Run, state: TrainingState, batches: list[Batch]) -> tuple[float, int]:
