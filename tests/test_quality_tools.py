@@ -75,6 +75,14 @@ def test_average_last_checkpoints_at_the_end_and_through_the_cli(tmp_path, toy_c
     assert all(torch.equal(load_file(tmp_path / "relative" / WEIGHTS)[k], written[k]) for k in written)
 
 
+@pytest.mark.slow
+def test_a_run_too_short_for_average_last_says_so_with_no_negative_step(tmp_path, toy_corpus, capfd):
+    train_tiny(toy_corpus, tmp_path / "run", "train.max_steps=4", "train.valid_every=4", "train.average_last=2")  # checkpoint_every 500
+    err = capfd.readouterr().err
+    assert "reach back to step 0 of 4" in err and "step -" not in err
+    assert "warning: train.average_last is 2, and the run kept 1 checkpoints to average" in err
+
+
 def test_average_last_must_fit_the_kept_checkpoints():
     with pytest.raises(ValueError, match="train.average_last"):
         load_recipe(TINY_RECIPE, ["train.average_last=3", "train.keep_checkpoints=2"])

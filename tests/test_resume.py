@@ -172,6 +172,32 @@ def test_a_signal_while_the_last_checkpoint_is_written_stops_the_command_before_
     assert training_checkpoints(tmp_path / "run")[-1].name == "step_00000020" and '"test"' not in metrics
 
 
+def test_the_loss_logged_after_a_resume_averages_the_steps_an_uninterrupted_runs_does(tmp_path, toy_corpus, monkeypatch):
+    training = sys.modules["translator.train"]
+    logged = ("train.log_every=10", "train.threads=1")
+    train_to(toy_corpus, tmp_path / "straight", 40, *logged)
+    real_update = training._update
+
+    def signalled_in_step_25(run, state, batches):  # stops after step 25, halfway through a log window
+        result = real_update(run, state, batches)
+        if state.step == 25:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(training, "_update", signalled_in_step_25)
+    with pytest.raises(Stopped):
+        train_to(toy_corpus, tmp_path / "resumed", 40, *logged)
+    monkeypatch.undo()
+    train_to(toy_corpus, tmp_path / "resumed", 40, *logged, resume=True)
+
+    def losses(run: str) -> list[tuple[int, float]]:
+        lines = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(line["step"], line["loss"]) for line in lines if "loss" in line]
+
+    assert [step for step, _ in losses("straight")] == [10, 20, 30, 40]
+    assert losses("resumed") == losses("straight")  # step 30's line: steps 21-30, five of them before the stop
+
+
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(d_model=16, n_heads=2, d_ff=32, encoder_layers=1, decoder_layers=1), vocab_size=30)

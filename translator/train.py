@@ -67,6 +67,7 @@ class TrainingState:
     best_step: int | None = None
     stale_validations: int = 0  # validations since the best (train.patience)
     padding: list[int] = field(default_factory=lambda: [0, 0, 0])  # [epoch, padding positions, all positions] of this epoch so far
+    logged_loss: list[float] = field(default_factory=lambda: [0.0, 0])  # [loss x tokens, tokens] since the last log line
     precision: str | None = None  # what the run trains at (auto is resolved on the machine that started it)
     batches_per_update: int | None = None  # processes x train.accum_steps: the global batch
     scheduler: dict = field(default_factory=dict)
@@ -164,7 +165,7 @@ def setup(recipe: Recipe, world: World, device: torch.device, resume: bool, hold
     log.open(up_to_step=state.step)
     say(f"{model.num_parameters() / 1e6:.2f} M parameters, on {device}; precision: {precision}")
     log.record({"step": state.step, "precision": precision.name, "precision_reason": precision.reason, "device": str(device)})
-    if cfg.average_last and (warning := averaging_warning(cfg.max_steps - (cfg.average_last - 1) * cfg.checkpoint_every, cfg.max_steps)):
+    if cfg.average_last and (warning := averaging_warning(max(cfg.max_steps - (cfg.average_last - 1) * cfg.checkpoint_every, 0), cfg.max_steps)):
         say(warning)  # now, as well as at the end: before the hours of training it would spoil
     if world.size > 1:
         say(f"data parallel: {world.size} processes, each update reads {world.size} x {cfg.accum_steps} batches")
@@ -341,7 +342,7 @@ def loop(run: Run, state: TrainingState, progress: bool) -> None:
         return
     batches = run.train_batches.from_position(state.data_position)
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="training", unit="step", disable=not (progress and world.is_main))
-    window = Window()
+    window = Window(state)
     run.trained.train()
     with _stop_requests() as signals:
         while state.step < cfg.max_steps:
@@ -465,22 +466,25 @@ def loss_fn(model: torch.nn.Module, batch: Batch, cfg: TrainConfig, scale: float
 
 
 class Window:
-    """Loss and throughput since the last log line."""
+    """Loss and throughput since the last log line. The loss's sums are the training state's, so that the
+    first line after a resume averages the steps an uninterrupted run's would; throughput is this process's."""
 
-    def __init__(self):
-        self.loss, self.tokens, self.start, self.first = 0.0, 0, time.perf_counter(), time.perf_counter()
+    def __init__(self, state: TrainingState):
+        self.state, self.tokens, self.start, self.first = state, 0, time.perf_counter(), time.perf_counter()
 
     def add(self, loss: float, tokens: int) -> None:
-        self.loss, self.tokens = self.loss + loss * tokens, self.tokens + tokens
+        loss_sum, loss_tokens = self.state.logged_loss
+        self.state.logged_loss, self.tokens = [loss_sum + loss * tokens, loss_tokens + tokens], self.tokens + tokens
 
     def log(self, run: Run, step: int) -> dict:
-        if not self.tokens:
+        loss_sum, loss_tokens = self.state.logged_loss
+        if not loss_tokens:
             return {}
         now = time.perf_counter()
-        entry = {"step": step, "loss": self.loss / self.tokens, "lr": run.scheduler.get_last_lr()[0],
+        entry = {"step": step, "loss": loss_sum / loss_tokens, "lr": run.scheduler.get_last_lr()[0],
                  "tgt_tokens_per_s": self.tokens / (now - self.start), "elapsed_s": now - self.first}
         run.log.record(entry)
-        self.loss, self.tokens, self.start = 0.0, 0, now
+        self.state.logged_loss, self.tokens, self.start = [0.0, 0], 0, now
         return {"loss": f"{entry['loss']:.3f}", "lr": f"{entry['lr']:.2e}", "tok_s": f"{entry['tgt_tokens_per_s']:.0f}"}
 
 
@@ -566,6 +570,8 @@ def finish(run: Run, state: TrainingState) -> dict[str, Scores]:
         run.log.say(f"model weights: {'the mean of' if cfg.average_last else 'the best validation, at'} {', '.join(p.name for p in chosen)}")
         if cfg.average_last and (warning := averaging_warning(int(chosen[0].name.split("_")[1]), state.step)):
             run.log.say(warning)
+        if len(chosen) < cfg.average_last:
+            run.log.say(f"warning: train.average_last is {cfg.average_last}, and the run kept {len(chosen)} checkpoints to average")
     elif not (out / WEIGHTS).exists():  # never validated: the last weights (a best whose checkpoint was removed by hand stays)
         save_weights(run.model, out / WEIGHTS)
     run.log.say(f"trained {state.step} steps; best validation BLEU {state.best_bleu:.2f}")
