@@ -79,3 +79,23 @@ def test_the_page_translates_and_draws_the_three_attention_modes(browser, tiny_m
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=60)
+
+
+def test_the_page_translates_within_the_servers_limits(browser, tiny_model_dir, tiny_translator):
+    long = " ".join([SENTENCE] * 6)  # over the 128 pieces whose attention maps a response carries
+    assert 128 < len(tiny_translator.tokenizer.pieces(long)) < tiny_translator.recipe.model.max_positions
+    process, url = start_server(tiny_model_dir, "--max-hypotheses", "1")  # no room for alternatives
+    try:
+        browser.get(url + "/")
+        WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "pair").text)
+        browser.find_element(By.ID, "source").send_keys(long)
+        browser.find_element(By.ID, "translate").click()
+        WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "translation").text)
+        expected = tiny_translator.translate(long)
+        assert browser.find_element(By.ID, "translation").text == expected
+        assert [item.text for item in browser.find_elements(By.CSS_SELECTOR, "#nbest li")] == [expected]
+        assert browser.find_element(By.ID, "error").text.startswith("no attention maps: attention: the sentences have")
+        assert not cells(browser, "cross")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)

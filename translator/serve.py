@@ -196,7 +196,7 @@ def create_app(translator: Translator, limits: Limits = Limits(), batch_wait_ms:
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": translator.recipe.name, "source": data.src_lang, "target": data.tgt_lang,
-                "requests_in_progress": state["batcher"].in_progress()}
+                "requests_in_progress": state["batcher"].in_progress(), "max_hypotheses": limits.max_hypotheses}
 
     @app.get("/languages")
     async def languages() -> list[dict]:
