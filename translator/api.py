@@ -30,7 +30,7 @@ from .devices import Precision, keep_compiled_kernels, keep_freed_memory, pick_d
 from .ensemble import Ensemble
 from .model import Transformer
 from .quantize import WeightsVersion, bf16_model, int8_model
-from .search import Hypothesis, Sampling, beam_search, forced_log_probs, greedy_search, max_output_lengths, sample
+from .search import Hypothesis, Sampling, beam_search, forced_log_probs, greedy_search, max_output_lengths, room_for_more, sample
 from .tokenizer import PAD_ID, Tokenizer
 from .workers import DecodingWorkers
 
@@ -349,7 +349,7 @@ class Translator:
                 # One SentencePiece call a batch: each of its batch calls starts a thread, which costs more than decoding a sentence.
                 texts = iter(self.tokenizer.decode([h.tokens for hyps in hypotheses for h in hyps]))
                 for i, hyps, max_len in zip(indices, hypotheses, max_lens):
-                    maps = [attention_maps(self.model, self.tokenizer, src_ids[i], h.tokens, ended=len(h.tokens) + 1 < max_len)
+                    maps = [attention_maps(self.model, self.tokenizer, src_ids[i], h.tokens, ended=room_for_more(h.tokens, max_len))
                             if return_attention else None for h in hyps]
                     outputs[i] = [Translation(next(texts), h.score, m) for h, m in zip(hyps, maps)]
         return outputs

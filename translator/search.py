@@ -37,6 +37,12 @@ def max_output_lengths(src: Tensor, pad_id: int, a: float, b: int, limit: int) -
     return [max(2, int(min(a * n + b, limit))) for n in src_len]  # min first: a huge a would overflow int()
 
 
+def room_for_more(tokens: list[int], max_len: int) -> bool:
+    """Whether a hypothesis of these tokens may take another: one more and eos fit the limit. A finished
+    hypothesis without that room was cut at the limit, and wrote no eos."""
+    return len(tokens) + 1 < max_len
+
+
 def length_penalty(length: int, alpha: float) -> float:
     """GNMT (Wu et al., 2016, eq. 14): ((5 + |Y|) / 6) ** alpha."""
     return ((5 + length) / 6) ** alpha
@@ -245,7 +251,7 @@ def _token_by_token(model: Transformer, src: Tensor, max_lens: list[int], choose
             if token == EOS_ID:
                 continue
             tokens[i].append(token)
-            if len(tokens[i]) + 1 < max_lens[i]:  # room for this token and an eos
+            if room_for_more(tokens[i], max_lens[i]):
                 still.append(row)
         last = chosen[:, None] if live_rows is None else last.index_put((live_rows,), chosen[:, None])
         if still and len(sentence) - len(still) > FINISHED_ROWS_KEPT * len(sentence):
