@@ -172,7 +172,7 @@ def test_a_signal_while_the_last_checkpoint_is_written_stops_the_command_before_
     assert training_checkpoints(tmp_path / "run")[-1].name == "step_00000020" and '"test"' not in metrics
 
 
-def test_the_loss_logged_after_a_resume_averages_the_steps_an_uninterrupted_runs_does(tmp_path, toy_corpus, monkeypatch):
+def test_the_loss_and_time_logged_after_a_resume_go_on_as_an_uninterrupted_runs_do(tmp_path, toy_corpus, monkeypatch):
     training = sys.modules["translator.train"]
     logged = ("train.log_every=10", "train.threads=1")
     train_to(toy_corpus, tmp_path / "straight", 40, *logged)
@@ -190,12 +190,14 @@ def test_the_loss_logged_after_a_resume_averages_the_steps_an_uninterrupted_runs
     monkeypatch.undo()
     train_to(toy_corpus, tmp_path / "resumed", 40, *logged, resume=True)
 
-    def losses(run: str) -> list[tuple[int, float]]:
+    def logged(run: str, key: str) -> list[tuple[int, float]]:
         lines = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-        return [(line["step"], line["loss"]) for line in lines if "loss" in line]
+        return [(line["step"], line[key]) for line in lines if "loss" in line]
 
-    assert [step for step, _ in losses("straight")] == [10, 20, 30, 40]
-    assert losses("resumed") == losses("straight")  # step 30's line: steps 21-30, five of them before the stop
+    assert [step for step, _ in logged("straight", "loss")] == [10, 20, 30, 40]
+    assert logged("resumed", "loss") == logged("straight", "loss")  # step 30's line: steps 21-30, five of them before the stop
+    elapsed = [seconds for _, seconds in logged("resumed", "elapsed_s")]  # the resumed part goes on from step 25's checkpoint
+    assert elapsed == sorted(elapsed) and len(set(elapsed)) == 4, elapsed
 
 
 def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, monkeypatch):

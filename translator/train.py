@@ -68,6 +68,7 @@ class TrainingState:
     stale_validations: int = 0  # validations since the best (train.patience)
     padding: list[int] = field(default_factory=lambda: [0, 0, 0])  # [epoch, padding positions, all positions] of this epoch so far
     logged_loss: list[float] = field(default_factory=lambda: [0.0, 0])  # [loss x tokens, tokens] since the last log line
+    elapsed_s: float = 0.0  # wall seconds up to the last checkpoint, over every part of a resumed run
     precision: str | None = None  # what the run trains at (auto is resolved on the machine that started it)
     batches_per_update: int | None = None  # processes x train.accum_steps: the global batch
     scheduler: dict = field(default_factory=dict)
@@ -361,6 +362,7 @@ def loop(run: Run, state: TrainingState, progress: bool) -> None:
             stop = world.any(bool(signals))
             scheduled = state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps or converged or improved
             if scheduled or stop:
+                state.elapsed_s = window.elapsed()
                 save_checkpoint(run, state, scheduled)
             window.start += time.perf_counter() - paused  # tokens/s counts training steps, not validations and saves
             if converged and not stop:  # a signal during that validation stops the command (130/143), test split untouched
@@ -467,10 +469,15 @@ def loss_fn(model: torch.nn.Module, batch: Batch, cfg: TrainConfig, scale: float
 
 class Window:
     """Loss and throughput since the last log line. The loss's sums are the training state's, so that the
-    first line after a resume averages the steps an uninterrupted run's would; throughput is this process's."""
+    first line after a resume averages the steps an uninterrupted run's would; throughput is this process's.
+    The elapsed time goes on from the checkpoint's: the steps after it are done again, and counted again."""
 
     def __init__(self, state: TrainingState):
-        self.state, self.tokens, self.start, self.first = state, 0, time.perf_counter(), time.perf_counter()
+        now = time.perf_counter()
+        self.state, self.tokens, self.start, self.first = state, 0, now, now - state.elapsed_s
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.first
 
     def add(self, loss: float, tokens: int) -> None:
         loss_sum, loss_tokens = self.state.logged_loss
@@ -482,7 +489,7 @@ class Window:
             return {}
         now = time.perf_counter()
         entry = {"step": step, "loss": loss_sum / loss_tokens, "lr": run.scheduler.get_last_lr()[0],
-                 "tgt_tokens_per_s": self.tokens / (now - self.start), "elapsed_s": now - self.first}
+                 "tgt_tokens_per_s": self.tokens / (now - self.start), "elapsed_s": self.elapsed()}
         run.log.record(entry)
         self.state.logged_loss, self.tokens, self.start = [0.0, 0], 0, now
         return {"loss": f"{entry['loss']:.3f}", "lr": f"{entry['lr']:.2e}", "tok_s": f"{entry['tgt_tokens_per_s']:.0f}"}
