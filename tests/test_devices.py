@@ -54,6 +54,15 @@ def test_auto_on_a_cpu_is_bf16_only_with_native_bf16(cpu_with, flags, expected):
     assert ("no native bf16" in chosen.reason) == (expected == "fp32")
 
 
+@pytest.mark.parametrize("flags", [("avx512f", "avx512_bf16"), ("amx_tile", "amx_bf16"), ("avx512f", "avx512_vnni"), ()])
+def test_auto_for_small_batches_on_a_cpu_is_fp32_and_an_explicit_bf16_is_honoured(cpu_with, gpu_with, flags):
+    cpu_with(*flags)  # a service: bf16 calls cost ~30 us however few their rows, where fp32's shrink with them
+    gpu_with((9, 0))
+    assert devices.resolve_precision("auto", torch.device("cpu"), small_batches=True).name == "fp32"
+    assert devices.resolve_precision("bf16", torch.device("cpu"), small_batches=True).name == "bf16"
+    assert devices.resolve_precision("auto", torch.device("cuda", 0), small_batches=True).name == "bf16"  # not measured on GPUs
+
+
 @pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"), ((7, 0), "fp16")])
 def test_auto_on_a_gpu_is_bf16_where_native_else_fp16(gpu_with, capability, expected):  # H100, A100; T4, V100
     gpu_with(capability)

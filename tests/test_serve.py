@@ -353,6 +353,21 @@ def test_serve_command_errors(tiny_model_dir, tmp_path):
     assert busy.returncode == 1 and "address already in use" in busy.stderr
 
 
+@pytest.mark.parametrize("asked, expected", [("auto", "fp32"), ("bf16", "bf16")])
+def test_serve_decodes_in_fp32_where_auto_would_pick_bf16_for_batches(tiny_model_dir, monkeypatch, capsys, asked, expected):
+    import translator.devices
+    import translator.serve
+    from translator.cli import main
+
+    monkeypatch.setattr(translator.devices, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    served = []
+    monkeypatch.setattr(translator.serve, "serve", lambda translator, *rest: served.append(translator))
+    assert main(["serve", str(tiny_model_dir), "--device", "cpu", "--precision", asked]) == 0
+    assert served[0].precision().name == expected
+    assert f"precision: {expected} (" in capsys.readouterr().err
+    assert Translator.from_pretrained(tiny_model_dir, device="cpu").precision("auto").name == "bf16"  # the premise: auto picks bf16 elsewhere
+
+
 def test_importing_translator_does_not_import_the_web_stack():
     code = "import sys, translator; print(any(m.split('.')[0] in ('fastapi', 'uvicorn', 'starlette') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

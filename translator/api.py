@@ -112,6 +112,7 @@ class Translator:
             raise RecipeError(f"workers={workers}: several decoding processes run on the CPU only (CUDA does not survive a fork); "
                               f"use workers=1 on {self.device}")
         self.workers = workers
+        self.small_batches = False  # True: decoding sees a few sentences at a time (a service), and "auto" weighs that
         keep_freed_memory()
         keep_compiled_kernels()
         self._copies: dict[str, tuple[WeightsVersion, Transformer]] = {}  # precision -> (weights version, copy), built on first use
@@ -270,7 +271,7 @@ class Translator:
 
     def precision(self, requested: str | None = None) -> Precision:
         """The precision decoding runs at on this translator's device, and why ("auto" resolved here)."""
-        return resolve_precision(requested or self.recipe.decode.precision, self.device)
+        return resolve_precision(requested or self.recipe.decode.precision, self.device, self.small_batches)
 
     def decoding_model(self, precision: Precision) -> Transformer:
         """The model itself (run under autocast at bf16 or fp16 on a GPU), or on the CPU its copy at the

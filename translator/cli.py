@@ -59,12 +59,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def load_translator(model_dir: str | list[str], overrides: list[str], device: str = "auto", precision: str | None = None, announce: bool = False,
-                    workers: int = 1):
+                    workers: int = 1, small_batches: bool = False):
     """The model directory (several: an ensemble) on `device`, with `--set` overrides applied to its recipe (data.*, decode.*,
-    evaluate.*) and `precision`, validated the same way; with `announce`, the precision it decodes at goes to stderr."""
+    evaluate.*) and `precision`, validated the same way; with `announce`, the precision it decodes at goes to stderr.
+    `small_batches`: it will decode a few sentences at a time (a service), which "auto" weighs (devices.resolve_precision)."""
     from .api import Translator
 
     translator = Translator.from_pretrained(model_dir, device=device, workers=workers)
+    translator.small_batches = small_batches
     overrides = overrides + ([f"decode.precision={precision}"] if precision else [])
     if overrides:
         recipe = recipe_from_dict(apply_overrides(translator.recipe.to_dict(), overrides))
@@ -164,7 +166,7 @@ def reverse_translator(args: argparse.Namespace, translator):
     from .api import check_reverse_pair
 
     budget = [f"decode.max_tokens={translator.recipe.decode.max_tokens}"]
-    reverse = load_translator(args.rerank_with, budget, args.device, translator.recipe.decode.precision)
+    reverse = load_translator(args.rerank_with, budget, args.device, translator.recipe.decode.precision, small_batches=translator.small_batches)
     check_reverse_pair(translator, reverse)
     return reverse
 
@@ -345,7 +347,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .serve import Limits, Reranking, serve  # FastAPI and uvicorn: only this command imports them
     except ImportError as e:
         raise RuntimeError(f"translator serve needs FastAPI and uvicorn: pip install 'translator[serve]' ({e})") from None
-    translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=True, workers=args.workers)
+    translator = load_translator(args.model_dir, args.set, args.device, args.precision, announce=True, workers=args.workers, small_batches=True)
     reverse = reverse_translator(args, translator)
     reranking = Reranking(reverse, args.rerank_weight) if reverse else None
     serve(translator, args.host, args.port, Limits(args.max_sentences, args.max_chars, args.max_hypotheses), args.batch_wait_ms, reranking)
@@ -511,7 +513,10 @@ def _add_plot_and_serve(verbs, reranking: argparse.ArgumentParser, overrides: di
     plot.set_defaults(run=cmd_plot)
 
     serve = verbs.add_parser("serve", help="an HTTP translation service (LibreTranslate's POST /translate) and a page with attention maps", parents=[reranking],
-                             epilog="example: translator serve runs/multi30k_de_en --port 8000   (then open http://127.0.0.1:8000/)")
+                             epilog="example: translator serve runs/multi30k_de_en --port 8000   (then open http://127.0.0.1:8000/)\n\n"
+                                    "--precision auto serves in fp32 on a CPU even where it runs bf16 natively: a service's batches are small,\n"
+                                    "and there bf16 measured slower (docs/deployment.md).",
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("model_dir")
     serve.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1; no authentication: put a reverse proxy in front)")
     serve.add_argument("--port", type=port, default=8000, help="default 8000")

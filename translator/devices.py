@@ -3,7 +3,8 @@
     device    "auto" is the GPU when torch sees one, else the CPU (under torchrun, GPU LOCAL_RANK)
     precision "auto" is the fastest precision that keeps quality on that device:
               CPU   bf16 where the CPU has bf16 instructions (avx512_bf16 or AMX), else fp32:
-                    bf16 emulated in software measured 2.6x slower than fp32 (Intel Xeon, VNNI, no avx512_bf16)
+                    bf16 emulated in software measured 2.6x slower than fp32 (Intel Xeon, VNNI, no avx512_bf16);
+                    fp32 for a service's small batches (translator serve), where native bf16 measured slower too
               CUDA  bf16 where the GPU runs it natively (compute capability >= 8.0), else fp16 (training adds a gradient scaler)
     memory    freed blocks kept for reuse by glibc's malloc (keep_freed_memory), unless the user tuned it
     kernels   4,096 of oneDNN's compiled kernels kept, not 1,024 (keep_compiled_kernels), unless the user chose
@@ -86,8 +87,12 @@ class Precision:
         return f"{self.name} ({self.reason})"
 
 
-def resolve_precision(requested: str, device: torch.device) -> Precision:
-    """The precision to run at: an explicit one as asked, "auto" the fastest that keeps quality here."""
+def resolve_precision(requested: str, device: torch.device, small_batches: bool = False) -> Precision:
+    """The precision to run at: an explicit one as asked, "auto" the fastest that keeps quality here.
+
+    `small_batches`: decoding that sees a few sentences at a time, as a service does. oneDNN's bf16 matmuls
+    cost about 30 us a call however few their rows, and fp32 served more sentences a second than bf16
+    at 1 and at 32 clients on both CPUs with native bf16 measured (docs/deployment.md, sessions 40-42)."""
     if requested == "int8" and device.type != "cpu":
         raise RecipeError("decode.precision: int8 runs on the CPU only (torch's dynamic quantization); use bf16 or fp16 on a GPU")
     if requested != "auto":
@@ -98,6 +103,8 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
             return Precision("bf16", f"auto: {torch.cuda.get_device_name(device)} runs bf16 natively")
         return Precision("fp16", f"auto: {torch.cuda.get_device_name(device)} has no native bf16")
     native = [f for f in BF16_CPU_FLAGS if f in cpu_flags()]
+    if native and small_batches:
+        return Precision("fp32", f"auto for small batches: bf16 is native here ({', '.join(native)}), but its calls cost more at few rows")
     if native:
         return Precision("bf16", f"auto: this CPU runs bf16 natively ({', '.join(native)})")
     return Precision("fp32", "auto: no native bf16 on this CPU")
