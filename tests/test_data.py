@@ -22,6 +22,7 @@ from translator.config import DataConfig
 from translator.data import DataError, load_split, to_pairs
 from translator.trainset import Batch, FilterReport, StreamBatches, TrainBatches, filter_pairs, lengths, tokenize, training_pairs
 from translator.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from translator.train import sentences
 
 DE = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen, \"draußen\" im Schnee.", "Die Straße ist nass."]
 EN = ["A man rides a bicycle.", "Two dogs play, \"outside\" in the snow.", "The street is wet."]
@@ -225,11 +226,12 @@ def test_a_byte_order_mark_is_not_text(tmp_path, layout):
 
 
 @pytest.mark.parametrize("layout", ["line-aligned", "tsv"])
-def test_an_empty_plain_text_split_names_its_file(tmp_path, layout):
+@pytest.mark.parametrize("content", [b"\n", b"\xef\xbb\xbf"], ids=["blank", "byte-order-mark-alone"])  # Notepad's empty UTF-8 file
+def test_an_empty_plain_text_split_names_its_file(tmp_path, layout, content):
     write_line_aligned(tmp_path, "validation", rows(3)) if layout == "line-aligned" else write_tsv(tmp_path, "validation", rows(3))
     empty = tmp_path / ("train.de" if layout == "line-aligned" else "train.tsv")
     for file in [empty, tmp_path / "train.en"] if layout == "line-aligned" else [empty]:
-        file.write_text("\n", encoding="utf-8")
+        file.write_bytes(content)
     with pytest.raises(DataError, match=rf"^{re.escape(str(empty))}: the file is empty \(no pairs\)$"):
         load_split(DataConfig(path=str(tmp_path)), "train")
 
@@ -342,6 +344,8 @@ def test_a_csv_with_an_unclosed_quote_names_the_file(tmp_path):
 @pytest.mark.parametrize("content, message", [
     (b"", r"train\.jsonl: the file is empty"),
     (b"\n \n", r"train\.jsonl: the file is empty"),
+    (b"\xef\xbb\xbf", r"train\.jsonl: the file is empty"),
+    (b'{"de": "a", "en": "b"}\n{"de": "kaputt \\ud83d", "en": "d"}\n', r"train\.jsonl, line 2: '\\ud83d' is half of a surrogate pair"),
     (b'{"de": "a", "en": "b"}\n{"de": "c", "en": \n', r"train\.jsonl, line 2: not valid JSON \(Expecting value at column 19\)"),
     (b'{"de": "a", "en": "b"}\n\n\n{"de": 5, "en": "b"}\n', r"train\.jsonl, line 4: 'de' is int 5, expected text"),
     (b'{"de": 1, "en": "b"}\n{"de": 3, "en": "d"}\n', r"train\.jsonl, line 1: 'de' is int 1"),
@@ -349,7 +353,8 @@ def test_a_csv_with_an_unclosed_quote_names_the_file(tmp_path):
     (b'{"de": "a", "en": "b"}\n{"de": {"x": 1}, "en": "b"}\n', r"train\.jsonl, line 2: 'de' is dict"),
     (b'{"translation": {"de": "a", "en": "b"}}\n{"translation": {"de": true, "en": "b"}}\n', r"train\.jsonl, line 2: 'de' is bool"),
     (b'{"de": "a", "en": "b"}\n"just text"\n', r"train\.jsonl, line 2: expected a JSON object of \{language: text\}, got str"),
-], ids=["empty", "blank", "malformed", "number-after-blank-lines", "all-numbers", "float", "dict", "translation-bool", "not-an-object"])
+], ids=["empty", "blank", "byte-order-mark-alone", "lone-surrogate", "malformed", "number-after-blank-lines", "all-numbers", "float", "dict",
+        "translation-bool", "not-an-object"])
 def test_a_json_lines_file_that_cannot_give_pairs_names_its_line(tmp_path, content, message):
     (tmp_path / "train.jsonl").write_bytes(content)
     with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}/{message}"):
@@ -404,11 +409,15 @@ def test_csv_rows_that_hold_both_languages_load(tmp_path, content):
     assert pairs["src"] == ["Ein Hund.", "Eine Katze."] and [t.replace("\n", " ") for t in pairs["tgt"]] == ["A dog.", "A cat."]
 
 
-def test_a_csv_cell_over_the_csv_modules_limit_names_the_file(tmp_path):
+def test_a_csv_cell_as_long_as_a_document_loads_and_a_quote_never_closed_names_its_line(tmp_path):
+    long = "Wort, " * 25_000  # 150 kB: over the csv module's default limit of 128 KiB a cell, which pandas does not have
+    (tmp_path / "train.csv").write_text(f'de,en\n"{long}",A word.\nEin Hund.,A dog.\n', encoding="utf-8")
+    assert load_split(DataConfig(path=str(tmp_path)), "train")["src"] == [long, "Ein Hund."]
+    assert csv.field_size_limit() == 131_072  # the process's own limit, as it was
     # an unclosed quote in the first row swallows the rest of the file into one cell
     rows = "".join(f"Ein Hund {i}.,A dog {i}.\n" for i in range(20_000))
     (tmp_path / "train.csv").write_text(f'de,en\n"Ein Mann.,A man.\n{rows}', encoding="utf-8")
-    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}/train\.csv: cannot be read as csv from line 2 \(field larger than"):
+    with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path))}/train\.csv, line 2: no 'en' cell .*a quote never closed\?"):
         load_split(DataConfig(path=str(tmp_path)), "train")
 
 
@@ -719,20 +728,27 @@ def streamed(tmp_path_factory):
     return StreamBatches(pairs, tokenizer, max_tokens=96, seed=3, max_len=64, max_ratio=0, pool_size=70, shuffle_buffer=32), data, tokenizer
 
 
-def test_a_broken_line_met_late_in_a_stream_names_the_file_and_line(tmp_path):
+@pytest.mark.parametrize("late, broken, problem", [
+    (True, '{"de": "Ein Hund.", "en": \n', "not valid JSON"),
+    (False, '{"de": "Ein Hund.", "en": "A dog."\n', "not valid JSON"),  # in the first rows, read to learn the stream's columns
+    (True, '{"de": "Ein Hund.", "en": "A dog.", "id": 5}\n', r"its keys \(de, en, id\) differ from the first line's \(de, en\)"),
+], ids=["late", "early", "other-keys-late"])
+def test_a_broken_line_in_a_stream_names_the_file_and_line(tmp_path, late, broken, problem):
     # datasets reads the first 10 MB block to start the stream; a broken line past it fails only as it is read
     row = json.dumps({"de": "Ein Hund läuft über die Wiese.", "en": "A dog runs across the meadow."}) + "\n"
-    n = 11_000_000 // len(row.encode()) + 1
-    (tmp_path / "train.jsonl").write_text(row * n + '{"de": "Ein Hund.", "en": \n' + row * 10, encoding="utf-8")
+    n = 11_000_000 // len(row.encode()) + 1 if late else 300
+    (tmp_path / "train.jsonl").write_text(row * n + broken + row * 10, encoding="utf-8")
     cfg = DataConfig(path=str(tmp_path), streaming=True)
-    message = rf"^{re.escape(str(tmp_path))}/train\.jsonl, line {n + 1}: not valid JSON"
+    message = rf"^{re.escape(str(tmp_path))}/train\.jsonl, line {n + 1}: {problem}"
     with pytest.raises(DataError, match=message):  # a split read whole through a stream (validation, test)
         load_split(cfg, "train")
     tokenizer = Tokenizer.train(["Ein Hund läuft über die Wiese.", "A dog runs across the meadow."] * 50, vocab_size=40)
-    batches = StreamBatches(load_split(cfg, "train", streaming=True), tokenizer, max_tokens=4096, seed=1, max_len=64, max_ratio=0,
-                            pool_size=1_000_000, source=str(tmp_path / "train.jsonl"))
-    with pytest.raises(DataError, match=message):  # the training stream
+    with pytest.raises(DataError, match=message):  # the training stream: early, as it starts; late, as it is read
+        batches = StreamBatches(load_split(cfg, "train", streaming=True), tokenizer, max_tokens=4096, seed=1, max_len=64, max_ratio=0,
+                                pool_size=1_000_000, source=str(tmp_path / "train.jsonl"))
         next(batches.from_position({}))
+    with pytest.raises(DataError, match=message):  # the tokenizer's sample of the training stream
+        Tokenizer.train(sentences(load_split(cfg, "train", streaming=True), str(tmp_path / "train.jsonl")), vocab_size=40)
 
 
 def epoch_of(stream: StreamBatches, epoch: int) -> list[tuple[dict, Batch]]:

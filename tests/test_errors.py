@@ -552,6 +552,8 @@ BATTERY = [
     ("data-train-empty", lambda tmp, m: train_on(tmp, train_jsonl=b""), ["{tmp}/data/train.jsonl: the file is empty"]),
     ("data-validation-malformed-line", lambda tmp, m: train_on(tmp, validation_jsonl=TOY_LINES + b'{"de": "Ein hund.", "en": \n'),
      ["{tmp}/data/validation.jsonl, line 4: not valid JSON"]),
+    ("data-validation-nothing-for-the-loss", lambda tmp, m: train_on(tmp, validation_jsonl=b'{"de": "Ein hund.", "en": ""}\n' * 2),
+     ["{tmp}/data/validation.jsonl: no pair to compute the validation loss on, of 2 (0 longer than model.max_positions, 2 with an empty side)"]),
     ("data-train-number-cell", lambda tmp, m: train_on(tmp, train_jsonl=TOY_LINES + b'{"de": 3, "en": "Three."}\n'),
      ["{tmp}/data/train.jsonl, line 4: 'de' is int 3, expected text"]),
     ("data-train-not-an-object", lambda tmp, m: train_on(tmp, train_jsonl=TOY_LINES + b'["Ein hund.", "A dog."]\n'),
@@ -565,7 +567,7 @@ BATTERY = [
     ("data-nothing-left-after-filtering", lambda tmp, m: train_on(tmp, "--set", "data.max_len=1"),
      ["{tmp}/data/train.jsonl: no pair left to train on", "longer than data.max_len"]),
     ("data-stream-nothing-left-after-filtering", lambda tmp, m: train_on(tmp, "--set", "data.max_len=1", "--set", "data.streaming=true"),
-     ["the training stream holds no pair that passes the filters"]),  # found before the run folder is written
+     ["{tmp}/data/train.jsonl: the training stream holds no pair that passes the filters"]),  # found before the run folder is written
     ("data-stream-number-cell", lambda tmp, m: train_on(tmp, "--set", "data.streaming=true",
                                                        train_jsonl=TOY_LINES + b'{"de": "Drei.", "en": 3}\n'),
      ["{tmp}/data/train.jsonl, line 4: 'en' is int 3, expected text"]),

@@ -83,10 +83,19 @@ def _load_local(builder: str, file: str, streaming: bool, languages: tuple[str, 
         with _datasets_errors_unlogged():
             return datasets.load_dataset(builder, data_files=file, split="train", streaming=streaming, **options)
     except (datasets.exceptions.DatasetGenerationError, ValueError) as e:  # e.g. a number among strings, or a broken line
-        problem = datafiles.first_unreadable_json_line(file, languages) if file.endswith(".jsonl") else None
-        if not problem and file.endswith(".jsonl") and "column names don't match" in str(e.__cause__ or e):
-            problem = datafiles.first_line_of_other_keys(file)
+        problem = _json_lines_problem(file, e.__cause__ or e, languages)
         raise DataError(problem or f"{file}: cannot be read as {builder} ({_one_line(e.__cause__ or e)})") from None
+
+
+def _json_lines_problem(file: str, error: BaseException, languages: tuple[str, ...]) -> str | None:
+    """The line of a JSON Lines file behind a reader's error, which names a row of its block but not the line:
+    one that is not JSON (or not text), or whose keys differ from the first line's. None for other files."""
+    if not file.endswith(".jsonl"):
+        return None
+    problem = datafiles.first_unreadable_json_line(file, languages)
+    if not problem and "column names don't match" in str(error):
+        problem = datafiles.first_line_of_other_keys(file)
+    return problem
 
 
 @contextmanager
@@ -238,9 +247,12 @@ def load_split(cfg: DataConfig, split: str, streaming: bool = False) -> datasets
         dataset = _load_hub(cfg, split, streaming)
     source = split_source(cfg, split)
     try:
-        pairs = to_pairs(dataset, cfg.src_lang, cfg.tgt_lang)
+        with _datasets_errors_unlogged():
+            pairs = to_pairs(dataset, cfg.src_lang, cfg.tgt_lang)
     except DataError as e:
         raise DataError(f"{source}: {e}") from None
+    except ValueError as e:  # a stream reads its first row to learn its columns: a broken line there
+        raise DataError(_json_lines_problem(source, e, ()) or f"{source}: cannot be read ({_one_line(e)})") from e
     if isinstance(pairs, datasets.IterableDataset):  # a stream cannot be checked up front: each row as it is read
         pairs = pairs.map(functools.partial(_check_row, source=source, languages=(cfg.src_lang, cfg.tgt_lang)), with_indices=True)
     if whole_through_stream:
@@ -280,7 +292,7 @@ def read_named(rows: Iterable[dict], source: str) -> Iterator[dict]:
     except DataError:
         raise
     except ValueError as e:  # pyarrow's ArrowInvalid is one
-        problem = datafiles.first_unreadable_json_line(source, languages=()) if source.endswith(".jsonl") else None
+        problem = _json_lines_problem(source, e, languages=())
         raise DataError(problem or f"{source}: cannot be read further ({_one_line(e)})") from e  # --debug shows the reader's own
 
 

@@ -16,9 +16,10 @@ import pandas
 
 
 def nothing_to_read(file: str) -> str | None:
-    """An empty (or blank) file."""
+    """An empty (or blank) file; a byte-order mark alone is an empty file as Notepad saves it."""
     with open(file, "rb") as f:
-        blank = not any(block.strip() for block in iter(lambda: f.read(1 << 16), b""))
+        first = f.read(1 << 16).removeprefix(b"\xef\xbb\xbf")
+        blank = not first.strip() and not any(block.strip() for block in iter(lambda: f.read(1 << 16), b""))
     return f"{file}: the file is empty (no pairs)" if blank else None
 
 
@@ -27,7 +28,15 @@ def csv_rows_problem(file: str, languages: tuple[str, str]) -> str | None:
     of the file. pandas reads the cells missing from a short row as empty text, and a line break inside an
     unquoted cell cuts a pair in two: both halves would be lost without a word (a row of more cells pandas
     refuses itself, naming its line). utf-8-sig: the byte-order mark that Excel's "CSV UTF-8" writes is not
-    part of the first column's name (pandas drops it too)."""
+    part of the first column's name (pandas drops it too). A cell may be as long as a document: pandas has no limit."""
+    limit = csv.field_size_limit(2**31 - 1)
+    try:
+        return _csv_rows_problem(file, languages)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _csv_rows_problem(file: str, languages: tuple[str, str]) -> str | None:
     with open(file, encoding="utf-8-sig", newline="") as f:
         rows = csv.reader(f)
         header = next(rows, [])
@@ -41,8 +50,8 @@ def csv_rows_problem(file: str, languages: tuple[str, str]) -> str | None:
                         return (f"{file}, line {first_line}: no {missing!r} cell ({len(row)} cell(s) where the header has "
                                 f"{len(header)}: a line break inside an unquoted cell, or a quote never closed?)")
                 first_line = rows.line_num + 1
-        except csv.Error as e:  # a cell over the csv module's limit: in a corpus, a quote left open far above
-            return f"{file}: cannot be read as csv from line {first_line} ({e}: a quote opened there and never closed?)"
+        except csv.Error as e:  # e.g. a NUL byte
+            return f"{file}: cannot be read as csv from line {first_line} ({e})"
     return None if any_row else f"{file}: a header and no pairs"
 
 
@@ -69,6 +78,10 @@ def first_unreadable_json_line(file: str, languages: tuple[str, str]) -> str | N
                 return f"{file}, line {number}: not valid JSON ({e.msg} at column {e.colno})"
             if not isinstance(row, dict):
                 return f"{file}, line {number}: expected a JSON object of {{language: text}}, got {type(row).__name__}"
+            try:  # an escaped half of a surrogate pair ("\\ud83d", left by a cut in scraped text): JSON, but no text
+                json.dumps(row, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as e:
+                return f"{file}, line {number}: {e.object[e.start:e.end]!r} is half of a surrogate pair, not a character"
             texts = row["translation"] if isinstance(row.get("translation"), dict) else row
             for language in languages:
                 if (problem := not_text(texts.get(language), language)):

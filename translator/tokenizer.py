@@ -34,21 +34,34 @@ class Tokenizer:
         seed: int = 0,
     ) -> Tokenizer:
         spm.set_random_generator_seed(seed)  # the sample of input sentences, and their shuffle
-        model = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences),
-            model_writer=model,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            character_coverage=character_coverage,
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
-            hard_vocab_limit=False,  # small corpora get a smaller vocabulary instead of an error
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            unk_surface="\u2047",  # the default " \u2047 " adds spaces at each decode/encode round trip
-            num_threads=2,
-            minloglevel=2,
-        )
+        model, failed = io.BytesIO(), []
+
+        def read() -> Iterator[str]:  # SentencePiece reports the reader's own error as its "INTERNAL" RuntimeError: keep it
+            try:
+                yield from sentences
+            except Exception as e:
+                failed.append(e)
+                raise
+
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=read(),
+                model_writer=model,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                character_coverage=character_coverage,
+                input_sentence_size=input_sentence_size,
+                shuffle_input_sentence=True,
+                hard_vocab_limit=False,  # small corpora get a smaller vocabulary instead of an error
+                pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+                unk_surface="\u2047",  # the default " \u2047 " adds spaces at each decode/encode round trip
+                num_threads=2,
+                minloglevel=2,
+            )
+        except RuntimeError:
+            if failed:
+                raise failed[0] from None
+            raise
         return cls(model.getvalue())
 
     @classmethod

@@ -32,7 +32,7 @@ from .checkpoint import (
     load_recipe_json, load_training_checkpoint, run_dir_held, save_model_config, save_training_checkpoint, save_weights, training_checkpoints,
 )
 from .config import Recipe, RecipeError, TrainConfig
-from .data import load_split, split_source, texts
+from .data import DataError, load_split, read_named, split_source, texts
 from .trainset import Batch, SampledTrainBatches, StreamBatches, TrainBatches, filter_pairs, tokenize, training_pairs
 from .devices import Precision, keep_compiled_kernels, keep_freed_memory, pick_device, resolve_precision
 from .distributed import World, join, leave
@@ -198,7 +198,7 @@ def load_data(recipe: Recipe, world: World, from_checkpoint: bool, say, start_to
         else:
             sample = train_pairs.shuffle(seed=recipe.seed).take(tok.input_sentence_size) if data.streaming else train_pairs
             try:
-                tokenizer = Tokenizer.train(sentences(sample), tok.vocab_size, tok.model_type, tok.character_coverage, tok.input_sentence_size, recipe.seed)
+                tokenizer = Tokenizer.train(sentences(sample, split_source(data, data.train_split)), tok.vocab_size, tok.model_type, tok.character_coverage, tok.input_sentence_size, recipe.seed)
             except RuntimeError as e:  # SentencePiece's own checks of the settings against the data
                 raise RecipeError(f"tokenizer: SentencePiece cannot train with these settings on this data: {e}") from None
         say(f"tokenizer: SentencePiece {tok.model_type}, {tokenizer.vocab_size} pieces")
@@ -215,8 +215,11 @@ def load_data(recipe: Recipe, world: World, from_checkpoint: bool, say, start_to
                              if data.subword_sampling else TrainBatches(train_tokens, cfg.max_tokens, recipe.seed))
         # The validation loss needs pairs that fit the position table; BLEU translates them all (truncating).
         valid_tokens, report = filter_pairs(tokenize(valid_pairs, tokenizer), recipe.model.max_positions - 1, 0)
+        counts = f"{report.too_long} longer than model.max_positions, {report.empty} with an empty side"
+        if not report.kept:
+            raise DataError(f"{split_source(data, data.valid_split)}: no pair to compute the validation loss on, of {len(valid_pairs)} ({counts})")
         if report.kept < len(valid_pairs):
-            say(f"validation loss: {report.kept} of {len(valid_pairs)} pairs ({report.too_long} longer than model.max_positions, {report.empty} empty left out)")
+            say(f"validation loss: {report.kept} of {len(valid_pairs)} pairs ({counts} left out)")
         check_beam_size(recipe.decode.beam_size, tokenizer.vocab_size)  # now, not at the test split after training
         if world.is_main and not from_checkpoint:  # once the data is known to be usable: a refused run leaves nothing behind
             hold()
@@ -241,9 +244,9 @@ def inverse_sqrt_schedule(warmup_steps: int):
     return multiplier
 
 
-def sentences(pairs: datasets.Dataset) -> Iterator[str]:
-    """Source and target text, streamed in chunks (never the whole corpus as a list)."""
-    for chunk in pairs.iter(batch_size=10_000):
+def sentences(pairs: datasets.Dataset | datasets.IterableDataset, source: str) -> Iterator[str]:
+    """Source and target text, read in chunks (never the whole corpus as a list); a stream's broken line named."""
+    for chunk in read_named(pairs.iter(batch_size=10_000), source):
         yield from interleave(texts(chunk["src"]), texts(chunk["tgt"]))
 
 

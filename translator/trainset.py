@@ -238,5 +238,6 @@ class StreamBatches:
                     yield after, Batch.of([src_ids[i] for i in batches[index]], [tgt_ids[i] for i in batches[index]])
                 read, start, any_batch = read + len(pool), 0, any_batch or bool(batches)
             if not any_batch:
-                raise DataError("the training stream holds no pair that passes the filters (data.max_len, data.max_ratio)")
+                raise DataError(f"{self.source}: the training stream holds no pair that passes the filters "
+                                "(both sides non-empty, within data.max_len and data.max_ratio)")
             epoch, read = epoch + 1, 0
