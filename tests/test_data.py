@@ -7,10 +7,12 @@ import itertools
 import json
 import random
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import given, settings
@@ -461,6 +463,22 @@ def test_a_hub_dataset_that_needs_a_configuration_name_says_so(hub_with_two_conf
     with pytest.raises(DataError, match=r"^split 'test' not in dataset 'org/parallel'; splits there: train$"):
         load_split(DataConfig(path=hub_with_two_configurations, name="de-en"), "test")
     assert load_split(DataConfig(path=hub_with_two_configurations, name="de-en"), "train")["src"] == ["x"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_hub_dataset_downloaded_whole_loads_as_the_hub_does(hub_with_two_configurations, tmp_path, streaming):
+    # huggingface-cli download ... --local-dir: the card's configurations, or data/{split}-00000-of-00001.parquet without one
+    configured = DataConfig(path=str(tmp_path / "parallel"), name="de-en", streaming=streaming)
+    assert [p["src"] for p in load_split(configured, "train")] == ["x"]
+    with pytest.raises(DataError, match=rf"^data\.name: dataset '{re.escape(str(tmp_path))}/parallel' has no configuration 'it-en'"):
+        load_split(replace(configured, name="it-en"), "train")
+    (tmp_path / "plain" / "data").mkdir(parents=True)
+    for split, data in (("train", rows(4)), ("validation", rows(2, seed=1))):
+        pd.DataFrame(data).to_parquet(tmp_path / "plain" / "data" / f"{split}-00000-of-00001.parquet")
+    plain = DataConfig(path=str(tmp_path / "plain"), streaming=streaming)
+    assert [(p["src"], p["tgt"]) for p in load_split(plain, "validation")] == [(r["de"], r["en"]) for r in rows(2, seed=1)]
+    with pytest.raises(DataError, match=r"^split 'test' not in dataset .*plain'; splits there: train, validation$"):
+        load_split(plain, "test")
 
 
 @pytest.mark.skipif(not MULTI30K.exists(), reason=f"Multi30k not found at {MULTI30K}")

@@ -16,6 +16,7 @@ import functools
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -34,6 +35,16 @@ def texts(cells: Iterable[str | None]) -> list[str]:
     """A column's cells as sentences: a missing cell (JSON null, empty CSV field) is an empty one,
     which training's filter drops and which translates to ""."""
     return [cell or "" for cell in cells]
+
+
+def dataset_repository(folder: Path) -> bool:
+    """A hub dataset downloaded whole (`huggingface-cli download NAME --repo-type dataset --local-dir DIR`): its files under
+    data/ (data/train-00000-of-00001.parquet) or configurations in its card, and no split files at the top. datasets
+    reads it as it reads the hub."""
+    card = folder / "README.md"
+    configured = card.is_file() and "\nconfigs:" in card.read_text(encoding="utf-8", errors="replace").split("\n---", 1)[0]
+    top = [f for f in folder.iterdir() if f.is_file()]
+    return ((folder / "data").is_dir() or configured) and not any(f.suffix in LOCAL_FORMATS for f in top)
 
 
 def _local_split_files(folder: Path, languages: tuple[str, str]) -> tuple[str, dict[str, str]]:
@@ -120,7 +131,7 @@ def split_source(cfg: DataConfig, split: str) -> str:
     if folder.is_dir() and (text_splits := plain_text_splits(folder, cfg.src_lang, cfg.tgt_lang)):
         if split in text_splits:
             return " + ".join(map(str, text_splits[split]))
-    elif folder.is_dir():
+    elif folder.is_dir() and not dataset_repository(folder):
         _, split_files = _local_split_files(folder, (cfg.src_lang, cfg.tgt_lang))
         if split in split_files:
             return split_files[split]
@@ -235,11 +246,13 @@ def load_split(cfg: DataConfig, split: str, streaming: bool = False) -> datasets
     folder = Path(cfg.path).expanduser()
     if folder.is_dir() and (text_splits := plain_text_splits(folder, cfg.src_lang, cfg.tgt_lang)):
         dataset = load_plain_text(text_splits, split, folder, cfg.src_lang, cfg.tgt_lang, streaming)
-    elif folder.is_dir():
+    elif folder.is_dir() and not dataset_repository(folder):
         builder, split_files = _local_split_files(folder, (cfg.src_lang, cfg.tgt_lang))
         if split not in split_files:
             raise DataError(f"split {split!r} not found in {folder}; splits there: {', '.join(split_files)}")
         dataset = _load_local(builder, split_files[split], streaming, (cfg.src_lang, cfg.tgt_lang))
+    elif folder.is_dir():  # a dataset repository downloaded whole: read as the hub's
+        dataset = _load_hub(replace(cfg, path=str(folder)), split, streaming)
     elif cfg.path.startswith(("/", "./", "../", "~")) or folder.exists():
         why = "a file: point data.path at the folder that holds it" if folder.exists() else "no such directory"
         raise DataError(f"data.path: {cfg.path} is not a folder of split files ({why})")
