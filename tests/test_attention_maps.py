@@ -100,6 +100,17 @@ def test_to_dict_is_plain_json(tiny_translator):
     torch.testing.assert_close(torch.tensor(data["cross"]), maps.cross, atol=1e-4, rtol=0)
 
 
+def test_maps_are_in_the_models_own_precision_when_the_search_ran_under_autocast(tiny_model_dir, monkeypatch):
+    # A GPU decodes bf16 under autocast with the model itself (a CPU decodes with a bf16 copy): CPU autocast stands in for it.
+    translator = Translator.from_pretrained(tiny_model_dir, device="cpu")
+    expected = translator.translate(SENTENCE, beam_size=1, precision="fp32", return_attention=True).attention
+    monkeypatch.setattr(Translator, "_decoding", lambda self, precision: (self.model, torch.autocast("cpu", dtype=torch.bfloat16)))
+    maps = translator.translate(SENTENCE, beam_size=1, precision="fp32", return_attention=True).attention
+    assert maps.target == expected.target  # the premise: the same tokens, whose maps then differ only by their precision
+    for mode in ("encoder", "decoder", "cross"):
+        torch.testing.assert_close(getattr(maps, mode), getattr(expected, mode), atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU path (fused attention in forward) is not run")
 def test_capture_on_the_gpu_equals_the_cpu(tiny_model_dir):
     from translator import Translator

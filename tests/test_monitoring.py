@@ -66,15 +66,18 @@ def test_tensorboard_events_are_written_when_tensorboard_is_installed(tiny_model
 def test_a_resumed_run_keeps_the_lines_up_to_its_checkpoint_and_drops_the_rest(tmp_path):
     from translator.runlog import METRICS, RunLog
 
-    lines = ['{"step": 10, "loss": 3.0}', '{"step": 20, "loss": 2.0}', '{"step": 30, "loss": 1.0}',
+    lines = ['{"step": 0, "start": true, "device": "cpu"}', '{"step": 10, "loss": 3.0}', '{"step": 20, "loss": 2.0}',
+             '{"step": 20, "start": true, "device": "cpu"}',  # a resume from step 20 that died before its next checkpoint
+             '{"step": 30, "loss": 1.0}',
              '{"test": {"greedy": {"bleu": 1.0}}}',  # the end of a finished run, resumed to more steps: scored again
              '{"step": 40, "lo']  # torn by a killed write
     (tmp_path / METRICS).write_text("\n".join(lines) + "\n", encoding="utf-8")
     log = RunLog(tmp_path)
-    log.open(up_to_step=20)
+    log.open(up_to_step=20, start={"device": "cuda:0"})
     log.record({"step": 21, "loss": 1.9})
     log.close()
-    assert (tmp_path / METRICS).read_text(encoding="utf-8").splitlines() == [*lines[:2], '{"step": 21, "loss": 1.9}']
+    assert (tmp_path / METRICS).read_text(encoding="utf-8").splitlines() == [
+        *lines[:3], '{"step": 20, "start": true, "device": "cuda:0"}', '{"step": 21, "loss": 1.9}']
 
 
 def test_tensorboard_of_a_resumed_run_ends_at_its_checkpoint_like_the_metrics(tmp_path):

@@ -234,6 +234,26 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mo
     assert all(torch.equal(before[k], v) for k, v in restored.state_dict().items())
 
 
+def test_a_stops_checkpoint_left_by_a_kill_after_the_next_one_is_written_is_removed_before_resuming(tmp_path, monkeypatch):
+    import translator.checkpoint as checkpoint
+
+    model = Transformer(ModelConfig(d_model=16, n_heads=2, d_ff=32, encoder_layers=1, decoder_layers=1), vocab_size=30)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    save_training_checkpoint(tmp_path, 10, model, optimizer, {"step": 10}, keep=3)
+    save_training_checkpoint(tmp_path, 15, model, optimizer, {"step": 15}, keep=3, scheduled=False)  # SIGTERM at step 15
+
+    def killed(path):
+        raise KeyboardInterrupt  # SIGKILL, as it would land between writing step 20 and deleting step 15
+
+    monkeypatch.setattr(checkpoint, "_discard", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_training_checkpoint(tmp_path, 20, model, optimizer, {"step": 20}, keep=3)
+    monkeypatch.undo()
+    assert [p.name for p in training_checkpoints(tmp_path)] == ["step_00000010", "step_00000015", "step_00000020"]
+    assert checkpoint.clean_interrupted_writes(tmp_path) == ["removed step_00000015, saved at a stop before step_00000020"]
+    assert [p.name for p in training_checkpoints(tmp_path)] == ["step_00000010", "step_00000020"]  # what train.average_last takes
+
+
 def test_a_half_written_checkpoint_directory_is_ignored(tmp_path):
     (tmp_path / "checkpoints" / ".step_00000030.x1y2").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step_00000020").mkdir()

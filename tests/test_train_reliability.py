@@ -5,6 +5,8 @@ import importlib
 import json
 import math
 import os
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -225,6 +227,20 @@ def test_an_fp16_overflow_skips_the_update_and_lowers_the_scale():
     assert scaler.get_scale() == 2.0**39
     training.train_step(model, optimizer, scheduler, [batch], autocast, cfg, scaler=torch.amp.GradScaler("cpu"))
     assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # a normal scale updates
+
+
+@pytest.mark.parametrize("clip_norm", [1.0, 0.0])  # 0: clipping off, and the gradient still checked
+def test_a_non_finite_gradient_from_a_finite_loss_never_reaches_the_weights(clip_norm):
+    torch.manual_seed(0)
+    model, optimizer = small_model_and_optimizer()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    batch = training.Batch.of([[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]])
+    cfg = replace(load_recipe(TINY_RECIPE).train, clip_norm=clip_norm)
+    model.embedding.weight.register_hook(lambda grad: grad.index_fill(0, torch.tensor([5]), math.inf))  # one row overflows
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FloatingPointError, match="gradient is not finite"):
+        training.train_step(model, optimizer, scheduler, [batch], nullcontext, cfg)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_an_fp16_update_after_a_skipped_nan_loss_trains(monkeypatch):

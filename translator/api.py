@@ -347,12 +347,12 @@ class Translator:
             max_lens = max_output_lengths(src, PAD_ID, decode.max_len_a, decode.max_len_b, limit)
             with autocast:
                 hypotheses = self._search(model, src, max_lens, decode, n_best, sampling, scores)
-                # One SentencePiece call a batch: each of its batch calls starts a thread, which costs more than decoding a sentence.
-                texts = iter(self.tokenizer.decode([h.tokens for hyps in hypotheses for h in hyps]))
-                for i, hyps, max_len in zip(indices, hypotheses, max_lens):
-                    maps = [attention_maps(self.model, self.tokenizer, src_ids[i], h.tokens, ended=room_for_more(h.tokens, max_len))
-                            if return_attention else None for h in hyps]
-                    outputs[i] = [Translation(next(texts), h.score, m) for h, m in zip(hyps, maps)]
+            # One SentencePiece call a batch: each of its batch calls starts a thread, which costs more than decoding a sentence.
+            texts = iter(self.tokenizer.decode([h.tokens for hyps in hypotheses for h in hyps]))
+            for i, hyps, max_len in zip(indices, hypotheses, max_lens):  # the maps in the model's own precision, outside autocast
+                maps = [attention_maps(self.model, self.tokenizer, src_ids[i], h.tokens, ended=room_for_more(h.tokens, max_len))
+                        if return_attention else None for h in hyps]
+                outputs[i] = [Translation(next(texts), h.score, m) for h, m in zip(hyps, maps)]
         return outputs
 
     def _decoding(self, precision: Precision) -> tuple[Transformer | Ensemble, torch.autocast]:

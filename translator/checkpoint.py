@@ -294,8 +294,7 @@ def save_training_checkpoint(
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         _raise_naming(e, final, "the checkpoints before it are whole")
-    for stop in [p for p in training_checkpoints(run_dir) if p < final and not _scheduled(p)]:
-        _discard(stop)
+    _discard_stops_before(final)
     best = root / f"step_{best_step:08d}" if best_step is not None else None
     for old in training_checkpoints(run_dir)[:-keep]:
         if old != best:
@@ -309,6 +308,14 @@ def _discard(checkpoint: Path) -> None:
     hidden = checkpoint.with_name(f".{checkpoint.name}.discarded")
     os.rename(checkpoint, hidden)
     shutil.rmtree(hidden)
+
+
+def _discard_stops_before(newest: Path) -> list[Path]:
+    """Delete the checkpoints saved only because training stopped (a signal) that are older than `newest`."""
+    stops = [p for p in training_checkpoints(newest.parent.parent) if p < newest and not _scheduled(p)]
+    for stop in stops:
+        _discard(stop)
+    return stops
 
 
 def _scheduled(checkpoint: Path) -> bool:
@@ -382,6 +389,8 @@ def clean_interrupted_writes(run_dir: Path) -> list[str]:
     for path in sorted(leftovers):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
         done.append(f"removed {path.name}")
+    if checkpoints := training_checkpoints(run_dir):  # killed after writing a checkpoint, before deleting the stop's before it
+        done += [f"removed {stop.name}, saved at a stop before {checkpoints[-1].name}" for stop in _discard_stops_before(checkpoints[-1])]
     return done
 
 

@@ -25,11 +25,15 @@ class RunLog:
         self.out, self.enabled = out, enabled
         self.metrics = self.board = None
 
-    def open(self, up_to_step: int) -> None:
-        """Open metrics.jsonl for appending, dropping what a killed run logged after its last checkpoint (`up_to_step`)."""
+    def open(self, up_to_step: int, start: dict | None = None) -> None:
+        """Open metrics.jsonl for appending, dropping what a killed run logged after its last checkpoint (`up_to_step`),
+        and log `start` (what this run starts with) as the line {"step": up_to_step, "start": true, ...}. A resume from
+        that checkpoint killed before the next one logged its own start there: dropped, so each start is logged once."""
         if self.enabled:
             self.metrics = _reopen(self.out / METRICS, up_to_step)
             self.board = _tensorboard(self.out, up_to_step)
+        if start is not None:
+            self.record({"step": up_to_step, "start": True, **start})
 
     def say(self, message: str) -> None:
         if self.enabled:
@@ -52,21 +56,23 @@ class RunLog:
 
 def _reopen(path: Path, up_to_step: int):
     if up_to_step and path.exists():  # the kept lines replace the file whole: a crash here loses none of them
-        kept = "".join(line + "\n" for line in path.read_text(encoding="utf-8").splitlines() if _step(line) <= up_to_step)
+        kept = "".join(line + "\n" for line in path.read_text(encoding="utf-8").splitlines() if _kept(line, up_to_step))
         atomic_write(path, lambda tmp: Path(tmp).write_text(kept, encoding="utf-8"))
         return path.open("a", encoding="utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path.open("w", encoding="utf-8")
 
 
-def _step(line: str) -> float:
-    """The step a line logged; past every step for the end's test scores (logged again by the resumed
-    run) and for a line a killed write left torn."""
+def _kept(line: str, up_to_step: int) -> bool:
+    """Whether a run resumed from step `up_to_step` keeps a line: one of a step up to it, but not a start logged at
+    it (a resume from there that died). The end's test scores (logged again by the resumed run) and a line a
+    killed write left torn have no step: dropped."""
     try:
         entry = json.loads(line)
     except ValueError:
-        return float("inf")
-    return entry.get("step", float("inf")) if isinstance(entry, dict) else float("inf")
+        return False
+    step = entry.get("step", float("inf")) if isinstance(entry, dict) else float("inf")
+    return step < up_to_step or (step == up_to_step and not entry.get("start"))
 
 
 def _tensorboard(out: Path, up_to_step: int):

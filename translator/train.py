@@ -163,9 +163,8 @@ def setup(recipe: Recipe, world: World, device: torch.device, resume: bool, hold
             train_batches.restore(drawn)  # the epoch in progress goes on with the pieces it had
         if world.is_main:  # the model directory follows the recipe's allowed changes, once the resume is known to work
             save_model_config(out, recipe, tokenizer)
-    log.open(up_to_step=state.step)
+    log.open(up_to_step=state.step, start={"precision": precision.name, "precision_reason": precision.reason, "device": str(device)})
     say(f"{model.num_parameters() / 1e6:.2f} M parameters, on {device}; precision: {precision}")
-    log.record({"step": state.step, "precision": precision.name, "precision_reason": precision.reason, "device": str(device)})
     if cfg.average_last and (warning := averaging_warning(max(cfg.max_steps - (cfg.average_last - 1) * cfg.checkpoint_every, 0), cfg.max_steps)):
         say(warning)  # now, as well as at the end: before the hours of training it would spoil
     if world.size > 1:
@@ -439,10 +438,10 @@ def train_step(
             scaler.scale(loss).backward()
         stats += torch.stack([loss.detach().float() / world.size, (~torch.isfinite(loss.detach())).float()])
     scaler.unscale_(optimizer)  # fp16 only (a disabled scaler passes): before clipping, and so update() below is always valid
-    if cfg.clip_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-        if not scaler.is_enabled():  # fp16 overflows are the scaler's to skip; elsewhere a non-finite gradient is a NaN
-            stats[1] += (~torch.isfinite(norm)).float()
+    # The norm is taken with clipping off too (an infinite limit): a non-finite gradient from a finite loss must not reach the weights.
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm if cfg.clip_norm > 0 else math.inf)
+    if not scaler.is_enabled():  # fp16 overflows are the scaler's to skip; elsewhere a non-finite gradient is a NaN
+        stats[1] += (~torch.isfinite(norm)).float()
     mean_loss, non_finite = world.sum_(stats).tolist()
     if non_finite:
         optimizer.zero_grad(set_to_none=True)
