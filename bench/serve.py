@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,7 +111,11 @@ def main() -> None:
 
     rows = []
     for name, flags in (("batching", ()), ("one at a time", ("--set", "decode.max_tokens=1"))):
-        process, url = start_server(args.model, "--precision", args.precision, *flags)
+        with tempfile.TemporaryFile("w+") as told:
+            process, url = start_server(args.model, "--precision", args.precision, *flags, stderr=told)
+            told.seek(0)  # the server's own line: "device: cpu; precision: fp32 (auto for small batches: ...)"
+            said = next((line.strip() for line in told if line.startswith("device: ")), "(the server said no precision)")
+        print(f"{name}: {said}", file=sys.stderr, flush=True)
         try:
             for clients in args.clients:
                 row = asyncio.run(load(url, pair, sentences, clients, args.requests, args.time_limit, fields))
@@ -120,6 +125,11 @@ def main() -> None:
         finally:
             stop_server(process)
 
+    import torch  # here: tests/test_serve.py imports start_server without it
+
+    from translator.devices import describe
+
+    print(f"\nmachine: {describe(torch.device('cpu'))}")
     print("\n| server | clients | requests | sentences/s | p50 ms | p99 ms |\n|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['server']} | {row['clients']} | {row['requests']} | {row['sentences_per_s']:.1f} | {row['p50_ms']:.0f} | {row['p99_ms']:.0f} |")
