@@ -16,7 +16,7 @@ from conftest import TINY_RECIPE
 from translator import load_recipe, train
 from translator.train import Stopped
 from translator.checkpoint import OPTIMIZER, WEIGHTS, load_training_checkpoint, run_dir_held, save_training_checkpoint, training_checkpoints
-from translator.config import ModelConfig
+from translator.config import ModelConfig, RecipeError
 from translator.model import Transformer
 from translator.tokenizer import Tokenizer
 
@@ -268,7 +268,23 @@ def test_rotation_keeps_the_newest_and_the_best(tmp_path):
     assert [p.name for p in training_checkpoints(tmp_path)] == ["step_00000020", "step_00000040", "step_00000050"]
 
 
-def train_to(corpus: Path, out: Path, steps: int, *extra: str, resume: bool = False) -> None:
+@pytest.mark.slow
+def test_auto_resume_starts_a_run_then_continues_it_and_never_overwrites_a_model(tmp_path, toy_corpus):
+    out = tmp_path / "run"
+    train_to(toy_corpus, out, 20, "train.threads=1", resume="auto")  # nothing there: a start
+    first = last_weights(out)
+    train_to(toy_corpus, out, 30, "train.threads=1", resume="auto")  # a checkpoint there: goes on from step 20
+    assert [p.name for p in training_checkpoints(out)][-1] == "step_00000030"
+    starts = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"start"' in line]
+    assert starts == [0, 20] and not torch.equal(first["embedding.weight"], last_weights(out)["embedding.weight"])
+    model_only = tmp_path / "model_only"  # weights and no checkpoint: a model, never trained over
+    model_only.mkdir()
+    (model_only / WEIGHTS).write_bytes((out / WEIGHTS).read_bytes())
+    with pytest.raises(RecipeError, match="holds a model"):
+        train_to(toy_corpus, model_only, 20, resume="auto")
+
+
+def train_to(corpus: Path, out: Path, steps: int, *extra: str, resume: bool | str = False) -> None:
     settings = [f"data.path={corpus}", f"out_dir={out}", f"train.max_steps={steps}", "train.valid_every=20",
                 "train.checkpoint_every=10", "model.dropout=0.1", *extra]
     train(load_recipe(TINY_RECIPE, settings), progress=False, resume=resume)

@@ -42,7 +42,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train  # the trainer is imported only by the command that trains
 
     recipe = load_recipe(args.recipe, args.set)
-    results = train(recipe, progress=not args.quiet, resume=args.resume)
+    results = train(recipe, progress=not args.quiet, resume="auto" if args.auto_resume else args.resume)
     for name, scores in results.items():  # empty on every process but rank 0 under torchrun
         print(f"test ({name}): {scores}")
     if results:
@@ -402,7 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
                              epilog="example: translator train recipes/multi30k_de_en.yaml --set data.path=../shared/data/multi30k")
     train.add_argument("recipe", help="YAML recipe, see recipes/")
     train.add_argument("--set", **overrides)
-    train.add_argument("--resume", action="store_true", help="continue the run in out_dir from its newest checkpoint")
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue the run in out_dir from its newest checkpoint")
+    resume.add_argument("--auto-resume", action="store_true", help="continue the run in out_dir if it has a checkpoint, else start it: "
+                        "one command for the first start and every restart (torchrun --max-restarts, a scheduler's requeue)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=cmd_train)
 

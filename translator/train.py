@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Literal
 
 import datasets
 import numpy as np
@@ -107,12 +108,13 @@ class Run:
         return torch.autocast(self.device.type, dtype=self.precision.dtype) if self.precision.dtype else nullcontext()
 
 
-def train(recipe: Recipe, progress: bool = True, resume: bool = False) -> dict[str, Scores]:
+def train(recipe: Recipe, progress: bool = True, resume: bool | Literal["auto"] = False) -> dict[str, Scores]:
     """Train from a recipe; write the model directory to `recipe.out_dir`; return test scores.
 
     With `resume`, continue from the newest checkpoint in `out_dir/checkpoints` (the result is
     bitwise the same as a run that was never interrupted); without it, refuse an `out_dir`
-    that already holds a run. SIGINT and SIGTERM save a checkpoint, then raise `Stopped`.
+    that already holds a run; "auto": continue if there is a checkpoint, else start (one command for
+    the first start and every restart). SIGINT and SIGTERM save a checkpoint, then raise `Stopped`.
     """
     device = pick_device(recipe.train.device)
     keep_freed_memory()
@@ -134,7 +136,7 @@ class Stopped(KeyboardInterrupt):
 
 # --- setup ---------------------------------------------------------------------------------------
 
-def setup(recipe: Recipe, world: World, device: torch.device, resume: bool, hold: Callable[[], None] = lambda: None) -> tuple[Run, TrainingState]:
+def setup(recipe: Recipe, world: World, device: torch.device, resume: bool | Literal["auto"], hold: Callable[[], None] = lambda: None) -> tuple[Run, TrainingState]:
     """`hold()` takes the run folder for this process (`run_dir_held`) before its first write."""
     out, cfg = Path(recipe.out_dir), recipe.train
     bleu_metric(recipe.data.tgt_lang, recipe.evaluate.tokenize)  # a BLEU tokenizer that is not installed fails now, not at validation
@@ -283,12 +285,15 @@ def _fine_tuning_start(recipe: Recipe) -> tuple[dict[str, torch.Tensor] | None, 
     return model.state_dict(), tokenizer
 
 
-def _checkpoint_to_resume(recipe: Recipe, resume: bool, say) -> Path | None:
+def _checkpoint_to_resume(recipe: Recipe, resume: bool | Literal["auto"], say) -> Path | None:
     """The checkpoint to go on from; a run folder that holds one (or trained weights) is never overwritten."""
     out = Path(recipe.out_dir)
     for done in clean_interrupted_writes(out) if out.is_dir() else []:
         say(f"{out}: {done} (left by an interrupted write)")
     checkpoints = training_checkpoints(out)
+    if resume == "auto":
+        resume = bool(checkpoints)
+        say(f"resume: {'from ' + checkpoints[-1].name if resume else 'no checkpoint in ' + str(out) + ', starting the run'}")
     if not resume:
         if checkpoints:
             raise RecipeError(f"out_dir: {out} already holds a run; pass --resume to continue it, or choose another out_dir")
