@@ -147,13 +147,19 @@ def test_translate_samples_with_a_seed_like_the_api(tiny_model_dir, tiny_transla
     (["--precision", "int4"], "--precision"),
     (["--workers", "0"], "--workers"),
     (["--set", "data.src_lang=en", "--set", "data.tgt_lang=de"], "this model translates de to en, not en to de"),
-    (["--alpha", "1000"], "decode.alpha: got 1000"),
+    (["--alpha", "1000"], "--alpha: got 1000"),  # the flag named, not the recipe's decode.alpha
+    (["--set", "decode.alpha=1000"], "decode.alpha: got 1000"),
     (["-o", "."], "--output .: is a folder"),
 ])
 def test_translate_bad_flags_are_usage_errors(tiny_model_dir, flags, named):
     result = cli("translate", tiny_model_dir, *flags, "--quiet", stdin=STDIN)
     assert result.returncode == 2, result.stderr
     assert named in result.stderr and "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_translate_checks_its_options_before_reading_any_input(tiny_model_dir):
+    result = cli("translate", tiny_model_dir, "--alpha", "1000", "--quiet", stdin="")  # an empty input: nothing to translate
+    assert result.returncode == 2 and "--alpha: got 1000" in result.stderr, result.stderr
 
 
 def test_translate_files_in_and_out(tiny_model_dir, tiny_translator, tmp_path):

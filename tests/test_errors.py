@@ -586,7 +586,8 @@ BATTERY = [
      ["model directory not found: {tmp}/model.txt (that is a file)"]),
     ("recipe-is-a-directory", lambda tmp, m: ["train", tmp, "--quiet"], ["recipe file not found: {tmp} (that is a directory)"]),
     ("beam-wider-than-the-vocabulary", lambda tmp, m: ["evaluate", m, "--quiet", "--beam-size", "1000"],
-     ["decode.beam_size: got 1000, expected at most", "half of this model's"]),
+     ["evaluate: error: --beam-size: got 1000, expected at most", "half of this model's"]),  # named by the flag given
+    ("length-penalty-out-of-range", lambda tmp, m: ["translate", m, "--quiet", "--alpha", "20"], ["translate: error: --alpha: got 20.0"]),
     ("train-beam-wider-than-the-vocabulary", lambda tmp, m: train_on(tmp, "--set", "decode.beam_size=1000"),  # before training, not after
      ["decode.beam_size: got 1000, expected at most", "half of this model's"]),
     ("average-missing-sentencepiece", lambda tmp, m: [

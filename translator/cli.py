@@ -204,6 +204,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     beam_size = args.beam_size or translator.recipe.decode.beam_size
     if args.n_best and not args.sample and args.n_best > beam_size:
         raise RecipeError(f"--n-best {args.n_best}: at most the beam size, {beam_size} (--beam-size), or any number with --sample")
+    translator.translate([], **options)  # the options checked now, before any input is read (an empty input too)
     source = open(args.input, "rb") if args.input else sys.stdin.buffer
     lines = input_lines(source, args.input or "stdin")
     # Stream: read a chunk of lines, translate it (sorted into batches inside), write it in order, flush.
@@ -352,6 +353,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     reranking = Reranking(reverse, args.rerank_weight) if reverse else None
     serve(translator, args.host, args.port, Limits(args.max_sentences, args.max_chars, args.max_hypotheses), args.batch_wait_ms, reranking)
     return 0
+
+
+FLAG_KEYS = ("beam_size", "alpha", "beam_stop")  # decode.* keys that a flag of the same name sets
+
+
+def as_flag(message: str, args: argparse.Namespace) -> str:
+    """An error about a decode.* key named by the flag the user gave it (--beam-size 3000), not by the recipe's key."""
+    for key in FLAG_KEYS:
+        if message.startswith(f"decode.{key}:") and getattr(args, key, None) is not None:
+            return f"--{key.replace('_', '-')}" + message.removeprefix(f"decode.{key}")
+    return message
 
 
 def positive_int(text: str) -> int:
@@ -553,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DataError, CheckpointError) as e:  # the user's input: say what to fix
         if debug:
             raise
-        print(f"translator {args.verb}: error: {e}", file=sys.stderr)
+        print(f"translator {args.verb}: error: {as_flag(str(e), args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, or training stopped by either after saving a checkpoint
         signum = getattr(e, "signal", signal.SIGINT)
