@@ -2,7 +2,7 @@
 
 import torch
 
-from translator.attention import KV, KVCache, MultiHeadAttention, causal_mask, padding_mask
+from translator.attention import KV, KVCache, MultiHeadAttention, causal_mask, fused_attention, padding_mask
 from translator.config import ModelConfig
 from translator.model import Transformer
 
@@ -25,6 +25,28 @@ def test_causal_mask_is_bottom_right_aligned():
     # one new query after 4 cached keys sees all 5; two new queries after 3 cached
     assert causal_mask(1, 5) is None  # one query sees every key: nothing to mask
     assert torch.equal(causal_mask(2, 5), torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool))
+
+
+def test_the_gpus_fused_attention_equals_the_written_out_one_for_every_mask():
+    """fused_attention (the CUDA path) against the CPU's two matmuls, run here on the CPU: a square causal mask goes
+    as SDPA's is_causal (top-left aligned), which a rectangular one (T new queries after L - T cached keys) must not."""
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(16, 4, dropout=0.0).eval()
+    ids = torch.tensor([[5, 6, 7, 0, 0, 0], [5, 6, 7, 8, 9, 4]])
+    for T, L, mask in ((6, 6, causal_mask(6, 6)), (2, 6, causal_mask(2, 6)), (3, 6, padding_mask(ids, 0)), (1, 6, None)):
+        q, kv = torch.randn(2, 4, T, 4), attn.project_kv(torch.randn(2, L, 16))
+        torch.testing.assert_close(fused_attention(q, kv, mask, 0.0), attn._weights(q, kv, mask) @ kv.v)
+
+
+def test_the_square_causal_mask_reaches_sdpa_as_is_causal_which_allows_the_flash_kernel(monkeypatch):
+    import translator.attention as attention
+
+    calls = []
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(k))
+    kv = KV(torch.randn(2, 4, 6, 4), torch.randn(2, 4, 6, 4))
+    fused_attention(torch.randn(2, 4, 6, 4), kv, causal_mask(6, 6), 0.1)
+    fused_attention(torch.randn(2, 4, 2, 4), kv, causal_mask(2, 6), 0.1)
+    assert [(k["attn_mask"] is None, k["is_causal"]) for k in calls] == [(True, True), (False, False)]
 
 
 def test_padding_mask_marks_real_tokens_and_never_masks_a_whole_row():

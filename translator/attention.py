@@ -100,6 +100,7 @@ def causal_mask(q_len: int, k_len: int, device: torch.device | None = None) -> T
     the same T positions (training) or T new ones after L - T cached ones (decoding).
     SDPA's `is_causal=True` is top-left aligned and would be wrong for the second case.
     A decoding step's one query needs no mask at all, and skipping it saves a pass over its scores.
+    The only (T, L) mask: a square one goes to torch's fused kernel as `is_causal` (fused_attention).
     """
     if q_len == 1:
         return None
@@ -167,8 +168,14 @@ class MultiHeadAttention(nn.Module):
     def _attend(self, q: Tensor, kv: KV, mask: Tensor | None) -> Tensor:
         """softmax(Q K^T / sqrt(Dh)) V: (B, H, T, Dh) queries over (B, H, L, Dh) keys and values."""
         if q.is_cuda:  # fused kernels (flash / memory-efficient attention) on GPUs
-            p = self.dropout if self.training else 0.0
-            return F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=mask, dropout_p=p)
+            return fused_attention(q, kv, mask, self.dropout if self.training else 0.0)
         # Written out on the CPU: for decoding's one query a row and for bf16, the fused kernel
         # measured 1.5-6x slower than these two matmuls.
         return dropout(self._weights(q, kv, mask), self.dropout, self.training) @ kv.v
+
+
+def fused_attention(q: Tensor, kv: KV, mask: Tensor | None, dropout_p: float) -> Tensor:
+    """torch's fused attention. A square causal mask (training's decoder self-attention, the only (T, L) mask with
+    T = L) goes as SDPA's own `is_causal`, which lets it take the flash kernel: a mask tensor rules that one out."""
+    causal = mask is not None and mask.dim() == 2 and mask.size(0) == mask.size(1) == q.size(-2) == kv.k.size(-2)
+    return F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=None if causal else mask, dropout_p=dropout_p, is_causal=causal)
