@@ -50,8 +50,8 @@ def _csv_rows_problem(file: str, languages: tuple[str, str]) -> str | None:
                         return (f"{file}, line {first_line}: no {missing!r} cell ({len(row)} cell(s) where the header has "
                                 f"{len(header)}: a line break inside an unquoted cell, or a quote never closed?)")
                 first_line = rows.line_num + 1
-        except csv.Error as e:  # e.g. a NUL byte
-            return f"{file}: cannot be read as csv from line {first_line} ({e})"
+        except csv.Error as e:  # a cell past 2 GiB: a quote opened there and never closed, over a whole corpus
+            return f"{file}: cannot be read as csv from line {first_line} ({e}: a quote opened there and never closed?)"
     return None if any_row else f"{file}: a header and no pairs"
 
 
