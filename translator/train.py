@@ -293,7 +293,7 @@ def _checkpoint_to_resume(recipe: Recipe, resume: bool | Literal["auto"], say) -
     checkpoints = training_checkpoints(out)
     if resume == "auto":
         resume = bool(checkpoints)
-        say(f"resume: {'from ' + checkpoints[-1].name if resume else 'no checkpoint in ' + str(out) + ', starting the run'}")
+        say(f"resume: from {checkpoints[-1].name}" if resume else f"resume: no checkpoint in {out}, starting the run")
     if not resume:
         if checkpoints:
             raise RecipeError(f"out_dir: {out} already holds a run; pass --resume to continue it, or choose another out_dir")
